@@ -1,0 +1,122 @@
+"""Run configuration: dataclass defaults ⊕ run YAML ⊕ command-line dotlist.
+
+The dataclasses are the only place defaults live. A YAML file may start from another one with
+``_base_: other.yaml`` (path relative to the file). Unknown keys and wrong types are one
+:class:`ConfigError` that names the key and, where it came from a file, the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence, Type, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from smat_dist.smat.config import ModelConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and its origin."""
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "smat"
+    output_dir: str = "runs"
+    seed: int = 0
+    tasks_per_step: int = 4  # global meta-batch: tasks whose gradients make one optimiser step
+    tasks_per_epoch: int = 2000  # the reference's epoch (drives the LR schedule)
+    epochs: int = 25  # ViT-S reference: 25 x 2000 = 50k tasks
+    max_steps: Optional[int] = None  # overrides epochs when set
+    checkpoint_every: int = 500  # optimiser steps
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    threads: Optional[int] = None  # torch intra-op threads; None = torch's default
+    stop_on_nonfinite: bool = True  # the reference stops training on a non-finite loss
+
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        return (self.epochs * self.tasks_per_epoch) // self.tasks_per_step
+
+
+def _merge_yaml(base: DictConfig, path: Path, seen: Optional[List[Path]] = None) -> DictConfig:
+    seen = list(seen or [])
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry line numbers
+        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base_ref = loaded.pop("_base_", None)
+    if base_ref is not None:
+        base = _merge_yaml(base, (path.parent / str(base_ref)), seen + [path])
+    try:
+        return OmegaConf.merge(base, loaded)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from exc
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).split("\n")[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def load_config(
+    schema: Type[T],
+    yaml_paths: Iterable[str | Path] = (),
+    overrides: Sequence[str] = (),
+) -> T:
+    """Build a typed, read-only config object of ``schema``."""
+    cfg: DictConfig = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    for p in yaml_paths:
+        cfg = _merge_yaml(cfg, Path(p))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"command line: {_describe(exc)}") from exc
+    obj = OmegaConf.to_object(cfg)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj  # type: ignore[return-value]
+
+
+def to_yaml(obj: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def to_dict(obj: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(schema: Type[T], data: dict) -> T:
+    """Rebuild a config saved with :func:`to_dict` (checkpoints carry their config)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "TrainConfig",
+    "load_config",
+    "to_yaml",
+    "to_dict",
+    "from_dict",
+    "field",
+]

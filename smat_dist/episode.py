@@ -1,0 +1,45 @@
+"""The unit of work shared by the data plane and the algorithm: one few-shot task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Tuple
+
+import torch
+
+
+@dataclass
+class Episode:
+    """One task: support and query images with episode labels ``0..ways-1``.
+
+    ``index`` is the global episode number ``g``; everything random about the task (its
+    classes, images, augmentation and the hypernetwork's selection noise) is a function of
+    ``(seed, g)``, which is what makes runs independent of the number of workers.
+    """
+
+    support_x: torch.Tensor  # (S, 3, H, W) float32, normalised
+    support_y: torch.Tensor  # (S,) int64
+    query_x: torch.Tensor  # (Q, 3, H, W)
+    query_y: torch.Tensor  # (Q,)
+    index: int = -1
+    source: str = ""
+    classes: Tuple[int, ...] = field(default_factory=tuple)  # absolute class id of each label
+
+    @property
+    def ways(self) -> int:
+        return int(self.support_y.max().item()) + 1
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Episode":
+        return replace(
+            self,
+            support_x=self.support_x.to(device, non_blocking=non_blocking),
+            support_y=self.support_y.to(device, non_blocking=non_blocking),
+            query_x=self.query_x.to(device, non_blocking=non_blocking),
+            query_y=self.query_y.to(device, non_blocking=non_blocking),
+        )
+
+    def merged(self) -> "Episode":
+        """Support and query as one set (Table 2's "no support/query split" ablation)."""
+        x = torch.cat([self.support_x, self.query_x])
+        y = torch.cat([self.support_y, self.query_y])
+        return replace(self, support_x=x, support_y=y, query_x=x, query_y=y)

@@ -1,0 +1,145 @@
+"""Typed defaults of the SMAT algorithm (the single source of every constant).
+
+Each field's default is the authors' code as documented in ``smat-algorithm.md``, unless the
+field's comment names a divergence (``Dn``) and says why we chose otherwise. The YAML files under
+``configs/`` only hold what differs from these defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class BackboneConfig:
+    """Any timm ViT. ``overrides`` go to ``timm.create_model`` (``embed_dim``, ``depth``...)."""
+
+    name: str = "vit_small_patch16_224"
+    img_size: int = 128  # meta-training resolution; timm resamples the position embedding
+    patch_size: Optional[int] = None  # None keeps the model's own
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    # Pre-trained weights: a timm tag such as "vit_small_patch16_224.dino" (needs the hub),
+    # or a local file (DINO .pth, timm .safetensors, or a smat-dist pre-training export).
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    fused_attn: bool = True  # all our gradients are first-order, so fused attention is safe
+
+
+@dataclass
+class GateConfig:
+    """Hard-concrete (L0) gates: one logit per parameter (or group) per expert."""
+
+    enabled: bool = True  # Table 2 "MLS": meta-learned sparsity. False => masks are all ones
+    num_experts: int = 8
+    target_sparsity: float = 0.9  # tau: minimum fraction of exactly-zero gates per expert
+    structured: bool = False  # per input column of 2-D weights, per output channel of conv
+    beta: float = 2.0 / 3.0
+    zeta: float = 1.1
+    gamma: float = -0.1
+    eps: float = 1e-6
+    logit_init_mean: float = 0.0  # D15: the reference's init_dropout_rate is dead code
+    logit_init_std: float = 0.5
+    logit_clip: float = 4.605170185988091  # ln(100): logits are clamped to +-clip every step
+    # D1: the reference draws u ~ U(0.5-eps, 0.5+eps), i.e. no noise at all. We default to real
+    # hard-concrete noise u ~ U(eps, 1-eps) (the paper's L0 relaxation); "reference" reproduces
+    # the authors' deterministic training gates.
+    noise: str = "hard_concrete"  # hard_concrete | reference
+    # One noise draw per meta-step shared by its tasks (as Louizos et al. share one mask per
+    # minibatch) makes the gates identical on every rank and lets the gate-logit gradient be
+    # formed once per step; "task" draws per task.
+    noise_scope: str = "step"  # step | task
+    test_beta: float = 1.0  # deterministic test gate z = clamp(sigmoid(phi/test_beta)*(zeta-gamma)+gamma)
+
+
+@dataclass
+class HypernetConfig:
+    enabled: bool = True
+    num_tokens: int = 4  # learnable "skill" tokens appended to the prototypes
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    token_init_std: float = 1e-3
+    spectral_norm: bool = True
+    # D3: the reference takes the block output at class 0's prototype (an arbitrary class).
+    pool: str = "class0"  # class0 | mean | tokens
+    temperature_start: float = 5.0
+    temperature_min: float = 0.5
+    temperature_decay_tasks: float = 4000.0  # T = max(min, start - n / decay), n = tasks seen (D14)
+    prior_l2: float = 1e-4  # weight of mean(logits^2)
+
+
+@dataclass
+class InnerConfig:
+    steps: int = 1  # first-order SGD steps on the support set; 0 = plain ProtoNet (PMF)
+    lr: float = 1e-3
+
+
+@dataclass
+class TeacherConfig:
+    enabled: bool = True  # Table 2 "DT"
+    steps: int = 1  # D4: the reference hard-codes 1
+    lr: float = 5e-3
+    start: str = "adapted"  # adapted (theta'_i, reference) | merged (theta_i, paper figure)
+    data: str = "query"  # query (reference) | support_query
+    kd_weight: float = 0.25  # lambda_kd: L = (1-lambda_kd) CE + lambda_kd KD
+    teacher_weight: float = 0.5  # share of the dense-teacher target inside KD
+    pretrained_weight: float = 0.5  # share of the frozen pre-trained ProtoNet target (D5)
+    temperature: float = 2.0
+    # D5: the reference computes KL(student || teacher) ("reverse"); we keep it by default
+    # because it is what produced the published numbers. "forward" is Hinton's KL(teacher || student).
+    kl_direction: str = "reverse"
+
+
+@dataclass
+class LagrangianConfig:
+    lr: float = 2e-3
+    # D10: the reference only zeroes lambda when the expert is sparser than tau; we also project
+    # lambda to >= 0 after each step so it is a proper multiplier.
+    project_nonneg: bool = True
+    reset_when_satisfied: bool = True
+
+
+@dataclass
+class OptimConfig:
+    delta_lr: float = 1e-4
+    delta_momentum: float = 0.9
+    delta_weight_decay: float = 1e-4  # coupled L2 on theta_delta (pulls towards theta_pre)
+    mask_lr: float = 1e6  # D12: compensates the 1/|theta| normalisation of the L0 term
+    hypernet_lr: float = 1e-4
+    hypernet_weight_decay: float = 1e-2
+    hypernet_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Per-group gradient-norm clipping; null = none (D13: theta_delta and lambda are not clipped).
+    delta_clip: Optional[float] = None
+    mask_clip: Optional[float] = 5.0
+    hypernet_clip: Optional[float] = 1.0
+    # Schedule (D7): the reference's cosine-with-warmup multiplier, stepped once per epoch.
+    warmup_epochs: int = 5
+    total_epochs: int = 50
+    # D7: the reference sets every SGD group to an absolute 1e-6 in epoch 0; null = off.
+    first_epoch_abs_lr: Optional[float] = None
+
+
+@dataclass
+class ModelConfig:
+    """Which method this is. The baselines are settings of the same code (see README)."""
+
+    method: str = "smat"  # free-form label written into results (smat, pmf, softmerge, ...)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    lagrangian: LagrangianConfig = field(default_factory=LagrangianConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Table 2 "IE": True = experts z_m * theta_delta share one dense offset (SMAT);
+    # False = every expert owns its offset theta_delta_m (M times the memory).
+    interpolated_experts: bool = True
+    # Table 2 "Meta": False = no support/query split; every task trains on support+query as one set.
+    meta_split: bool = True
+    # Which backbone tensors get an offset (fnmatch patterns on parameter names).
+    delta_include: List[str] = field(default_factory=lambda: ["*"])
+    delta_exclude: List[str] = field(default_factory=list)
+    cosine_scale: float = 10.0
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
