@@ -44,6 +44,14 @@ class TrainConfig:
         return (self.epochs * self.tasks_per_epoch) // self.tasks_per_step
 
 
+@dataclass
+class RunConfig:
+    """Everything one run needs; the YAML files under configs/ are partial RunConfigs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 def _merge_yaml(base: DictConfig, path: Path, seen: Optional[List[Path]] = None) -> DictConfig:
     seen = list(seen or [])
     path = path.resolve()
@@ -114,9 +122,9 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "TrainConfig",
+    "RunConfig",
     "load_config",
     "to_yaml",
     "to_dict",
     "from_dict",
-    "field",
 ]

@@ -1,0 +1,164 @@
+import dataclasses
+
+import pytest
+import torch
+
+from smat_dist.config import TrainConfig
+from smat_dist.smat import SMAT
+from smat_dist.smat.backbone import features
+from smat_dist.smat.protonet import cosine_logits, prototypes
+from smat_dist.smat.trainer import Trainer
+
+from .conftest import tiny_model_config
+
+
+def _with(cfg, **sections):
+    """Replace fields of nested config sections: _with(cfg, gates=dict(num_experts=2))."""
+    out = {}
+    for name, changes in sections.items():
+        cur = getattr(cfg, name)
+        out[name] = dataclasses.replace(cur, **changes) if isinstance(changes, dict) else changes
+    return dataclasses.replace(cfg, **out)
+
+
+def test_gradients_reach_delta_gates_hypernet_and_lambda_but_not_theta_pre(tiny_cfg, toy):
+    model = SMAT(tiny_cfg)
+    with torch.no_grad():  # away from the init (θδ = 0, λ = 0) where some paths are exactly zero
+        model.delta.normal_(0, 1e-2)
+        model.lagrange.fill_(0.5)
+    ctx = model.begin_step(0, seed=0)
+    model.lagrange.data.fill_(0.5)  # begin_step may reset satisfied experts; keep all active
+    out = model(toy.episode(0), ctx, task_index=0, last=True)
+    out.loss.backward()
+    hn = dict(model.hypernet.named_parameters())
+    for name, p in [("delta", model.delta), ("logits", model.gates.logits), ("lambda", model.lagrange),
+                    ("keys", hn["keys"]), ("tokens", hn["tokens"]), ("qkv", hn["block.qkv.weight"])]:
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+    assert model.theta_pre.grad is None
+
+
+def test_theta_pre_is_untouched_by_training_and_shared_with_the_backbone(tiny_cfg, toy):
+    model = SMAT(tiny_cfg)
+    before = model.theta_pre.clone()
+    trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=2, max_steps=3))
+    trainer.fit(toy, steps=3)
+    assert torch.equal(model.theta_pre, before)
+    assert float(model.delta.detach().abs().sum()) > 0  # ...while θδ did move
+    slot = model.space.slots[0]
+    p = dict(model.backbone.named_parameters())[slot.name]
+    assert p.data_ptr() == model.theta_pre.data_ptr() + slot.offset * p.element_size()
+
+
+def test_all_gates_off_at_test_time_is_the_pretrained_protonet(tiny_cfg, toy):
+    model = SMAT(tiny_cfg).eval()
+    with torch.no_grad():
+        model.delta.normal_()
+        model.gates.logits.fill_(-10.0)
+    model.gates.clamp_()
+    ep = toy.episode(1)
+    theta = model.task_weights(ep.support_x, ep.support_y)
+    assert torch.equal(theta, model.theta_pre)
+    with torch.no_grad():
+        head = prototypes(features(model.backbone, None, ep.support_x), ep.support_y, 5)
+        pre_logits = cosine_logits(features(model.backbone, None, ep.query_x), head, 10.0)
+    assert torch.equal(model.predict(ep.support_x, ep.support_y, ep.query_x), pre_logits)
+
+
+def test_all_gates_on_and_a_single_expert_gives_theta_pre_plus_delta(tiny_cfg, toy):
+    cfg = _with(tiny_cfg, gates=dict(num_experts=1), hypernet=dict(enabled=False))
+    model = SMAT(cfg).eval()
+    with torch.no_grad():
+        model.delta.normal_()
+        model.gates.logits.fill_(10.0)
+    model.gates.clamp_()
+    ep = toy.episode(2)
+    assert torch.equal(model.task_weights(ep.support_x, ep.support_y), model.theta_pre + model.delta[0])
+
+
+def test_lambda_grows_while_too_dense_and_is_zero_once_sparser(tiny_cfg, toy):
+    cfg = _with(tiny_cfg, gates=dict(num_experts=2, target_sparsity=0.5),
+                optim=dataclasses.replace(tiny_cfg.optim, warmup_epochs=0, mask_lr=0.0))
+    model = SMAT(cfg)
+    with torch.no_grad():
+        model.gates.logits.fill_(3.0)  # nearly every gate on: sparsity ~0 < tau
+    trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=1000, max_steps=4))
+    lams = []
+    for s in range(4):
+        m = trainer.train_step(list(toy.iterate(range(2 * s, 2 * s + 2))))
+        assert max(m["sparsity"]) < 0.5
+        lams.append(model.lagrange.detach().clone())
+    for a, b in zip(lams, lams[1:]):
+        assert bool((b > a).all()), (a, b)
+    with torch.no_grad():
+        model.gates.logits.fill_(-4.0)  # every gate off: sparsity 1 > tau
+    ctx = model.begin_step(trainer.step, 0)
+    assert bool((ctx.sparsity > 0.5).all())
+    assert torch.equal(model.lagrange.detach(), torch.zeros(2))
+
+
+def test_lambda_update_is_gradient_ascent_on_the_violation(tiny_cfg, toy):
+    cfg = _with(tiny_cfg, gates=dict(num_experts=2, target_sparsity=0.5),
+                optim=dataclasses.replace(tiny_cfg.optim, warmup_epochs=0, mask_lr=0.0))
+    model = SMAT(cfg)
+    with torch.no_grad():
+        model.gates.logits.fill_(3.0)
+    trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=1000))
+    m = trainer.train_step(list(toy.iterate(range(2))))
+    # one step: λ_m = lr · (τ - sparsity_m) · mean_t(α_t,m)
+    expected = 2e-3 * (0.5 - torch.tensor(m["sparsity"])) * torch.tensor(m["alpha_mean"])
+    torch.testing.assert_close(model.lagrange.detach(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_toy_run_sparsity_converges_to_tau():
+    tau = 0.6
+    cfg = tiny_model_config()
+    cfg = _with(cfg, gates=dict(num_experts=2, target_sparsity=tau),
+                lagrangian=dict(lr=2.0, project_nonneg=True, reset_when_satisfied=True),
+                optim=dataclasses.replace(cfg.optim, warmup_epochs=0, mask_lr=1e4),
+                teacher=dict(enabled=False, kd_weight=0.0), inner=dict(steps=1, lr=1e-3))
+    from smat_dist.smat.toy import ToyEpisodes
+
+    toy = ToyEpisodes(num_classes=10, image_size=16, ways=3, shots=1, queries=1, seed=1)
+    model = SMAT(cfg)
+    trainer = Trainer(model, TrainConfig(tasks_per_step=1, tasks_per_epoch=10**6))
+    history = []
+    trainer.fit(toy, steps=150, on_step=lambda m: history.append(m["sparsity"]))
+    tail = torch.tensor(history[-20:])  # the last 20 steps, both experts
+    assert float((tail - tau).abs().max()) <= 0.02, tail
+    assert float(torch.tensor(history[0]).max()) < tau - 0.1  # it really had to move
+
+
+def test_dense_teacher_lowers_the_query_loss(tiny_cfg, toy):
+    # The step size must suit the backbone: a random 1-block ViT has far larger gradients than
+    # DINO ViT-S (for which the reference's 5e-3 is meant), so the test uses 2e-4.
+    ces = {}
+    for steps in (1, 3):
+        torch.manual_seed(0)
+        model = SMAT(_with(tiny_cfg, teacher=dict(steps=steps, lr=2e-4)))
+        with torch.no_grad():
+            model.delta.normal_(0, 1e-3)
+        ctx = model.begin_step(0, 0)
+        for g in range(200, 206):
+            m = model(toy.episode(g), ctx, task_index=g, last=(g == 205)).metrics
+            ces[steps, g] = (float(m["query_ce"]), float(m["teacher_ce"]))
+    for g in range(200, 206):
+        student, teacher1 = ces[1, g]
+        assert ces[3, g][0] == pytest.approx(student)  # same student either way
+        assert teacher1 < student, g
+        assert ces[3, g][1] < teacher1, g  # more teacher steps, lower query loss
+
+
+def test_teacher_shortcut_equals_a_separate_teacher_forward(tiny_cfg, toy):
+    """The first teacher step reuses the student's query graph; a fresh forward gives the same teacher."""
+    model = SMAT(tiny_cfg)
+    with torch.no_grad():
+        model.delta.normal_(0, 1e-2)
+    ep = toy.episode(7)
+    ctx = model.begin_step(0, 0)  # once: begin_step advances the spectral-norm power iteration
+    shared = model(ep, ctx, 7, False).metrics
+    model._reuse_student_graph = False
+    separate = model(ep, ctx, 7, False).metrics
+    assert float(shared["teacher_ce"]) == pytest.approx(float(separate["teacher_ce"]), rel=1e-5)
+    assert float(shared["kd"]) == pytest.approx(float(separate["kd"]), rel=1e-5)
+    assert float(shared["teacher_ce"]) != pytest.approx(float(shared["query_ce"]), rel=1e-3)
