@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,7 +31,9 @@ from smat_dist.data.sampler import (PURPOSE_AUGMENT, PURPOSE_EPISODE, PURPOSE_IM
 from smat_dist.data.store import Catalog, CorruptSample, DataError, FilePool
 from smat_dist.data.tario import parse_key
 from smat_dist.data.transforms import DecodeError, EpisodeTransform, to_tensor
-from smat_dist.episode import Episode
+
+if TYPE_CHECKING:  # torch is imported by consumers only: actors ship numpy
+    from smat_dist.episode import Episode
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +125,10 @@ class RawEpisode:
     query_keys: List[str] = field(default_factory=list)
     stats: Dict[str, float] = field(default_factory=dict)  # counter increments of this episode
 
-    def to_episode(self, mean: Sequence[float], std: Sequence[float]) -> Episode:
+    def to_episode(self, mean: Sequence[float], std: Sequence[float]) -> "Episode":
         import torch
+
+        from smat_dist.episode import Episode
 
         return Episode(
             support_x=to_tensor(self.support, mean, std),
@@ -169,6 +173,8 @@ class EpisodeBuilder:
         self.catalog = Catalog(cfg.root, cfg.local_root)
         self.sources, self.weights = resolve_sources(cfg, self.catalog, split, sources)
         self.tag = stream_tag(split, self.sources)
+        for s in self.sources:  # fail fast, naming the file, on a missing/mismatched index or shard
+            self.catalog.store(s).index(split)
         self.augment = (split == "train" and cfg.augment) if augment is None else bool(augment)
         self.train_tf = EpisodeTransform(cfg.image_size, cfg.transform, train=True)
         self.eval_tf = EpisodeTransform(cfg.image_size, cfg.transform, train=False)

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from smat_dist.data.builder import COUNTERS, EpisodeBuilder, EpisodeSpec, RawEpisode
 from smat_dist.data.config import DataConfig
 from smat_dist.data.store import DataError
-from smat_dist.episode import Episode
+
+if TYPE_CHECKING:
+    from smat_dist.episode import Episode
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +122,18 @@ class EpisodeLoader:
 
     # -- iteration --------------------------------------------------------------------
 
-    def iterate(self, indices: Iterable[int]) -> Iterator[Episode]:
+    def iterate(self, indices: Iterable[int]) -> Iterator["Episode"]:
         """Episodes for the global numbers in ``indices``, in that order."""
         return self._run(("build", int(g)) for g in indices)
 
-    def iterate_specs(self, specs: Iterable[EpisodeSpec], augment: bool = False) -> Iterator[Episode]:
+    def iterate_specs(self, specs: Iterable[EpisodeSpec], augment: bool = False) -> Iterator["Episode"]:
         """Frozen episodes (e.g. from :func:`load_episode_list`), eval transform unless ``augment``."""
         return self._run(("spec", s, augment) for s in specs)
 
-    def episode(self, g: int) -> Episode:
+    def episode(self, g: int) -> "Episode":
         return next(iter(self.iterate([g])))
 
-    def _run(self, jobs: Iterable[tuple]) -> Iterator[Episode]:
+    def _run(self, jobs: Iterable[tuple]) -> Iterator["Episode"]:
         mean, std = self.cfg.transform.mean, self.cfg.transform.std
         if not self.use_ray:
             for job in jobs:
@@ -219,7 +221,7 @@ class EpisodeLoader:
             pass
 
 
-def materialise(spec: EpisodeSpec, builder: EpisodeBuilder, augment: bool = False) -> Episode:
+def materialise(spec: EpisodeSpec, builder: EpisodeBuilder, augment: bool = False) -> "Episode":
     """One frozen episode in this process (eval transform unless ``augment``)."""
     t = builder.cfg.transform
     return builder.materialise(spec, augment).to_episode(t.mean, t.std)
