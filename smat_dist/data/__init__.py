@@ -1,0 +1,34 @@
+"""Data plane: Meta-Dataset sources as WebDataset shards, the MD episode protocol, Ray episode actors.
+
+Public API (imported lazily so that converter worker processes stay light):
+
+* :class:`DataConfig`, :class:`EpisodeConfig`, :class:`AugmentConfig` (``smat_dist.data.config``)
+* :class:`EpisodeLoader`, :func:`rank_indices`, :func:`materialise` (``smat_dist.data.loader``)
+* :class:`EpisodeBuilder`, :class:`EpisodeSpec`, :func:`load_episode_list`,
+  :func:`save_episode_list` (``smat_dist.data.builder``)
+* :class:`DataError`, :class:`Catalog` (``smat_dist.data.store``)
+* the pure sampler in ``smat_dist.data.sampler``; converters in ``smat_dist.data.convert``;
+  the synthetic benchmark in ``smat_dist.data.synth``; the ``smat-data`` CLI in ``smat_dist.data.cli``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataConfig": "config", "EpisodeConfig": "config", "AugmentConfig": "config",
+    "EpisodeLoader": "loader", "rank_indices": "loader", "materialise": "loader",
+    "EpisodeBuilder": "builder", "EpisodeSpec": "builder", "RawEpisode": "builder",
+    "load_episode_list": "builder", "save_episode_list": "builder",
+    "DataError": "store", "Catalog": "store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'smat_dist.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"smat_dist.data.{mod}"), name)

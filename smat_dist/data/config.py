@@ -1,0 +1,135 @@
+"""Typed settings of the data plane (the single source of its defaults).
+
+``DataConfig`` is embedded as the ``data:`` section of the run configuration. Episode constants
+are Meta-Dataset's (``data_config_common.gin``; identical in PMF and SMAT), preprocessing is
+SMAT/PMF's (see ``shared/reference/meta-dataset.md`` sections 2.2 and 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from smat_dist.config import ConfigError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class EpisodeConfig:
+    """Meta-Dataset episode protocol. ``None`` in the fixed-mode fields means variable (VWVS)."""
+
+    min_ways: int = 5
+    max_ways_upper_bound: int = 50
+    max_num_query: int = 10
+    max_support_set_size: int = 500
+    # Caps each class's contribution to the support-size draw, not its shots.
+    max_support_size_contrib_per_class: int = 100
+    min_log_weight: float = math.log(0.5)
+    max_log_weight: float = math.log(2.0)
+    min_examples_in_class: int = 0  # classes with fewer images are never sampled
+    ignore_dag_ontology: bool = False  # True: ImageNet-like sources sample classes flatly
+    ignore_bilevel_ontology: bool = False  # True: Omniglot-like sources ignore alphabets
+    ignore_hierarchy_probability: float = 0.0  # share of episodes that bypass the hierarchy
+    num_ways: Optional[int] = None  # fixed N (hierarchies are then bypassed, as in MD)
+    num_support: Optional[int] = None  # fixed K shots per class
+    # [lo, hi]: K drawn uniformly per episode (balanced); overrides num_support when set.
+    num_support_range: Optional[List[int]] = None
+    num_query: Optional[int] = None  # fixed q per class
+    # "independent": every episode draws its images afresh (stateless, world-size invariant;
+    # PMF/SMAT behaviour). MD's stateful per-class cursor mode is not offered, see README.
+    image_selection: str = "independent"
+
+    def validate(self) -> None:
+        if self.min_ways < 1 or self.max_ways_upper_bound < self.min_ways:
+            raise ConfigError(
+                f"episode: need 1 <= min_ways <= max_ways_upper_bound, got "
+                f"{self.min_ways}, {self.max_ways_upper_bound}"
+            )
+        if self.image_selection != "independent":
+            raise ConfigError(f"episode.image_selection: only 'independent' is supported, got {self.image_selection!r}")
+        if self.num_support_range is not None:
+            r = list(self.num_support_range)
+            if len(r) != 2 or r[0] < 1 or r[1] < r[0]:
+                raise ConfigError(f"episode.num_support_range must be [lo, hi] with 1 <= lo <= hi, got {r}")
+        for name in ("num_ways", "num_support", "num_query"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"episode.{name} must be >= 1 or null, got {v}")
+        if not 0.0 <= self.ignore_hierarchy_probability <= 1.0:
+            raise ConfigError("episode.ignore_hierarchy_probability must be in [0, 1]")
+        if self.min_log_weight > self.max_log_weight:
+            raise ConfigError("episode.min_log_weight must be <= max_log_weight")
+
+
+@dataclass
+class AugmentConfig:
+    """Pixel pipeline. Training: RandomResizedCrop + ImageJitter + flip; eval: resize + centre crop."""
+
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area
+    crop_ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    brightness: float = 0.4  # ImageJitter (PMF): factor 1 + a*(2u-1) per enhancement
+    contrast: float = 0.4
+    color: float = 0.4
+    hflip: float = 0.5
+    # Eval resize of the shorter side = int(image_size * eval_resize_ratio) (128 -> 146).
+    eval_resize_ratio: float = 256.0 / 224.0
+    # JPEG draft-mode decoding (libjpeg DCT scaling) when the stored image is >= 2x the needed
+    # size. Faster, but pixels differ slightly from a full decode; off for fidelity.
+    jpeg_draft: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are, which sources/splits feed training, and how episodes are delivered."""
+
+    root: str = "data/synth"  # dataset directory holding <source>/manifest.json
+    # A node-local copy of ``root`` (same layout); used by readers on nodes where it exists.
+    local_root: Optional[str] = None
+    train_sources: List[str] = field(default_factory=list)  # empty = every source with train classes
+    source_weights: Optional[List[float]] = None  # per train source; None = uniform (MD, SMAT)
+    eval_sources: List[str] = field(default_factory=list)  # empty = every source with test classes
+    image_size: int = 128
+    augment: bool = True  # training augmentation on train-split episodes
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    transform: AugmentConfig = field(default_factory=AugmentConfig)
+    # Ray episode actors (per loader). Each actor reads any source; episodes are assigned
+    # round-robin, output order is the order of the requested indices.
+    num_actors: int = 2
+    max_in_flight: int = 4  # episodes requested but not yet consumed, per loader
+    # Ray CPUs reserved per actor. 0 lets actors co-exist with trainer workers that already
+    # hold every CPU (2 ranks on 2 cores); raise it on clusters with spare cores.
+    actor_cpus: float = 0.0
+    colocate: bool = True  # place a loader's actors on the node of the process that made it
+    actor_start_timeout_s: float = 120.0
+    max_open_files: int = 64  # shard file descriptors kept open per reader (LRU)
+
+    def validate(self) -> None:
+        self.episode.validate()
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
+        if self.source_weights is not None:
+            if not self.train_sources:
+                raise ConfigError("data.source_weights needs data.train_sources (the order they refer to)")
+            if len(self.source_weights) != len(self.train_sources):
+                raise ConfigError(
+                    f"data.source_weights has {len(self.source_weights)} entries for "
+                    f"{len(self.train_sources)} train_sources"
+                )
+            if any(w < 0 for w in self.source_weights) or sum(self.source_weights) <= 0:
+                raise ConfigError("data.source_weights must be >= 0 with a positive sum")
+        if self.num_actors < 1 or self.max_in_flight < 1:
+            raise ConfigError("data.num_actors and data.max_in_flight must be >= 1")
+        if self.actor_cpus < 0:
+            raise ConfigError("data.actor_cpus must be >= 0")
+        if self.max_open_files < 1:
+            raise ConfigError("data.max_open_files must be >= 1")
+        if len(self.transform.mean) != 3 or len(self.transform.std) != 3:
+            raise ConfigError("data.transform.mean/std need 3 values")
+
+
+__all__ = ["AugmentConfig", "DataConfig", "EpisodeConfig", "IMAGENET_MEAN", "IMAGENET_STD"]

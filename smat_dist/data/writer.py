@@ -1,0 +1,501 @@
+"""Write one source as class-contiguous WebDataset shards + row index + manifest.
+
+Every input format (MD TFRecords, PMF h5, image folders, the synthetic generator) is an
+:class:`InputSource` that lists its classes and yields the images of one class. Conversion
+runs in three resumable phases under ``<out>/<source>/.work``:
+
+1. **fragments**, parallel over classes (spawned worker processes): each class becomes a run
+   of tar members (``.work/frag/cNNNNN.tar`` + ``.json`` sidecar), images in a seeded random
+   order within the class (MD's traffic-sign lesson, ``meta-dataset.md`` 6 #4). A finished
+   sidecar means a finished class; re-runs skip it.
+2. **shards**: per split, fragments are concatenated in class-id order into
+   ``<split>/shard-NNNNNN.tar``; a new shard starts when the next class would overflow the
+   target size, and a class bigger than the target continues into the next shard. A shard whose
+   file already holds the planned bytes (same plan digest, size and sha256) is not rewritten.
+3. **index + manifest**: ``<split>/index.npz`` (CSR class pointers and per-row shard, byte
+   offset and size of the image member), ``<split>/classes.json``, ``dataset_spec.json`` (MD
+   layout, measured counts) and finally ``manifest.json``, written last and atomically: its
+   presence means the source is complete.
+
+Member bytes are deterministic (fixed tar header fields, seeded order), so a re-run after a
+crash, or a full rebuild, produces byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from smat_dist.data.spec import SPLITS, SourceSpec, save_spec, with_counts
+from smat_dist.data.tario import EOF_BLOCKS, NAME_RE, encode_sample, sample_key
+
+log = logging.getLogger(__name__)
+
+FORMAT = "smat-dist-wds"
+FORMAT_VERSION = 1
+SHARD_PATTERN = "{split}/shard-{index:06d}.tar"
+
+
+class ConvertError(RuntimeError):
+    """Input that cannot be converted; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    class_id: int
+    name: str
+    split: str
+
+
+class InputSource:
+    """One source to convert. Must pickle cheaply: spawned workers call :meth:`read_class`."""
+
+    name: str = ""
+    fmt: str = ""
+
+    def entries(self) -> List[ClassEntry]:
+        raise NotImplementedError
+
+    def spec(self) -> SourceSpec:
+        """The MD spec (structure); image counts are replaced by the measured ones."""
+        raise NotImplementedError
+
+    def read_class(self, entry: ClassEntry) -> Iterator[Tuple[Any, dict]]:
+        """Yield ``(payload, meta)``: payload is encoded image bytes or an HxWx3 uint8 array."""
+        raise NotImplementedError
+
+    def origin(self) -> dict:
+        return {"format": self.fmt}
+
+
+@dataclass
+class WriteOptions:
+    shard_bytes: int = 512 * 1024 * 1024  # target shard size (meta-dataset.md 3.3.4)
+    workers: int = 1
+    # s256: shorter side > max_side is resized to max_side and re-encoded; others keep their bytes.
+    # native: bytes are copied unchanged (non JPEG/PNG inputs are still re-encoded).
+    tier: str = "s256"
+    max_side: int = 256
+    jpeg_quality: int = 95
+    raw_format: str = "png"  # how decoded pixel inputs (PMF h5) are encoded: png (lossless) | jpg
+    shuffle_seed: int = 23  # within-class order
+    decode_check: bool = False  # fully decode every input image (slow); default: header only
+    keep_work: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        for k in ("workers", "keep_work", "force", "progress"):
+            d.pop(k)
+        return d
+
+
+# ---------------------------------------------------------------- phase 1: one class
+
+
+def _encode(payload: Any, opts: WriteOptions) -> Tuple[bytes, str, int, int]:
+    from PIL import Image
+
+    if isinstance(payload, np.ndarray):
+        arr = payload
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            raise ValueError(f"pixel array must be uint8 HxW[x3], got {arr.dtype} {arr.shape}")
+        img = Image.fromarray(arr)
+        return _save(img, opts.raw_format, opts), opts.raw_format, img.width, img.height
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"unsupported payload type {type(payload).__name__}")
+    data = bytes(payload)
+    img = Image.open(io.BytesIO(data))
+    fmt = (img.format or "").upper()
+    w, h = img.size
+    if opts.decode_check:
+        img.load()
+    ext = {"JPEG": "jpg", "PNG": "png"}.get(fmt)
+    too_big = opts.tier == "s256" and min(w, h) > opts.max_side
+    if ext is not None and not too_big:
+        return data, ext, w, h
+    out_ext = ext or ("png" if img.mode in ("1", "L", "P", "LA", "RGBA", "I;16") else "jpg")
+    img = img.convert("RGB") if out_ext == "jpg" or img.mode not in ("L", "RGB") else img
+    if too_big:
+        s = opts.max_side / min(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
+    return _save(img, out_ext, opts), out_ext, img.width, img.height
+
+
+def _save(img, ext: str, opts: WriteOptions) -> bytes:
+    buf = io.BytesIO()
+    if ext == "jpg":
+        img.convert("RGB").save(buf, format="JPEG", quality=opts.jpeg_quality)
+    else:
+        img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _frag_paths(work: Path, class_id: int) -> Tuple[Path, Path]:
+    d = work / "frag"
+    return d / f"c{class_id:05d}.tar", d / f"c{class_id:05d}.json"
+
+
+def convert_class(src: InputSource, entry: ClassEntry, work: str, opts: WriteOptions) -> dict:
+    """Phase 1 for one class (runs in a worker). Returns the sidecar dict."""
+    tar_path, side_path = _frag_paths(Path(work), entry.class_id)
+    if side_path.exists():
+        return json.loads(side_path.read_text())
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    items: List[Tuple[bytes, str, int, int, dict]] = []
+    skipped: List[str] = []
+    for payload, meta in src.read_class(entry):
+        if isinstance(payload, Exception):  # the input reader already knows this one is bad
+            skipped.append(f"{meta.get('ref', '?')}: {payload}")
+            continue
+        try:
+            data, ext, w, h = _encode(payload, opts)
+        except Exception as exc:  # a bad input image is skipped, named, and counted
+            skipped.append(f"{meta.get('ref', '?')}: {type(exc).__name__}: {exc}")
+            continue
+        items.append((data, ext, w, h, meta))
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(opts.shuffle_seed, spawn_key=(entry.class_id,))))
+    order = rng.permutation(len(items))
+    samples = []
+    tmp = tar_path.with_suffix(".tmp")
+    pos = 0
+    with open(tmp, "wb") as f:
+        for j, i in enumerate(order):
+            data, ext, w, h, meta = items[int(i)]
+            key = sample_key(src.name, entry.split, entry.class_id, j)
+            md = {"source": src.name, "split": entry.split, "class": entry.class_id, "class_name": entry.name,
+                  "width": w, "height": h, "orig_index": int(i), **{k: v for k, v in meta.items() if k != "ref"}}
+            if "ref" in meta:
+                md["orig"] = meta["ref"]
+            blob, lay = encode_sample(key, ext, data, entry.class_id, md)
+            f.write(blob)
+            samples.append([pos, pos + lay.data_offset, lay.data_size, pos + lay.total])
+            pos += lay.total
+    os.replace(tmp, tar_path)
+    side = {"class": entry.class_id, "split": entry.split, "name": entry.name, "n": len(samples),
+            "bytes": pos, "samples": samples, "skipped": skipped}
+    tmp_side = side_path.with_suffix(".tmpjson")
+    tmp_side.write_text(json.dumps(side))
+    os.replace(tmp_side, side_path)
+    return side
+
+
+def _worker(args) -> Tuple[int, int, int]:
+    src, entry, work, opts = args
+    side = convert_class(src, entry, work, opts)
+    return entry.class_id, side["n"], len(side["skipped"])
+
+
+# ---------------------------------------------------------------- phase 2: shards
+
+
+@dataclass
+class _Shard:
+    index: int
+    segments: List[Tuple[int, int, int, int]] = field(default_factory=list)  # (class, j0, j1, nbytes)
+    nbytes: int = 0
+
+
+def plan_shards(sides: Sequence[dict], target: int) -> List[_Shard]:
+    """Greedy class-contiguous packing (see module docstring)."""
+    shards: List[_Shard] = [_Shard(0)]
+
+    def cur() -> _Shard:
+        return shards[-1]
+
+    for side in sides:
+        if side["n"] == 0:
+            continue
+        if cur().nbytes > 0 and cur().nbytes + side["bytes"] > target:
+            shards.append(_Shard(len(shards)))
+        j0 = 0
+        run = 0
+        for j, (start, _d, _s, end) in enumerate(side["samples"]):
+            size = end - start
+            if cur().nbytes + run > 0 and cur().nbytes + run + size > target and side["bytes"] > target:
+                if j > j0:
+                    cur().segments.append((side["class"], j0, j, run))
+                    cur().nbytes += run
+                shards.append(_Shard(len(shards)))
+                j0, run = j, 0
+            run += size
+        cur().segments.append((side["class"], j0, side["n"], run))
+        cur().nbytes += run
+    return [s for s in shards if s.segments]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _write_shard(path: Path, shard: _Shard, side_by_class: Dict[int, dict], work: Path) -> Tuple[str, int]:
+    h = hashlib.sha256()
+    tmp = path.with_suffix(".tar.tmp")
+    total = 0
+    with open(tmp, "wb") as out:
+        for cls, j0, j1, _ in shard.segments:
+            side = side_by_class[cls]
+            start, end = side["samples"][j0][0], side["samples"][j1 - 1][3]
+            frag, _ = _frag_paths(work, cls)
+            with open(frag, "rb") as f:
+                f.seek(start)
+                left = end - start
+                while left:
+                    b = f.read(min(left, 1 << 22))
+                    if not b:
+                        raise ConvertError(f"{frag}: fragment shorter than its sidecar says")
+                    out.write(b)
+                    h.update(b)
+                    left -= len(b)
+                    total += len(b)
+        out.write(EOF_BLOCKS)
+        h.update(EOF_BLOCKS)
+        total += len(EOF_BLOCKS)
+    os.replace(tmp, path)
+    return h.hexdigest(), total
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool, initial: int = 0):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, initial=initial, unit="class", dynamic_ncols=True)
+
+
+def manifest_complete(out: Path) -> bool:
+    """True when ``manifest.json`` exists and every shard it lists has its recorded size."""
+    mpath = out / "manifest.json"
+    if not mpath.is_file():
+        return False
+    try:
+        man = json.loads(mpath.read_text())
+        for sp in man["splits"].values():
+            for sh in sp["shards"]:
+                p = out / sh["path"]
+                if not p.is_file() or p.stat().st_size != sh["bytes"]:
+                    return False
+            ip = out / sp["index"]["path"]
+            if not ip.is_file() or ip.stat().st_size != sp["index"]["bytes"]:
+                return False
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
+
+
+@dataclass
+class _Job:
+    src: InputSource
+    out: Path
+    work: Path
+    entries: List[ClassEntry]
+    old_manifest: Optional[dict]
+    t0: float
+
+
+def _prepare(src: InputSource, out_root: str | Path, opts: WriteOptions) -> Optional[_Job]:
+    if not NAME_RE.match(src.name):
+        raise ConvertError(f"source name {src.name!r} must match [A-Za-z0-9_-]+ (no dots: WebDataset keys)")
+    if opts.tier not in ("s256", "native"):
+        raise ConvertError(f"tier must be s256 or native, got {opts.tier!r}")
+    out = Path(out_root) / src.name
+    mpath = out / "manifest.json"
+    if not opts.force and manifest_complete(out):
+        log.info("%s: already converted (%s); use --force to rebuild", src.name, mpath)
+        return None
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".work"
+    fp = {"options": opts.fingerprint(), "origin": src.origin(), "name": src.name}
+    fp_path = work / "options.json"
+    if work.exists() and (opts.force or not fp_path.is_file() or json.loads(fp_path.read_text()) != fp):
+        shutil.rmtree(work)
+    (work / "frag").mkdir(parents=True, exist_ok=True)
+    fp_path.write_text(json.dumps(fp, sort_keys=True))
+    old_manifest = json.loads(mpath.read_text()) if mpath.is_file() and not opts.force else None
+    if mpath.exists():
+        mpath.unlink()  # the source is incomplete until the new manifest lands
+    entries = src.entries()
+    if not entries:
+        raise ConvertError(f"{src.name}: the input has no classes")
+    ids = [e.class_id for e in entries]
+    if sorted(ids) != list(range(len(ids))):
+        raise ConvertError(f"{src.name}: class ids must be 0..{len(ids) - 1}")
+    return _Job(src, out, work, entries, old_manifest, t0)
+
+
+def _run_fragments(jobs: Sequence[_Job], opts: WriteOptions) -> None:
+    """Phase 1 for every class of every job, in one pool of spawned workers."""
+    total = sum(len(j.entries) for j in jobs)
+    todo = [(j.src, e, str(j.work), opts) for j in jobs for e in j.entries
+            if not _frag_paths(j.work, e.class_id)[1].exists()]
+    if not todo:
+        return
+    desc = ",".join(j.src.name for j in jobs)
+    desc = desc if len(desc) < 40 else f"{len(jobs)} sources"
+    if opts.workers > 1 and len(todo) > 1:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(min(opts.workers, len(todo))) as pool:
+            for _ in _progress(pool.imap_unordered(_worker, todo, chunksize=1), total, desc, opts.progress,
+                               total - len(todo)):
+                pass
+    else:
+        for _ in _progress(map(_worker, todo), total, desc, opts.progress, total - len(todo)):
+            pass
+
+
+def build_source(src: InputSource, out_root: str | Path, opts: Optional[WriteOptions] = None) -> Path:
+    """Convert ``src`` into ``<out_root>/<src.name>/``; returns the manifest path."""
+    return build_sources([src], out_root, opts)[0]
+
+
+def build_sources(srcs: Sequence[InputSource], out_root: str | Path, opts: Optional[WriteOptions] = None) -> List[Path]:
+    """Convert several sources, sharing one worker pool for their classes."""
+    opts = opts or WriteOptions()
+    names = [s.name for s in srcs]
+    if len(set(names)) != len(names):
+        raise ConvertError(f"duplicate source names in {names}")
+    jobs = [_prepare(s, out_root, opts) for s in srcs]
+    _run_fragments([j for j in jobs if j is not None], opts)
+    return [Path(out_root) / s.name / "manifest.json" if j is None else _finalize(j, opts) for s, j in zip(srcs, jobs)]
+
+
+def _finalize(job: _Job, opts: WriteOptions) -> Path:
+    """Phases 2 and 3 for one source whose fragments are all written."""
+    src, out, work, entries, old_manifest, t0 = job.src, job.out, job.work, job.entries, job.old_manifest, job.t0
+    mpath = out / "manifest.json"
+    sides = {e.class_id: json.loads(_frag_paths(work, e.class_id)[1].read_text()) for e in entries}
+    skipped = [s for side in sides.values() for s in side["skipped"]]
+    for s in skipped[:20]:
+        log.warning("%s: skipped unreadable input %s", src.name, s)
+    if len(skipped) > 20:
+        log.warning("%s: ... %d unreadable inputs skipped in total", src.name, len(skipped))
+
+    spec_in = src.spec()
+    counts = {cid: side["n"] for cid, side in sides.items()}
+    mismatched = [c for c in counts if spec_in.images_per_class.get(c, counts[c]) != counts[c]]
+    if mismatched:
+        c = mismatched[0]
+        log.warning("%s: %d classes hold a different number of images than the input spec (class %d: spec %d, found %d)",
+                    src.name, len(mismatched), c, spec_in.images_per_class.get(c), counts[c])
+    spec = with_counts(spec_in, counts)
+
+    old_shards = {}
+    if old_manifest:
+        for sp in old_manifest.get("splits", {}).values():
+            for sh in sp.get("shards", []):
+                old_shards[sh["path"]] = sh
+    manifest: Dict[str, Any] = {
+        "format": FORMAT, "version": FORMAT_VERSION, "source": src.name, "spec": "dataset_spec.json",
+        "spec_kind": spec.kind, "origin": src.origin(), "options": opts.fingerprint(),
+        "skipped_inputs": len(skipped), "splits": {},
+    }
+    for split in SPLITS:
+        split_ids = [e.class_id for e in entries if e.split == split]
+        if sorted(split_ids) != spec.classes(split):
+            raise ConvertError(f"{src.name}: split {split} has classes {split_ids[:5]}... but the spec says "
+                               f"{spec.classes(split)[:5]}...")
+        if not split_ids:
+            continue
+        (out / split).mkdir(exist_ok=True)
+        split_sides = [sides[c] for c in sorted(split_ids)]
+        plan = plan_shards(split_sides, opts.shard_bytes)
+        if len(plan) > np.iinfo(np.uint16).max:
+            raise ConvertError(f"{src.name}/{split}: {len(plan)} shards; raise --shard-size")
+        class_ptr = np.zeros(len(split_sides) + 1, dtype=np.int64)
+        for i, s in enumerate(split_sides):
+            class_ptr[i + 1] = class_ptr[i] + s["n"]
+        nrows = int(class_ptr[-1])
+        row_shard = np.zeros(nrows, dtype=np.uint16)
+        row_offset = np.zeros(nrows, dtype=np.uint64)
+        row_size = np.zeros(nrows, dtype=np.uint32)
+        first_row = {s["class"]: int(class_ptr[i]) for i, s in enumerate(split_sides)}
+        shard_records = []
+        for sh in plan:
+            rel = SHARD_PATTERN.format(split=split, index=sh.index)
+            path = out / rel
+            pdigest = _digest([list(s) for s in sh.segments] + [sides[s[0]]["samples"][s[1]:s[2]] for s in sh.segments])
+            marker = work / split / f"shard-{sh.index:06d}.json"
+            rec = None
+            if marker.is_file():
+                m = json.loads(marker.read_text())
+                if m.get("plan") == pdigest and path.is_file() and path.stat().st_size == m["bytes"]:
+                    rec = m
+            if rec is None and rel in old_shards and old_shards[rel].get("plan") == pdigest and path.is_file():
+                o = old_shards[rel]
+                if path.stat().st_size == o["bytes"] and sha256_file(path) == o["sha256"]:
+                    rec = {"plan": pdigest, "sha256": o["sha256"], "bytes": o["bytes"]}
+            if rec is None:
+                sha, nbytes = _write_shard(path, sh, sides, work)
+                rec = {"plan": pdigest, "sha256": sha, "bytes": nbytes}
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps(rec))
+            base = 0
+            nsamples = 0
+            for cls, j0, j1, nb in sh.segments:
+                smp = sides[cls]["samples"]
+                start0 = smp[j0][0]
+                for j in range(j0, j1):
+                    r = first_row[cls] + j
+                    row_shard[r] = sh.index
+                    row_offset[r] = base + smp[j][1] - start0
+                    row_size[r] = smp[j][2]
+                base += nb
+                nsamples += j1 - j0
+            shard_records.append({"path": rel, "sha256": rec["sha256"], "bytes": rec["bytes"], "samples": nsamples,
+                                  "classes": [sh.segments[0][0], sh.segments[-1][0]], "plan": pdigest})
+        idx_rel = f"{split}/index.npz"
+        idx_tmp = out / f"{split}/index.tmp.npz"
+        np.savez(idx_tmp, class_ids=np.asarray(sorted(split_ids), dtype=np.int64), class_ptr=class_ptr,
+                 shard=row_shard, offset=row_offset, size=row_size)
+        os.replace(idx_tmp, out / idx_rel)
+        classes_doc = [{"id": s["class"], "name": s["name"], "n_images": s["n"], "first_row": first_row[s["class"]],
+                        "last_row": first_row[s["class"]] + s["n"] - 1} for s in split_sides]
+        (out / split / "classes.json").write_text(json.dumps(classes_doc, indent=0) + "\n")
+        manifest["splits"][split] = {
+            "classes": [s["class"] for s in split_sides],
+            "counts": [s["n"] for s in split_sides],
+            "num_images": nrows,
+            "index": {"path": idx_rel, "sha256": sha256_file(out / idx_rel), "bytes": (out / idx_rel).stat().st_size},
+            "shards": shard_records,
+        }
+    save_spec(spec, out / "dataset_spec.json", file_pattern=SHARD_PATTERN, rel_path=".")
+    tmp = out / "manifest.tmp.json"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, mpath)
+    if not opts.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    total = sum(sp["num_images"] for sp in manifest["splits"].values())
+    log.info("%s: %d images, %d shards in %.1fs -> %s", src.name, total,
+             sum(len(sp["shards"]) for sp in manifest["splits"].values()), time.time() - t0, out)
+    return mpath
+
+
+__all__ = ["ClassEntry", "ConvertError", "InputSource", "WriteOptions", "build_source", "convert_class",
+           "build_sources", "manifest_complete", "plan_shards", "sha256_file", "FORMAT", "FORMAT_VERSION", "SHARD_PATTERN"]
