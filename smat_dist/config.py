@@ -14,13 +14,12 @@ from typing import Any, Iterable, List, Optional, Sequence, Type, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from smat_dist.data.config import DataConfig
+from smat_dist.dist.config import DistConfig
+from smat_dist.errors import ConfigError
 from smat_dist.smat.config import ModelConfig
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key and its origin."""
 
 
 @dataclass
@@ -50,6 +49,22 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.dist.validate()
+        if self.train.tasks_per_step % self.dist.num_workers:
+            raise ConfigError(
+                f"train.tasks_per_step ({self.train.tasks_per_step}) must be a multiple of "
+                f"dist.num_workers ({self.dist.num_workers}): every rank runs the same number of tasks"
+            )
+        if self.dist.episodes == "shards" and self.data.image_size != self.model.backbone.img_size:
+            raise ConfigError(
+                f"data.image_size ({self.data.image_size}) differs from model.backbone.img_size "
+                f"({self.model.backbone.img_size}); set both to the meta-training resolution"
+            )
 
 
 def _merge_yaml(base: DictConfig, path: Path, seen: Optional[List[Path]] = None) -> DictConfig:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from smat_dist.config import ConfigError
+from smat_dist.errors import ConfigError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -129,8 +129,7 @@ class _Merge(torch.autograd.Function):
             else:
                 pg = plan.layout.reduce(p)
                 g_alpha = (z @ pg).to(alpha.dtype)
-                if need_logits:
-                    g_logits = plan.gate_grad(alpha.detach(), pg, ctx.flush, delta, grad_density)
+                g_logits = plan.gate_grad(alpha.detach(), pg, ctx.flush, delta, grad_density)
         else:
             zn = None if z is None else plan.layout.expand(z)
             if need_delta:
@@ -139,10 +138,12 @@ class _Merge(torch.autograd.Function):
                     g_delta = g_delta * zn
             w = delta if zn is None else delta * zn
             g_alpha = (w @ grad).to(alpha.dtype)
-            if zn is not None and need_logits:
+            if zn is not None:
                 g_logits = plan.gate_grad(alpha.detach(), grad, ctx.flush, delta, grad_density)
         if not need_alpha:
             g_alpha = None
+        if not need_logits:
+            g_logits = None
         return g_delta, g_logits, g_alpha, None, None, None, None
 
 
@@ -164,4 +165,8 @@ def merge(
         raise ValueError("with_density needs a training gate draw and the flushing task")
     if logits is None:
         logits = torch.zeros((), device=pre.device)  # placeholder input, never gets a gradient
+    elif plan.defer and not flush:
+        # Only the flushing task links φ into the graph: the others' gate gradients are deferred,
+        # and hooks on φ (ZeRO-2's gradient reduction) must see one gradient per step, not None.
+        logits = logits.detach()
     return _Merge.apply(delta, logits, alpha, pre, plan, flush, with_density)

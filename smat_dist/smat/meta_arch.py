@@ -20,6 +20,7 @@ for a ProtoNet step; the reference runs ≈ 8·(S+Q).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -235,7 +236,9 @@ class SMAT(nn.Module):
 
             kd = logits.new_zeros(())
             if use_teacher:
+                t0 = self._clock()
                 t_logits = self._teacher(theta, head, theta_q, head_q, ce, ep, scale)
+                metrics["time_teacher"] = torch.tensor(self._clock() - t0)
                 kd = kd + tc.teacher_weight * distill(logits, t_logits, tc.temperature, tc.kl_direction)
                 with torch.no_grad():
                     metrics["teacher_ce"] = F.cross_entropy(t_logits, yq)
@@ -323,6 +326,11 @@ class SMAT(nn.Module):
             hd = hd.detach() - tc.lr * g_head
         with torch.no_grad():
             return cosine_logits(features(self.backbone, self.space.views(th), ep.query_x), hd, scale)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()

@@ -34,9 +34,9 @@ def summarise(outputs: List[TaskOutput]) -> Dict[str, object]:
     out: Dict[str, object] = {}
     keys = {k for o in outputs for k in o.metrics}
     for k in sorted(keys):
-        vals = [o.metrics[k].float() for o in outputs if k in o.metrics]
-        if k == "alpha":
+        if k in ("alpha", "source"):
             continue
+        vals = [o.metrics[k].float() for o in outputs if k in o.metrics]
         mean = torch.stack(vals).mean(0)
         out[k] = mean.tolist() if mean.ndim else float(mean)
     alphas = [o.metrics["alpha"] for o in outputs if "alpha" in o.metrics]
@@ -51,6 +51,47 @@ def tensor_dict_to_json(d: Dict[str, torch.Tensor]) -> Dict[str, object]:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def meta_step(
+    model: SMAT,
+    episodes: Iterator[Episode],
+    local_tasks: int,
+    global_tasks: int,
+    step: int,
+    cfg: TrainConfig,
+    backward: Callable[[torch.Tensor], None],
+) -> Dict[str, object]:
+    """The tasks of one meta-step on this process: forward and ``backward`` each, no optimiser step.
+
+    Shared by the single-process trainer (``backward`` = loss/B backward) and every distributed
+    worker (``backward`` = the DeepSpeed engine's). ``global_tasks`` advances the task counter.
+    """
+    model.train()
+    device = model.device
+    ctx = model.begin_step(step, cfg.seed, tasks=local_tasks)
+    outputs: List[TaskOutput] = []
+    t_data = t_fwd = t_bwd = 0.0
+    for j in range(local_tasks):
+        t0 = time.perf_counter()
+        ep = next(episodes).to(device)
+        t1 = time.perf_counter()
+        out = model(ep, ctx, task_index=ep.index, last=(j == local_tasks - 1))
+        t2 = time.perf_counter()
+        if cfg.stop_on_nonfinite and not torch.isfinite(out.loss):
+            raise NonFiniteLoss(f"step {step}, task {ep.index}: loss is {float(out.loss)}")
+        backward(out.loss)
+        t3 = time.perf_counter()
+        out.metrics["source"] = ep.source  # type: ignore[assignment]
+        outputs.append(out)
+        t_data, t_fwd, t_bwd = t_data + t1 - t0, t_fwd + t2 - t1, t_bwd + t3 - t2
+    model.end_step(global_tasks)
+    metrics = summarise(outputs)
+    metrics.update(tensor_dict_to_json(model.step_metrics(ctx)))
+    teacher = float(metrics.get("time_teacher", 0.0)) * local_tasks
+    metrics.update(time_data=t_data, time_student=t_fwd - teacher, time_teacher=teacher, time_backward=t_bwd)
+    metrics["_per_task"] = [(o.metrics["source"], o.metrics["alpha"].tolist()) for o in outputs if "alpha" in o.metrics]
+    return metrics
 
 
 class Trainer:
@@ -68,29 +109,17 @@ class Trainer:
     def epoch_of(self, step: int) -> int:
         return (step * self.cfg.tasks_per_step) // self.cfg.tasks_per_epoch
 
-    def train_step(self, episodes: List[Episode]) -> Dict[str, object]:
-        """One optimiser step over ``episodes`` (their ``index`` is the global task index)."""
-        model, B = self.model, len(episodes)
-        model.train()
-        mult = apply_schedule(self.opt, self.epoch_of(self.step), model.cfg.optim)
-        ctx = model.begin_step(self.step, self.cfg.seed, tasks=B)
-        outputs, t_fwd, t_bwd = [], 0.0, 0.0
-        for j, ep in enumerate(episodes):
-            t0 = time.perf_counter()
-            out = model(ep.to(model.device), ctx, task_index=ep.index, last=(j == B - 1))
-            t1 = time.perf_counter()
-            if self.cfg.stop_on_nonfinite and not torch.isfinite(out.loss):
-                raise NonFiniteLoss(f"step {self.step}, task {ep.index}: loss is {float(out.loss)}")
-            (out.loss / B).backward()
-            t_bwd += time.perf_counter() - t1
-            t_fwd += t1 - t0
-            outputs.append(out)
+    def train_step(self, episodes: Iterable[Episode], count: Optional[int] = None) -> Dict[str, object]:
+        """One optimiser step over ``count`` episodes (their ``index`` is the global task index)."""
+        if count is None:
+            episodes = list(episodes)
+            count = len(episodes)
+        B = count
+        mult = apply_schedule(self.opt, self.epoch_of(self.step), self.model.cfg.optim)
+        metrics = meta_step(self.model, iter(episodes), B, B, self.step, self.cfg, lambda loss: (loss / B).backward())
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        model.end_step(B)
-        metrics = summarise(outputs)
-        metrics.update(tensor_dict_to_json(model.step_metrics(ctx)))
-        metrics.update(step=self.step, lr_mult=mult, time_forward=t_fwd, time_backward=t_bwd)
+        metrics.update(step=self.step, lr_mult=mult)
         metrics.update({f"grad_norm_{k}": v for k, v in self.opt.last_grad_norms.items()})
         self.step += 1
         return metrics
@@ -105,15 +134,13 @@ class Trainer:
         total = self.cfg.total_steps() if steps is None else steps
         B = self.cfg.tasks_per_step
         metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.run_dir else None
+        stream = provider.iterate(range(self.step * B, total * B))
         try:
             while self.step < total:
                 t0 = time.perf_counter()
-                idx = range(self.step * B, (self.step + 1) * B)
-                episodes = list(provider.iterate(idx))
-                t_data = time.perf_counter() - t0
-                m = self.train_step(episodes)
-                m["time_data"] = t_data
+                m = self.train_step(stream, B)
                 m["tasks_per_s"] = B / max(1e-9, time.perf_counter() - t0)
+                m.pop("_per_task", None)
                 if metrics_file and (self.step % self.cfg.log_every == 0 or self.step == total):
                     metrics_file.write(json.dumps(m) + "\n")
                     metrics_file.flush()
