@@ -1,0 +1,126 @@
+"""smat-train as users run it: a killed driver resumes by run name; `ray job submit` to a head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, TINY
+
+pytestmark = pytest.mark.timeout(900)
+
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def _train_cmd(out: Path, name: str, *extra: str) -> list:
+    return [sys.executable, "-m", "smat_dist.dist.cli", "--config", str(REPO / "configs" / "smat.yaml"), *TINY,
+            f"train.output_dir={out}", f"train.run_name={name}", *extra]
+
+
+def _steps(run_dir: Path) -> list:
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line)["step"] for line in p.read_text().splitlines() if line.strip()]
+
+
+def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
+    args = ("dist.num_workers=2", "train.tasks_per_step=2", "train.max_steps=300", "train.checkpoint_every=5",
+            "dist.local_num_cpus=2")
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(_train_cmd(tmp_path, "crash", *args), env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=tmp_path)
+    run_dir = tmp_path / "crash"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            ckpts = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and (p / "smat_checkpoint.json").exists()]
+            if ckpts and len(_steps(run_dir)) >= 12:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done_before = max(_steps(run_dir))
+    assert 12 <= done_before < 300
+    second = subprocess.run(_train_cmd(tmp_path, "crash", *args), env=_env(), capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "resumed from" in out
+    steps = _steps(run_dir)
+    assert steps == list(range(1, 301))  # every step once: nothing lost, nothing doubled
+    assert (run_dir / "model.safetensors").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="the ray CLI is not installed next to python")
+def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
+    gcs, dash = _free_port(), _free_port()
+    ray = str(BIN / "ray")
+    raytmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # AF_UNIX socket paths must stay < 108 bytes
+    env = _env(RAY_TMPDIR=str(raytmp))
+    start = subprocess.run(
+        [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={raytmp}"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        # Token authentication stays on (Ray's default): the client sends the token.
+        submit_env = dict(env, RAY_AUTH_MODE="token")
+        address = f"http://127.0.0.1:{dash}"
+        runtime_env = json.dumps({"excludes": [".venv", "runs", "data", ".git"]})
+        cmd = [ray, "job", "submit", "--address", address, "--submission-id", "smat-job-test", "--no-wait",
+               "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
+               "smat-train", "--config", "configs/smat.yaml", *TINY, "dist.num_workers=2",
+               "train.tasks_per_step=2", "train.max_steps=3", "train.checkpoint_every=3",
+               f"train.output_dir={tmp_path / 'out'}", "train.run_name=submitted"]
+        for _ in range(60):  # the head's job agent needs a few seconds after `ray start`
+            sub = subprocess.run(cmd, env=submit_env, capture_output=True, text=True, timeout=300)
+            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+                break
+            time.sleep(2)
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        status = ""
+        deadline = time.time() + 480
+        while time.time() < deadline:
+            st = subprocess.run([ray, "job", "status", "--address", address, "smat-job-test"], env=submit_env,
+                                capture_output=True, text=True, timeout=60)
+            status = st.stdout + st.stderr
+            if any(s in status.lower() for s in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(2)
+        logs = subprocess.run([ray, "job", "logs", "--address", address, "smat-job-test"], env=submit_env,
+                              capture_output=True, text=True, timeout=60).stdout
+        assert "succeeded" in status.lower(), status + logs[-4000:]
+        assert "[smat-train] done" in logs
+        assert (tmp_path / "out" / "submitted" / "model.safetensors").exists()
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(raytmp, ignore_errors=True)
