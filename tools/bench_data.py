@@ -8,6 +8,9 @@
    * ``local``: :class:`EpisodeLoader` in-process (offset reads from the shards);
    * ``ray xN``: :class:`EpisodeLoader` with N Ray episode actors and bounded prefetch.
    Episodes/s and images/s, and each one's ratio to ``naive``.
+   Each pipeline runs twice: with a consumer that does nothing (raw throughput) and with a
+   consumer that spends ``--step-ms`` per episode off the CPU (``sleep``, like a GPU training
+   step): prefetching actors overlap that time, an in-process loader cannot.
 2. Memory: peak RSS of a process building episodes from a flat source with C classes and
    with 10 C classes (same images per class), and the ratio.
 
@@ -134,6 +137,7 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=30)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--actors", default="1,2", help="actor counts to run")
+    ap.add_argument("--step-ms", type=float, default=200.0, help="simulated off-CPU training step per episode")
     ap.add_argument("--classes", type=int, default=100, help="C for the memory test (and 10 C)")
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -152,38 +156,47 @@ def main() -> int:
     print(f"\n== throughput: {a.episodes} training episodes of {', '.join(ID_SOURCES)}, {a.image_size} px, "
           f"training augmentation, {os.cpu_count()} CPU cores ==")
     rows = []
+    step = a.step_ms / 1000.0
 
-    def naive():
-        return sum(n for n, _ in naive_episodes(cfg, folders, idx, 0))
+    def consume(episodes, pause):
+        n = 0
+        for e in episodes:
+            n += e if isinstance(e, int) else len(e.support_y) + len(e.query_y)
+            if pause:
+                time.sleep(pause)
+        return n
 
-    def loader_run(**kw):
+    def naive(pause):
+        return consume((n for n, _ in naive_episodes(cfg, folders, idx, 0)), pause)
+
+    def local(pause):
         from smat_dist.data.loader import EpisodeLoader
 
-        def run():
-            with EpisodeLoader(cfg, "train", seed=0, **kw) as L:
-                return sum(len(e.support_y) + len(e.query_y) for e in L.iterate(idx))
-        return run
+        with EpisodeLoader(cfg, "train", seed=0, use_ray=False) as L:
+            return consume(L.iterate(idx), pause)
 
-    rows.append(("naive (image folder, 1 process)",) + timed(naive))
-    rows.append(("local loader (shards, 1 process)",) + timed(loader_run(use_ray=False)))
+    for name, fn in (("naive (image folder, 1 process)", naive), ("local loader (shards, 1 process)", local)):
+        rows.append((name,) + timed(lambda: fn(0.0)) + timed(lambda: fn(step))[:1])
     actors = [int(x) for x in a.actors.split(",") if x]
     if actors:
         import ray
 
+        from smat_dist.data.loader import EpisodeLoader
+
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
         for n in actors:
-            from smat_dist.data.loader import EpisodeLoader
-
             with EpisodeLoader(cfg, "train", seed=0, num_actors=n) as warm:  # actor start-up is not throughput
                 next(iter(warm.iterate([0])))
-                t0 = time.perf_counter()
-                n_img = sum(len(e.support_y) + len(e.query_y) for e in warm.iterate(idx))
-                rows.append((f"ray loader, {n} actor{'s' if n > 1 else ''} (max_in_flight 4)", time.perf_counter() - t0, n_img))
+                t_raw, n_img = timed(lambda: consume(warm.iterate(idx), 0.0))
+                t_step, _ = timed(lambda: consume(warm.iterate(idx), step))
+                rows.append((f"ray loader, {n} actor{'s' if n > 1 else ''} (max_in_flight 4)", t_raw, n_img, t_step))
         ray.shutdown()
-    base = rows[0][1]
-    print(f"{'pipeline':<40} {'episodes/s':>10} {'images/s':>10} {'speed-up':>9}")
-    for name, t, n in rows:
-        print(f"{name:<40} {a.episodes / t:>10.2f} {n / t:>10.0f} {base / t:>8.2f}x")
+    base, base_step = rows[0][1], rows[0][3]
+    print(f"{'pipeline':<40} {'episodes/s':>10} {'images/s':>10} {'speed-up':>9} | "
+          f"{'with ' + str(int(a.step_ms)) + ' ms step: eps/s':>28} {'speed-up':>9}")
+    for name, t, n, ts in rows:
+        print(f"{name:<40} {a.episodes / t:>10.2f} {n / t:>10.0f} {base / t:>8.2f}x | "
+              f"{a.episodes / ts:>28.2f} {base_step / ts:>8.2f}x")
 
     print(f"\n== memory: peak RSS of a process building {a.episodes} episodes, flat source, "
           f"{a.per_class} images/class ==")

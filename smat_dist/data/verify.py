@@ -123,10 +123,54 @@ def _check_tar(path: Path, source: str, split: str, si: int, n_samples: int, exp
     return out
 
 
+def stage(src_root: str | Path, dest_root: str | Path, sources: Optional[Sequence[str]] = None) -> List[str]:
+    """Copy converted sources to node-local storage (``DataConfig.local_root``), manifest last.
+
+    Files already at the destination with the manifest's size and sha256 are not copied again,
+    so re-staging after an interrupted copy only moves what is missing. Returns the sources copied.
+    """
+    import shutil
+
+    src_root, dest_root = Path(src_root), Path(dest_root)
+    names = list(sources) if sources else sorted(p.parent.name for p in src_root.glob("*/manifest.json"))
+    for name in names:
+        s, d = src_root / name, dest_root / name
+        man = json.loads((s / "manifest.json").read_text())
+        checked = {sh["path"]: sh for sp in man["splits"].values() for sh in sp["shards"]}
+        checked.update({sp["index"]["path"]: sp["index"] for sp in man["splits"].values()})
+        if (d / "manifest.json").exists():
+            (d / "manifest.json").unlink()
+        for f in sorted(s.rglob("*")):
+            rel = f.relative_to(s).as_posix()
+            if f.is_dir() or rel == "manifest.json" or rel.startswith(".work"):
+                continue
+            t = d / rel
+            t.parent.mkdir(parents=True, exist_ok=True)
+            rec = checked.get(rel)
+            if rec and t.is_file() and t.stat().st_size == rec["bytes"] and sha256_file(t) == rec["sha256"]:
+                continue
+            shutil.copyfile(f, t)
+        problems = _quick(d, man)
+        if problems:
+            raise RuntimeError("; ".join(problems))
+        shutil.copyfile(s / "manifest.json", d / "manifest.json")
+    return names
+
+
+def _quick(d: Path, man: dict) -> List[str]:
+    out = []
+    for sp in man["splits"].values():
+        for rec in sp["shards"] + [sp["index"]]:
+            p = d / rec["path"]
+            if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+                out.append(f"{p}: staged copy does not match the manifest")
+    return out
+
+
 def verify_root(root: str | Path, sources: Optional[Sequence[str]] = None, deep: bool = True) -> Dict[str, List[str]]:
     root = Path(root)
     names = list(sources) if sources else sorted(p.parent.name for p in root.glob("*/manifest.json"))
     return {n: verify_source(root, n, deep) for n in names}
 
 
-__all__ = ["verify_root", "verify_source"]
+__all__ = ["stage", "verify_root", "verify_source"]
