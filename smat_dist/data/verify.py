@@ -8,8 +8,6 @@ row index, which localises the damage to a key.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 
 from smat_dist.data.spec import SpecError, load_spec
 from smat_dist.data.tario import IMAGE_EXTS, iter_members, parse_key, split_name
-from smat_dist.data.writer import sha256_file
+from smat_dist.data.writer import ROW_DTYPE, sha256_file
 
 
 def verify_source(root: str | Path, name: str, deep: bool = True) -> List[str]:
@@ -48,15 +46,16 @@ def verify_source(root: str | Path, name: str, deep: bool = True) -> List[str]:
         if not ipath.is_file():
             problems.append(f"{ipath}: index missing")
             continue
-        raw = ipath.read_bytes()
-        if hashlib.sha256(raw).hexdigest() != sp["index"]["sha256"]:
+        if sha256_file(ipath) != sp["index"]["sha256"]:
             problems.append(f"{ipath}: index checksum mismatch")
             continue
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            class_ids, ptr, shard, offset, size = (z[k] for k in ("class_ids", "class_ptr", "shard", "offset", "size"))
-        if list(map(int, class_ids)) != list(sp["classes"]) or list(map(int, np.diff(ptr))) != list(sp["counts"]):
-            problems.append(f"{ipath}: class ids/counts disagree with {mpath}")
+        rows = np.load(ipath, allow_pickle=False)
+        if rows.dtype != ROW_DTYPE or rows.shape != (sum(sp["counts"]),) or sp["num_images"] != sum(sp["counts"]):
+            problems.append(f"{ipath}: {rows.shape[0]} rows, manifest counts sum to {sum(sp['counts'])}")
             continue
+        class_ids = np.asarray(sp["classes"], dtype=np.int64)
+        ptr = np.concatenate([[0], np.cumsum(sp["counts"])]).astype(np.int64)
+        shard, offset, size = rows["shard"], rows["offset"], rows["size"]
         rows_per_shard = np.bincount(shard.astype(np.int64), minlength=len(sp["shards"]))
         expected: Dict[str, tuple] = {}
         if deep:

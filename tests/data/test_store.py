@@ -105,8 +105,8 @@ def test_missing_or_mismatched_files_are_named(writable_copy, make_cfg):
         EpisodeBuilder(make_cfg(root), "valid", sources=["glyphs"])
     with pytest.raises(DataError, match="source 'nope' not found"):
         EpisodeBuilder(make_cfg(root), "train", sources=["glyphs", "nope"])
-    (root / "glyphs" / "test" / "index.npz").write_bytes(b"junk")
-    with pytest.raises(DataError, match="test/index.npz"):
+    (root / "glyphs" / "test" / "rows.npy").write_bytes(b"junk")
+    with pytest.raises(DataError, match="test/rows.npy"):
         EpisodeBuilder(make_cfg(root), "test", sources=["glyphs"])
     (root / "glyphs" / "manifest.json").unlink()
     with pytest.raises(DataError, match="manifest missing: .*glyphs/manifest.json"):
