@@ -130,8 +130,9 @@ def _encode(payload: Any, opts: WriteOptions) -> Tuple[bytes, str, int, int]:
     too_big = opts.tier == "s256" and min(w, h) > opts.max_side
     if ext is not None and not too_big:
         return data, ext, w, h
-    out_ext = ext or ("png" if img.mode in ("1", "L", "P", "LA", "RGBA", "I;16") else "jpg")
-    img = img.convert("RGB") if out_ext == "jpg" or img.mode not in ("L", "RGB") else img
+    out_ext = "jpg" if fmt == "JPEG" else "png"  # lossless inputs stay lossless
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
     if too_big:
         s = opts.max_side / min(w, h)
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
