@@ -167,6 +167,7 @@ class EpisodeBuilder:
 
     def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0,
                  sources: Optional[Sequence[str]] = None, augment: Optional[bool] = None):
+        cfg.validate()
         self.cfg = cfg
         self.split = split
         self.seed = int(seed)

@@ -6,6 +6,7 @@
     smat-data episodes OUT --source S --split test -n 600 --seed 0 > episodes.jsonl
     smat-data show OUT --source S --split test --index 0 -o episode.png   (or --episodes FILE --line K)
     smat-data info OUT
+    smat-data stage OUT LOCAL [--source S]     (copy to node-local disk; set data.local_root=LOCAL)
     smat-data export OUT --source S DEST        (image-folder copy of a converted source)
 
 Episode settings can be overridden with ``--set episode.num_ways=5 --set image_size=64`` (any
@@ -155,6 +156,14 @@ def cmd_show(a) -> int:
     return 0
 
 
+def cmd_stage(a) -> int:
+    from smat_dist.data.verify import stage
+
+    for name in stage(a.out, a.dest, [a.source] if a.source else None):
+        print(f"staged {name} -> {Path(a.dest) / name}")
+    return 0
+
+
 def cmd_info(a) -> int:
     from smat_dist.data.store import Catalog
 
@@ -245,6 +254,12 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("info", help="sources, splits, counts and sizes")
     q.add_argument("out")
     q.set_defaults(fn=cmd_info)
+
+    q = sub.add_parser("stage", help="copy converted sources to node-local disk (checksummed, resumable)")
+    q.add_argument("out")
+    q.add_argument("dest")
+    q.add_argument("--source")
+    q.set_defaults(fn=cmd_stage)
 
     q = sub.add_parser("export", help="write a converted source as an image-folder tree")
     q.add_argument("out")

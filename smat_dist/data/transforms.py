@@ -127,10 +127,14 @@ def to_tensor(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]):
 
     if not batch.flags.writeable or not batch.flags.c_contiguous:  # Ray hands out read-only arrays
         batch = np.array(batch, copy=True, order="C")
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return x.sub_(m).div_(sd).contiguous()
+    src = torch.from_numpy(batch).permute(0, 3, 1, 2)
+    out = torch.empty(src.shape, dtype=torch.float32)
+    out.copy_(src)  # one pass: uint8 NHWC -> float32 NCHW
+    m = torch.tensor(mean, dtype=torch.float64)
+    sd = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * sd)).to(torch.float32).view(1, 3, 1, 1)
+    shift = (m / sd).to(torch.float32).view(1, 3, 1, 1)
+    return out.mul_(scale).sub_(shift)
 
 
 __all__ = ["DecodeError", "EpisodeTransform", "crop_params", "decode", "to_tensor", "PARAMS_PER_IMAGE"]

@@ -8,8 +8,6 @@ row index, which localises the damage to a key.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 
 from smat_dist.data.spec import SpecError, load_spec
 from smat_dist.data.tario import IMAGE_EXTS, iter_members, parse_key, split_name
-from smat_dist.data.writer import sha256_file
+from smat_dist.data.writer import ROW_DTYPE, sha256_file
 
 
 def verify_source(root: str | Path, name: str, deep: bool = True) -> List[str]:
@@ -48,15 +46,16 @@ def verify_source(root: str | Path, name: str, deep: bool = True) -> List[str]:
         if not ipath.is_file():
             problems.append(f"{ipath}: index missing")
             continue
-        raw = ipath.read_bytes()
-        if hashlib.sha256(raw).hexdigest() != sp["index"]["sha256"]:
+        if sha256_file(ipath) != sp["index"]["sha256"]:
             problems.append(f"{ipath}: index checksum mismatch")
             continue
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            class_ids, ptr, shard, offset, size = (z[k] for k in ("class_ids", "class_ptr", "shard", "offset", "size"))
-        if list(map(int, class_ids)) != list(sp["classes"]) or list(map(int, np.diff(ptr))) != list(sp["counts"]):
-            problems.append(f"{ipath}: class ids/counts disagree with {mpath}")
+        rows = np.load(ipath, allow_pickle=False)
+        if rows.dtype != ROW_DTYPE or rows.shape != (sum(sp["counts"]),) or sp["num_images"] != sum(sp["counts"]):
+            problems.append(f"{ipath}: {rows.shape[0]} rows, manifest counts sum to {sum(sp['counts'])}")
             continue
+        class_ids = np.asarray(sp["classes"], dtype=np.int64)
+        ptr = np.concatenate([[0], np.cumsum(sp["counts"])]).astype(np.int64)
+        shard, offset, size = rows["shard"], rows["offset"], rows["size"]
         rows_per_shard = np.bincount(shard.astype(np.int64), minlength=len(sp["shards"]))
         expected: Dict[str, tuple] = {}
         if deep:
@@ -123,10 +122,54 @@ def _check_tar(path: Path, source: str, split: str, si: int, n_samples: int, exp
     return out
 
 
+def stage(src_root: str | Path, dest_root: str | Path, sources: Optional[Sequence[str]] = None) -> List[str]:
+    """Copy converted sources to node-local storage (``DataConfig.local_root``), manifest last.
+
+    Files already at the destination with the manifest's size and sha256 are not copied again,
+    so re-staging after an interrupted copy only moves what is missing. Returns the sources copied.
+    """
+    import shutil
+
+    src_root, dest_root = Path(src_root), Path(dest_root)
+    names = list(sources) if sources else sorted(p.parent.name for p in src_root.glob("*/manifest.json"))
+    for name in names:
+        s, d = src_root / name, dest_root / name
+        man = json.loads((s / "manifest.json").read_text())
+        checked = {sh["path"]: sh for sp in man["splits"].values() for sh in sp["shards"]}
+        checked.update({sp["index"]["path"]: sp["index"] for sp in man["splits"].values()})
+        if (d / "manifest.json").exists():
+            (d / "manifest.json").unlink()
+        for f in sorted(s.rglob("*")):
+            rel = f.relative_to(s).as_posix()
+            if f.is_dir() or rel == "manifest.json" or rel.startswith(".work"):
+                continue
+            t = d / rel
+            t.parent.mkdir(parents=True, exist_ok=True)
+            rec = checked.get(rel)
+            if rec and t.is_file() and t.stat().st_size == rec["bytes"] and sha256_file(t) == rec["sha256"]:
+                continue
+            shutil.copyfile(f, t)
+        problems = _quick(d, man)
+        if problems:
+            raise RuntimeError("; ".join(problems))
+        shutil.copyfile(s / "manifest.json", d / "manifest.json")
+    return names
+
+
+def _quick(d: Path, man: dict) -> List[str]:
+    out = []
+    for sp in man["splits"].values():
+        for rec in sp["shards"] + [sp["index"]]:
+            p = d / rec["path"]
+            if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+                out.append(f"{p}: staged copy does not match the manifest")
+    return out
+
+
 def verify_root(root: str | Path, sources: Optional[Sequence[str]] = None, deep: bool = True) -> Dict[str, List[str]]:
     root = Path(root)
     names = list(sources) if sources else sorted(p.parent.name for p in root.glob("*/manifest.json"))
     return {n: verify_source(root, n, deep) for n in names}
 
 
-__all__ = ["verify_root", "verify_source"]
+__all__ = ["stage", "verify_root", "verify_source"]

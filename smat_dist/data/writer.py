@@ -12,8 +12,9 @@ runs in three resumable phases under ``<out>/<source>/.work``:
    ``<split>/shard-NNNNNN.tar``; a new shard starts when the next class would overflow the
    target size, and a class bigger than the target continues into the next shard. A shard whose
    file already holds the planned bytes (same plan digest, size and sha256) is not rewritten.
-3. **index + manifest**: ``<split>/index.npz`` (CSR class pointers and per-row shard, byte
-   offset and size of the image member), ``<split>/classes.json``, ``dataset_spec.json`` (MD
+3. **index + manifest**: ``<split>/rows.npy`` (per row: shard, byte offset and size of the image
+   member; rows are class-contiguous in the manifest's class order, so the manifest's counts are
+   the CSR pointers), ``<split>/classes.json``, ``dataset_spec.json`` (MD
    layout, measured counts) and finally ``manifest.json``, written last and atomically: its
    presence means the source is complete.
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 FORMAT = "smat-dist-wds"
 FORMAT_VERSION = 1
 SHARD_PATTERN = "{split}/shard-{index:06d}.tar"
+# One record per image. A plain .npy so readers can memory-map it: every actor on a node then
+# shares one page-cached copy (35 M quickdraw rows would be ~0.5 GB per process otherwise).
+ROW_DTYPE = np.dtype([("shard", "<u2"), ("offset", "<u8"), ("size", "<u4")])
 
 
 class ConvertError(RuntimeError):
@@ -126,8 +130,9 @@ def _encode(payload: Any, opts: WriteOptions) -> Tuple[bytes, str, int, int]:
     too_big = opts.tier == "s256" and min(w, h) > opts.max_side
     if ext is not None and not too_big:
         return data, ext, w, h
-    out_ext = ext or ("png" if img.mode in ("1", "L", "P", "LA", "RGBA", "I;16") else "jpg")
-    img = img.convert("RGB") if out_ext == "jpg" or img.mode not in ("L", "RGB") else img
+    out_ext = "jpg" if fmt == "JPEG" else "png"  # lossless inputs stay lossless
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
     if too_big:
         s = opts.max_side / min(w, h)
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
@@ -470,10 +475,11 @@ def _finalize(job: _Job, opts: WriteOptions) -> Path:
                 nsamples += j1 - j0
             shard_records.append({"path": rel, "sha256": rec["sha256"], "bytes": rec["bytes"], "samples": nsamples,
                                   "classes": [sh.segments[0][0], sh.segments[-1][0]], "plan": pdigest})
-        idx_rel = f"{split}/index.npz"
-        idx_tmp = out / f"{split}/index.tmp.npz"
-        np.savez(idx_tmp, class_ids=np.asarray(sorted(split_ids), dtype=np.int64), class_ptr=class_ptr,
-                 shard=row_shard, offset=row_offset, size=row_size)
+        idx_rel = f"{split}/rows.npy"
+        idx_tmp = out / f"{split}/rows.tmp.npy"
+        rows = np.zeros(nrows, dtype=ROW_DTYPE)
+        rows["shard"], rows["offset"], rows["size"] = row_shard, row_offset, row_size
+        np.save(idx_tmp, rows, allow_pickle=False)
         os.replace(idx_tmp, out / idx_rel)
         classes_doc = [{"id": s["class"], "name": s["name"], "n_images": s["n"], "first_row": first_row[s["class"]],
                         "last_row": first_row[s["class"]] + s["n"] - 1} for s in split_sides]
@@ -482,7 +488,8 @@ def _finalize(job: _Job, opts: WriteOptions) -> Path:
             "classes": [s["class"] for s in split_sides],
             "counts": [s["n"] for s in split_sides],
             "num_images": nrows,
-            "index": {"path": idx_rel, "sha256": sha256_file(out / idx_rel), "bytes": (out / idx_rel).stat().st_size},
+            "index": {"path": idx_rel, "sha256": sha256_file(out / idx_rel), "bytes": (out / idx_rel).stat().st_size,
+                      "rows": nrows},
             "shards": shard_records,
         }
     save_spec(spec, out / "dataset_spec.json", file_pattern=SHARD_PATTERN, rel_path=".")
@@ -498,4 +505,4 @@ def _finalize(job: _Job, opts: WriteOptions) -> Path:
 
 
 __all__ = ["ClassEntry", "ConvertError", "InputSource", "WriteOptions", "build_source", "convert_class",
-           "build_sources", "manifest_complete", "plan_shards", "sha256_file", "FORMAT", "FORMAT_VERSION", "SHARD_PATTERN"]
+           "build_sources", "manifest_complete", "plan_shards", "sha256_file", "FORMAT", "FORMAT_VERSION", "ROW_DTYPE", "SHARD_PATTERN"]

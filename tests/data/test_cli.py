@@ -104,3 +104,14 @@ def test_convert_folder_round_trip(small, tmp_path):
                   "--splits", "test=1", "-q")
     assert p.stdout.strip().startswith("ood/test: ")
     assert smat_data("verify", tmp_path / "out").returncode == 0
+
+
+def test_stage_to_local_disk(small, tmp_path):
+    local = tmp_path / "local"
+    p = smat_data("stage", small, local, "--source", "digits")
+    assert p.stdout.strip() == f"staged digits -> {local / 'digits'}"
+    assert smat_data("verify", local).stdout.split() == ["ok", "digits"]
+    shard = next((local / "digits" / "test").glob("*.tar"))
+    shard.write_bytes(b"partial copy")
+    smat_data("stage", small, local, "--source", "digits")  # repairs what does not match the manifest
+    assert smat_data("verify", local).returncode == 0

@@ -265,3 +265,23 @@ def test_convert_errors_name_the_file(tmp_path):
     with pytest.raises(ConvertError, match="no dots"):
         convert("folder", tmp_path, tmp_path / "o", "bad.name", _opts(), splits="test=1")
 
+
+
+def test_s256_tier_downsizes_big_images_and_keeps_lossless_inputs_lossless(tmp_path):
+    rng = np.random.default_rng(4)
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    big = Image.fromarray(rng.integers(0, 256, (400, 600, 3), dtype=np.uint8))
+    big.save(src / "a" / "big.jpg", quality=90)
+    small_bmp = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    Image.fromarray(small_bmp).save(src / "a" / "small.bmp")
+    small_jpg = (src / "a" / "small.jpg")
+    Image.fromarray(small_bmp).save(small_jpg, quality=90)
+    convert("folder", src, tmp_path / "out", "tier", _opts(tier="s256"), splits="test=1")
+    got = {}
+    for data in _class_bytes(tmp_path / "out", "tier")[0]:
+        im = Image.open(io.BytesIO(data))
+        got[(im.format, im.size)] = data
+    assert set(got) == {("JPEG", (384, 256)), ("PNG", (20, 30)), ("JPEG", (20, 30))}
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(got[("PNG", (20, 30))]))), small_bmp)  # lossless
+    assert got[("JPEG", (20, 30))] == small_jpg.read_bytes()  # small JPEG: bytes kept

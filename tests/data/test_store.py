@@ -105,8 +105,8 @@ def test_missing_or_mismatched_files_are_named(writable_copy, make_cfg):
         EpisodeBuilder(make_cfg(root), "valid", sources=["glyphs"])
     with pytest.raises(DataError, match="source 'nope' not found"):
         EpisodeBuilder(make_cfg(root), "train", sources=["glyphs", "nope"])
-    (root / "glyphs" / "test" / "index.npz").write_bytes(b"junk")
-    with pytest.raises(DataError, match="test/index.npz"):
+    (root / "glyphs" / "test" / "rows.npy").write_bytes(b"junk")
+    with pytest.raises(DataError, match="test/rows.npy"):
         EpisodeBuilder(make_cfg(root), "test", sources=["glyphs"])
     (root / "glyphs" / "manifest.json").unlink()
     with pytest.raises(DataError, match="manifest missing: .*glyphs/manifest.json"):
@@ -158,3 +158,11 @@ def test_episode_list_round_trip_and_frozen_materialisation(synth_root, make_cfg
     bad.write_text('{"source": "objects"}\n')
     with pytest.raises(DataError, match="bad.jsonl:1"):
         load_episode_list(bad)
+
+
+def test_node_local_copy_is_preferred(synth_root, make_cfg, tmp_path):
+    cfg = make_cfg(tmp_path / "shared-storage-not-mounted-here", local_root=str(synth_root))
+    b = EpisodeBuilder(cfg, "test", seed=0, sources=["digits"])
+    assert b.catalog.root == synth_root and len(b.build(0).query_y) > 0
+    with pytest.raises(DataError, match="dataset root not found"):
+        EpisodeBuilder(make_cfg(tmp_path / "nowhere"), "test")

@@ -97,3 +97,4 @@ def test_episode_augmentation_depends_only_on_seed_and_index(synth_root, make_cf
     plain = EpisodeBuilder(cfg, "train", seed=0, sources=["objects", "textures"], augment=False).build(1)
     aug = a.build(1)
     assert plain.support_keys == aug.support_keys and not np.array_equal(plain.support, aug.support)
+
