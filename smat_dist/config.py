@@ -1,7 +1,7 @@
 """Run configuration: dataclass defaults ⊕ run YAML ⊕ command-line dotlist.
 
-The dataclasses are the only place defaults live. A YAML file may start from another one with
-``_base_: other.yaml`` (path relative to the file). Unknown keys and wrong types are one
+The dataclasses are the only place defaults live. A YAML file may start from others with
+``_base_: other.yaml`` or ``_base_: [a.yaml, b.yaml]`` (paths relative to the file, merged in order). Unknown keys and wrong types are one
 :class:`ConfigError` that names the key and, where it came from a file, the file.
 """
 
@@ -81,8 +81,10 @@ def _merge_yaml(base: DictConfig, path: Path, seen: Optional[List[Path]] = None)
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
     base_ref = loaded.pop("_base_", None)
-    if base_ref is not None:
-        base = _merge_yaml(base, (path.parent / str(base_ref)), seen + [path])
+    if base_ref is not None:  # one file or a list, merged in order
+        refs = list(base_ref) if OmegaConf.is_list(base_ref) or isinstance(base_ref, (list, tuple)) else [base_ref]
+        for ref in refs:
+            base = _merge_yaml(base, (path.parent / str(ref)), seen + [path])
     try:
         return OmegaConf.merge(base, loaded)
     except OmegaConfBaseException as exc:

@@ -7,5 +7,5 @@ bash "$here/tools/install.sh"
 # shellcheck disable=SC1091
 source "${SMAT_VENV:-$here/.venv}/bin/activate"
 cd "$here"
-export RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+export RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec python -m pytest tests "$@"
