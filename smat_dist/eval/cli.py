@@ -60,7 +60,7 @@ def _check_image_size(cfg, overrides: List[str], img_size: int) -> None:
 
 
 def cmd_eval(argv: List[str]) -> int:
-    a = _eval_parser().parse_args(argv)
+    a = _eval_parser().parse_intermixed_args(argv)
     from smat_dist.eval.config import load_eval_config
     from smat_dist.eval.runner import evaluate, model_spec_for
 
@@ -108,7 +108,7 @@ def cmd_analyse(argv: List[str]) -> int:
     p.add_argument("--out", help="output directory (default RUN/analysis)")
     p.add_argument("--episodes-dir", help="where frozen episode lists are cached (default DATA_DIR/episodes)")
     p.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides (analyse.*, sources, seed, data.*)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     from smat_dist.eval.analyse import analyse
     from smat_dist.eval.config import load_eval_config
 

@@ -115,6 +115,15 @@ def _data_config(cfg: EvalConfig, spec: ModelSpec):
     return data
 
 
+def pick_lr(grid: Sequence[float], accuracies: Sequence[float]) -> float:
+    """The grid value with the strictly highest accuracy; ties keep the earlier one (reference)."""
+    best = 0
+    for j in range(1, len(grid)):
+        if accuracies[j] > accuracies[best]:
+            best = j
+    return float(grid[best])
+
+
 def _hps(pool, cfg: EvalConfig, data, catalog: Catalog, sources: List[str], directory: Path,
          ft_modes: List[str], say) -> Tuple[Dict[Tuple[str, str], float], Dict[str, str]]:
     """lr per (source, mode): the grid value with the strictly best mean accuracy on HPS episodes
@@ -153,11 +162,7 @@ def _hps(pool, cfg: EvalConfig, data, catalog: Catalog, sources: List[str], dire
             mean = np.mean(np.asarray(rows), axis=0)
             for mi, m in enumerate(ft_modes):
                 vals = mean[mi * len(grid):(mi + 1) * len(grid)]
-                best = 0
-                for j in range(1, len(grid)):
-                    if vals[j] > vals[best]:
-                        best = j
-                chosen[(s, m)] = cfg.finetune.lr_for(m, grid[best])
+                chosen[(s, m)] = cfg.finetune.lr_for(m, pick_lr(grid, vals))
                 say(f"[smat-eval] hps {s} {m}: lr {chosen[(s, m)]:g} "
                     f"(grid accuracies {', '.join(f'{100 * v:.1f}' for v in vals)}; {used[s]} split)")
     return chosen, used
@@ -272,4 +277,4 @@ def write_outputs(report: EvalReport, cfg: EvalConfig, kind: Dict[str, str], out
     return files
 
 
-__all__ = ["EvalReport", "Progress", "evaluate", "model_spec_for", "write_outputs"]
+__all__ = ["EvalReport", "Progress", "evaluate", "model_spec_for", "pick_lr", "write_outputs"]
