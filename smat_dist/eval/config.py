@@ -104,6 +104,7 @@ class EvalConfig:
     actor_gpus: Optional[float] = None  # None = min(1, cluster GPUs / actors) (0 without GPUs)
     threads: Optional[int] = None  # torch threads per worker; None = 1 on CPU (actors: max(1, int(actor_cpus)))
     chunk: int = 8  # episodes per actor call
+    actor_start_timeout_s: float = 300.0  # actors load torch, timm and the model first
     device: str = "auto"  # auto (cuda when this worker has one) | cpu | cuda
     precision: str = "fp32"  # fp32 (the reference tests in fp32) | bf16 (autocast on cuda)
     batch_size: int = 512  # images per no-grad forward

@@ -172,7 +172,7 @@ class LoraWorkspace:
         gen = torch.Generator().manual_seed(seed + 1)
         opt = _adamw(self.lora_a + self.lora_b, lr, self.cfg)
         dev = ep.support_x.device
-        devices = [dev] if dev.type == "cuda" else []
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # LoRA dropout draws from the global RNG
             torch.manual_seed(seed + 2)
             self.net.train()

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 class LocalPool:
     def __init__(self, spec: ModelSpec, cfg: EvalConfig):
+        import torch
+
+        self._threads = torch.get_num_threads()  # the evaluator may change it; restored on close
         self.ev = EpisodeEvaluator(spec, cfg, cfg.threads)
         self.workers = 1
 
@@ -35,7 +38,10 @@ class LocalPool:
         return self.ev.stats()
 
     def close(self) -> None:
+        import torch
+
         self.ev.close()
+        torch.set_num_threads(self._threads)
 
 
 def _connect() -> bool:
@@ -79,7 +85,14 @@ class RayPool:
         self.actors = [cls.remote(spec, cfg, threads) for _ in range(n)]
         self.workers = n
         try:
-            self._info = ray.get([a.info.remote() for a in self.actors], timeout=600)
+            self._info = ray.get([a.info.remote() for a in self.actors], timeout=cfg.actor_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            avail = ray.available_resources()
+            self.close()
+            raise RuntimeError(
+                f"{n} eval actors ({cpus:g} CPU, {gpus:g} GPU each) did not start within "
+                f"{cfg.actor_start_timeout_s:g} s; cluster resources available: {avail}. Lower actors, "
+                f"actor_cpus or actor_gpus") from None
         except Exception:
             self.close()
             raise
