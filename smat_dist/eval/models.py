@@ -264,7 +264,15 @@ def build_task_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Tas
         from smat_dist.config import from_dict
         from smat_dist.smat.config import BackboneConfig
 
-        model = TaskModel(build_backbone(from_dict(BackboneConfig, spec.backbone or {})), spec.cosine_scale)
+        bcfg = from_dict(BackboneConfig, spec.backbone or {})
+        try:
+            backbone = build_backbone(bcfg)
+        except RuntimeError as exc:  # weights of another architecture: say which keys describe it
+            lines = str(exc).splitlines()
+            brief = " ".join(l.strip() for l in lines[:3]) + (f" ... ({len(lines) - 3} more)" if len(lines) > 3 else "")
+            raise ConfigError(f"{brief}; set model.backbone.name/img_size/patch_size/embed_dim/depth/num_heads "
+                              f"to the architecture of {bcfg.checkpoint or bcfg.name}") from None
+        model = TaskModel(backbone, spec.cosine_scale)
     else:
         raise ValueError(f"unknown model kind {spec.kind!r}")
     model.backbone.eval()

@@ -100,3 +100,25 @@ def test_pmf_checkpoint_is_labelled_and_merged_once(eval_root, tmp_path):
     assert all(r.alpha is None for r in rep.episodes)
     lbl = evaluate(load_eval_config(eval_overrides(eval_root)), str(path), label="MyPMF", say=lambda m: None)
     assert {r.method for r in lbl.rows} == {"MyPMF"}
+
+
+def test_pre_backbone_file_architecture_from_metadata_or_a_clear_error(eval_root, tiny_run, tmp_path):
+    import json
+
+    from smat_dist.errors import ConfigError
+    from smat_dist.export import load_model
+    from smat_dist.smat.backbone import save_backbone
+    from tests.eval.conftest import TINY
+
+    backbone = load_model(tiny_run / "model.safetensors").backbone
+    with_arch = tmp_path / "with_arch.safetensors"
+    save_backbone(backbone, with_arch, extra={"backbone_config": json.dumps(TINY)})
+    a = evaluate(load_eval_config(eval_overrides(eval_root, f"model.backbone.checkpoint={with_arch}")),
+                 method="pre", say=lambda m: None)
+    b = evaluate(load_eval_config(eval_overrides(eval_root)), str(tiny_run), method="pre", say=lambda m: None)
+    assert all(np.array_equal(a.accuracies[k], b.accuracies[k]) for k in b.accuracies)
+    bare = tmp_path / "bare.safetensors"
+    save_backbone(backbone, bare)
+    with pytest.raises(ConfigError, match=r"bare.safetensors.*set model.backbone.name/img_size"):
+        evaluate(load_eval_config(eval_overrides(eval_root, f"model.backbone.checkpoint={bare}")),
+                 method="pre", say=lambda m: None)
