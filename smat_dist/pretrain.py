@@ -133,7 +133,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(-1) == y[idx]).sum())
             seen += len(idx)
         log(f"[pretrain] epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f} train acc {correct / seen:.3f} "

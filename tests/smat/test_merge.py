@@ -46,8 +46,9 @@ def test_merge_gradients_match_autograd(structured, interpolated, defer):
 
     density_w = torch.tensor([0.5, -2.0, 1.5])  # a loss term on the expected density, folded into ∇φ
     sample = gates.sample(5)
+    shared = MergePlan(layout, sample, gates, defer=True, capacity=2)  # one plan for the step's tasks
     for t, (a, w) in enumerate(zip(alphas, weights)):
-        plan = MergePlan(layout, sample, gates, defer=defer, capacity=2) if (defer and t == 0) or not defer else plan
+        plan = shared if defer else MergePlan(layout, sample, gates, defer=False)
         last = t == len(alphas) - 1
         if last:
             theta, density = merge(pre, delta, gates.logits, a, plan, flush=True, with_density=True)
