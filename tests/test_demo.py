@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shortened_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "smat_dist.demo", "--out", str(out), "--scale", "0.3",
-           "pretrain.epochs=1", "train.max_steps=2", "train.checkpoint_every=2", "eval.episodes=4"]
+           "pretrain.epochs=1", "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1",
+           "eval.episodes=4"]
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
