@@ -13,6 +13,10 @@ from typing import List, Optional
 
 from smat_dist.errors import ConfigError
 
+
+def _error(msg: str) -> Exception:
+    return ConfigError(msg)
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -44,24 +48,24 @@ class EpisodeConfig:
 
     def validate(self) -> None:
         if self.min_ways < 1 or self.max_ways_upper_bound < self.min_ways:
-            raise ConfigError(
+            raise _error(
                 f"episode: need 1 <= min_ways <= max_ways_upper_bound, got "
                 f"{self.min_ways}, {self.max_ways_upper_bound}"
             )
         if self.image_selection != "independent":
-            raise ConfigError(f"episode.image_selection: only 'independent' is supported, got {self.image_selection!r}")
+            raise _error(f"episode.image_selection: only 'independent' is supported, got {self.image_selection!r}")
         if self.num_support_range is not None:
             r = list(self.num_support_range)
             if len(r) != 2 or r[0] < 1 or r[1] < r[0]:
-                raise ConfigError(f"episode.num_support_range must be [lo, hi] with 1 <= lo <= hi, got {r}")
+                raise _error(f"episode.num_support_range must be [lo, hi] with 1 <= lo <= hi, got {r}")
         for name in ("num_ways", "num_support", "num_query"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ConfigError(f"episode.{name} must be >= 1 or null, got {v}")
+                raise _error(f"episode.{name} must be >= 1 or null, got {v}")
         if not 0.0 <= self.ignore_hierarchy_probability <= 1.0:
-            raise ConfigError("episode.ignore_hierarchy_probability must be in [0, 1]")
+            raise _error("episode.ignore_hierarchy_probability must be in [0, 1]")
         if self.min_log_weight > self.max_log_weight:
-            raise ConfigError("episode.min_log_weight must be <= max_log_weight")
+            raise _error("episode.min_log_weight must be <= max_log_weight")
 
 
 @dataclass
@@ -111,25 +115,25 @@ class DataConfig:
     def validate(self) -> None:
         self.episode.validate()
         if self.image_size < 8:
-            raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
+            raise _error(f"data.image_size must be >= 8, got {self.image_size}")
         if self.source_weights is not None:
             if not self.train_sources:
-                raise ConfigError("data.source_weights needs data.train_sources (the order they refer to)")
+                raise _error("data.source_weights needs data.train_sources (the order they refer to)")
             if len(self.source_weights) != len(self.train_sources):
-                raise ConfigError(
+                raise _error(
                     f"data.source_weights has {len(self.source_weights)} entries for "
                     f"{len(self.train_sources)} train_sources"
                 )
             if any(w < 0 for w in self.source_weights) or sum(self.source_weights) <= 0:
-                raise ConfigError("data.source_weights must be >= 0 with a positive sum")
+                raise _error("data.source_weights must be >= 0 with a positive sum")
         if self.num_actors < 1 or self.max_in_flight < 1:
-            raise ConfigError("data.num_actors and data.max_in_flight must be >= 1")
+            raise _error("data.num_actors and data.max_in_flight must be >= 1")
         if self.actor_cpus < 0:
-            raise ConfigError("data.actor_cpus must be >= 0")
+            raise _error("data.actor_cpus must be >= 0")
         if self.max_open_files < 1:
-            raise ConfigError("data.max_open_files must be >= 1")
+            raise _error("data.max_open_files must be >= 1")
         if len(self.transform.mean) != 3 or len(self.transform.std) != 3:
-            raise ConfigError("data.transform.mean/std need 3 values")
+            raise _error("data.transform.mean/std need 3 values")
 
 
 __all__ = ["AugmentConfig", "DataConfig", "EpisodeConfig", "IMAGENET_MEAN", "IMAGENET_STD"]

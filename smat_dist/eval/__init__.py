@@ -1,0 +1,30 @@
+"""Meta-testing (``smat-eval``): frozen episodes, ProtoNet / +full / +LoRA, Table-1 results, Figure-5 analyses.
+
+Public API (imported lazily, so ``import smat_dist.eval`` stays light):
+
+* :func:`evaluate` (``smat_dist.eval.runner``) -> :class:`EvalReport`
+* :class:`EvalConfig`, :func:`load_eval_config` (``smat_dist.eval.config``)
+* :func:`compare`, :func:`read_results`, :func:`markdown_table` (``smat_dist.eval.report``)
+* :func:`analyse` (``smat_dist.eval.analyse``); :func:`mean_ci95` (``smat_dist.eval.stats``)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "evaluate": "runner", "EvalReport": "runner",
+    "EvalConfig": "config", "load_eval_config": "config", "FinetuneConfig": "config", "HPSConfig": "config",
+    "compare": "report", "read_results": "report", "markdown_table": "report", "ResultRow": "report",
+    "analyse": "analyse", "mean_ci95": "stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'smat_dist.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"smat_dist.eval.{mod}"), name)

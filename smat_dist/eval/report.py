@@ -1,0 +1,173 @@
+"""Result files: ``results.csv`` (source × method), ``episodes.csv`` (per episode) and the Markdown
+table in the layout of the paper's Table 1 (rows: ID sources, ID avg, OOD sources, OOD avg;
+columns: methods, grouped w/o fine-tuning, +full, +LoRA). ``compare`` merges several results.csv."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+RESULT_COLUMNS = ["source", "kind", "split", "method", "mode", "accuracy", "ci95", "std", "n", "episodes_sha256",
+                  "seed", "lr", "hps", "checkpoint"]
+EPISODE_COLUMNS = ["source", "kind", "split", "index", "ways", "support", "query", "method", "accuracy"]
+MODE_ORDER = {"none": 0, "full": 1, "lora": 2}
+
+
+class ReportError(ValueError):
+    """A results file that cannot be read or merged; the message names the file."""
+
+
+@dataclass
+class ResultRow:
+    source: str
+    kind: str  # ID | OOD
+    split: str
+    method: str  # column label, e.g. SMAT+LoRA
+    mode: str  # none | full | lora
+    accuracy: float  # mean over episodes, %
+    ci95: float  # 1.96·std/√n, %
+    std: float  # sample std, %
+    n: int
+    episodes_sha256: str
+    seed: int
+    lr: str  # fine-tuning lr used ('' for none)
+    hps: str  # off | valid | test | default
+    checkpoint: str
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def write_results(rows: Sequence[ResultRow], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(RESULT_COLUMNS)
+        for r in rows:
+            d = asdict(r)
+            w.writerow([_fmt(d[c]) for c in RESULT_COLUMNS])
+    return path
+
+
+def write_episodes(rows: Iterable[Sequence], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(EPISODE_COLUMNS)
+        for r in rows:
+            w.writerow([_fmt(v) for v in r])
+    return path
+
+
+def read_results(path: str | Path) -> List[ResultRow]:
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"{p}: no such results file")
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("source", "kind", "method", "mode", "accuracy", "ci95", "n") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ReportError(f"{p}: not a smat-eval results.csv (missing columns {missing})")
+        rows = []
+        for i, d in enumerate(reader, 2):
+            try:
+                rows.append(ResultRow(
+                    source=d["source"], kind=d["kind"], split=d.get("split", "test"), method=d["method"],
+                    mode=d["mode"], accuracy=float(d["accuracy"]), ci95=float(d["ci95"]),
+                    std=float(d.get("std") or "nan"), n=int(d["n"]), episodes_sha256=d.get("episodes_sha256", ""),
+                    seed=int(d.get("seed") or 0), lr=d.get("lr", ""), hps=d.get("hps", ""),
+                    checkpoint=d.get("checkpoint", "")))
+            except (TypeError, ValueError) as exc:
+                raise ReportError(f"{p}:{i}: bad value: {exc}") from None
+    if not rows:
+        raise ReportError(f"{p}: holds no result rows")
+    return rows
+
+
+def _cell(acc: float, ci: float) -> str:
+    return f"{acc:.2f}" if math.isnan(ci) else f"{acc:.2f} ± {ci:.2f}"
+
+
+def markdown_table(rows: Sequence[ResultRow], title: Optional[str] = None) -> str:
+    """Table 1 layout. Averages are unweighted means over the group's sources (ID avg, OOD avg)."""
+    methods: List[Tuple[str, str]] = []
+    for r in rows:
+        if (r.method, r.mode) not in methods:
+            methods.append((r.method, r.mode))
+    methods.sort(key=lambda m: MODE_ORDER.get(m[1], 9))  # stable: first-seen order inside a group
+    cols = [m for m, _ in methods]
+    kind: Dict[str, str] = {}
+    notes: List[str] = []
+    for r in rows:
+        if r.source in kind and kind[r.source] != r.kind:
+            note = f"`{r.source}` is {kind[r.source]} for one input and {r.kind} for another; listed as {kind[r.source]}."
+            if note not in notes:
+                notes.append(note)
+        kind.setdefault(r.source, r.kind)
+    cell = {(r.source, r.method): r for r in rows}
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append("| Source | " + " | ".join(cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    partial = False
+    for group in ("ID", "OOD"):
+        srcs = [s for s in kind if kind[s] == group]
+        if not srcs:
+            continue
+        for s in srcs:
+            vals = [_cell(cell[(s, c)].accuracy, cell[(s, c)].ci95) if (s, c) in cell else "–" for c in cols]
+            lines.append(f"| {s} | " + " | ".join(vals) + " |")
+        avgs = []
+        for c in cols:
+            accs = [cell[(s, c)].accuracy for s in srcs if (s, c) in cell]
+            if not accs:
+                avgs.append("–")
+                continue
+            mark = ""
+            if len(accs) < len(srcs):
+                mark, partial = "†", True
+            avgs.append(f"**{sum(accs) / len(accs):.2f}**{mark}")
+        lines.append(f"| **{group} avg** | " + " | ".join(avgs) + " |")
+    lines.append("")
+    ns = sorted({r.n for r in rows})
+    lines.append(f"Accuracy in % over n = {', '.join(map(str, ns))} episodes per source; ± is the 95% CI half-width "
+                 "1.96·s/√n (sample std). Averages are unweighted means over sources.")
+    if partial:
+        lines.append("† average over the sources this method was evaluated on, fewer than the group's.")
+    lines += notes
+    return "\n".join(lines) + "\n"
+
+
+def compare(paths: Sequence[str | Path]) -> Tuple[List[ResultRow], str]:
+    """Merge results.csv files into one table; a method label found in several files is suffixed
+    with the file's run name so columns never silently overwrite each other."""
+    if not paths:
+        raise ReportError("--compare needs at least one results.csv")
+    loaded = [(Path(p), read_results(p)) for p in paths]
+    owners: Dict[str, List[int]] = {}
+    for i, (_, rows) in enumerate(loaded):
+        for m in {r.method for r in rows}:
+            owners.setdefault(m, []).append(i)
+    merged: List[ResultRow] = []
+    for i, (p, rows) in enumerate(loaded):
+        tag = p.parent.name if p.stem == "results" else p.stem
+        for r in rows:
+            if len(owners[r.method]) > 1:
+                r = ResultRow(**{**asdict(r), "method": f"{r.method} ({tag or i})"})
+            merged.append(r)
+    seen = set()
+    for r in merged:
+        key = (r.source, r.method)
+        if key in seen:
+            raise ReportError(f"two rows for source {r.source!r}, method {r.method!r}; give distinct results files")
+        seen.add(key)
+    return merged, markdown_table(merged)
+
+
+__all__ = ["EPISODE_COLUMNS", "RESULT_COLUMNS", "ReportError", "ResultRow", "compare", "markdown_table",
+           "read_results", "write_episodes", "write_results"]

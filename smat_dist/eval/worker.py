@@ -1,0 +1,273 @@
+"""One evaluation worker: builds the model from its recipe, reads episodes, scores them.
+
+The same :class:`EpisodeEvaluator` runs in this process (``actors=0``) or inside each Ray actor,
+so results cannot depend on where an episode ran: an episode's accuracy is a function of its spec,
+the model and the config only (augmentation and LoRA seeds come from the episode, not the worker).
+
+Cost per episode in mode ``none``:
+
+* SMAT (α depends on the task): θ_pre support features come from a :class:`FeatureTable`, then one
+  no-grad forward of support+query under θ_i.
+* Pre / PMF (θ the same for every task): no forward at all per episode. Features come from the
+  table, which computes each image once. Tables work one class at a time over all of its images
+  in row order. So a feature never depends on which episode, or which worker, needed it first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from smat_dist.data.builder import EpisodeSpec
+from smat_dist.data.tario import parse_key
+from smat_dist.data.transforms import to_tensor
+from smat_dist.episode import Episode
+from smat_dist.eval.config import EvalConfig
+from smat_dist.eval.episodes import EpisodeReader
+from smat_dist.eval.finetune import LoraWorkspace, episode_seed, finetune_full
+from smat_dist.eval.models import ModelSpec, build_task_model
+from smat_dist.smat.backbone import features
+from smat_dist.smat.protonet import cosine_logits, prototypes
+
+
+@dataclass
+class Job:
+    """One episode and the (mode, lr) runs to score on it."""
+
+    spec: EpisodeSpec
+    runs: List[Tuple[str, float]]
+    max_support_per_class: Optional[int] = None  # HPS truncates the support (reference: 100)
+
+
+@dataclass
+class EpisodeResult:
+    source: str
+    split: str
+    index: int
+    ways: int
+    support: int
+    query: int
+    accuracy: List[float]  # per run of the job, in [0, 1]
+    alpha: Optional[List[float]] = None
+    seconds: float = 0.0
+    losses: Dict[str, List[float]] = field(default_factory=dict)  # first/last fine-tuning loss per run
+
+
+def truncate_spec(spec: EpisodeSpec, per_class: int) -> EpisodeSpec:
+    """Keep the first ``per_class`` support images of every class (HPS, reference §8.2)."""
+    seen: Dict[int, int] = {}
+    support = []
+    for key, lab in spec.support:
+        if seen.get(lab, 0) < per_class:
+            support.append((key, lab))
+            seen[lab] = seen.get(lab, 0) + 1
+    return spec if len(support) == len(spec.support) else replace(spec, support=support)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but this worker sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class FeatureTable:
+    """Per-image features under fixed weights, computed a whole class at a time (see module doc)."""
+
+    def __init__(self, ev: "EpisodeEvaluator", params: Optional[Dict[str, torch.Tensor]]):
+        self.ev = ev
+        self.params = params
+        self._rows: Dict[Tuple[str, str], Dict[str, Tuple[int, torch.Tensor]]] = {}
+        self._done: set = set()
+        self.images = 0
+
+    def _fill(self, source: str, split: str, class_id: int, d: Dict[str, Tuple[int, torch.Tensor]]) -> None:
+        self._done.add((source, split, class_id))
+        keys, pix = self.ev.reader.class_images(source, split, class_id)
+        if pix is None:
+            return
+        t = self.ev.cfg.data.transform
+        f = self.ev.features(self.params, to_tensor(pix, t.mean, t.std).to(self.ev.device))
+        for k, row in zip(keys, f):
+            d[k] = (class_id, row)
+        self.images += len(keys)
+
+    def get(self, spec: EpisodeSpec, items: List[Tuple[str, int]]) -> Optional[torch.Tensor]:
+        """(len(items), D) features, or None if an image is unreadable (take the pixel path)."""
+        d = self._rows.setdefault((spec.source, spec.split), {})
+        try:
+            for key, lab in items:
+                if key not in d:
+                    c = parse_key(key)[2]
+                    if (spec.source, spec.split, c) not in self._done:
+                        self._fill(spec.source, spec.split, c, d)
+        except (ValueError, KeyError):  # a malformed key or unknown class: the pixel path names it
+            return None
+        out = []
+        for key, lab in items:
+            hit = d.get(key)
+            if hit is None or hit[0] != spec.classes[lab]:
+                return None  # unreadable image, or a label that disagrees: the pixel path decides
+            out.append(hit[1])
+        return torch.stack(out)
+
+
+class EpisodeEvaluator:
+    def __init__(self, spec: ModelSpec, cfg: EvalConfig, threads: Optional[int] = None):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        if threads is None and self.device.type == "cpu":
+            # One thread per worker: the per-op work of small ViTs is too little to split, and on a
+            # loaded 2-core box two threads measured 8x slower (3.6 vs 29 episodes/s, README).
+            threads = 1
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model = build_task_model(spec, self.device)
+        self.reader = EpisodeReader(cfg.data, cfg.cache_mb)
+        self._lora: Optional[LoraWorkspace] = None
+        self._pre_table: Optional[FeatureTable] = None
+        self._static_table: Optional[FeatureTable] = None
+        self.episodes = 0
+        self.forwards = 0  # images forwarded per episode path (not the tables)
+
+    def autocast(self):
+        if self.cfg.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def info(self) -> Dict[str, object]:
+        import smat_dist
+
+        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
+                "package": smat_dist.__file__}
+
+    @torch.no_grad()
+    def features(self, params, x: torch.Tensor) -> torch.Tensor:
+        """No-grad features in chunks of ``batch_size`` images."""
+        bs = self.cfg.batch_size
+        with self.autocast():
+            parts = [features(self.model.backbone, params, x[i:i + bs]).float() for i in range(0, x.shape[0], bs)]
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def protonet_logits(self, params, ep: Episode) -> torch.Tensor:
+        """ProtoNet under ``params``: one no-grad forward of support+query (batched)."""
+        ns = ep.support_x.shape[0]
+        f = self.features(params, torch.cat([ep.support_x, ep.query_x]))
+        self.forwards += f.shape[0]
+        ways = int(ep.support_y.max()) + 1
+        return cosine_logits(f[ns:], prototypes(f[:ns], ep.support_y, ways), self.model.scale)
+
+    def pre_table(self) -> FeatureTable:
+        if self._pre_table is None:
+            self._pre_table = FeatureTable(self, None)
+        return self._pre_table
+
+    def static_table(self) -> FeatureTable:
+        if self._static_table is None:
+            params = self.model.static_params()
+            self._static_table = self.pre_table() if params is None else FeatureTable(self, params)
+        return self._static_table
+
+    def lora(self) -> LoraWorkspace:
+        if self._lora is None:
+            self._lora = LoraWorkspace(self.model.backbone, self.cfg.finetune)
+        return self._lora
+
+    def task_params(self, spec: EpisodeSpec, ep: Episode):
+        """θ_i and α_i of a task; α from θ_pre support features (table, else a forward)."""
+        m = self.model
+        if m.static:
+            return m.static_params(), None
+        f = self.pre_table().get(spec, spec.support) if self.cfg.feature_cache else None
+        if f is None:
+            return m.task_params(ep.support_x, ep.support_y)
+        alpha = m.alpha_from_prototypes(prototypes(f, ep.support_y, spec.ways))
+        return m.merged(alpha), alpha
+
+    def _is_plain(self, mode: str, lr: float) -> bool:
+        return mode == "none" or lr == 0.0 or self.cfg.finetune.steps == 0  # θ_i left as it is
+
+    def score(self, spec: EpisodeSpec, runs: List[Tuple[str, float]], keep_weights: bool = False):
+        """Accuracies of ``runs`` on one episode; also α, the fine-tuning outputs, the episode sizes."""
+        ys_q = torch.tensor([lab for _, lab in spec.query], dtype=torch.int64)
+        sizes = (len(spec.support), len(spec.query))
+        if self.model.static and self.cfg.feature_cache and all(self._is_plain(m, lr) for m, lr in runs):
+            f = self.static_table().get(spec, spec.support + spec.query)
+            if f is not None:  # no pixels and no forward: prototypes over cached features
+                ys = torch.tensor([lab for _, lab in spec.support], dtype=torch.int64, device=f.device)
+                ns = sizes[0]
+                logits = cosine_logits(f[ns:], prototypes(f[:ns], ys, spec.ways), self.model.scale)
+                acc = float((logits.argmax(-1).cpu() == ys_q).float().mean())
+                return [acc] * len(runs), None, {}, {}, sizes
+        ep = self.reader.episode(spec).to(self.device)
+        params, alpha = self.task_params(spec, ep)
+        accs: List[float] = []
+        outputs: Dict[int, object] = {}
+        losses: Dict[str, List[float]] = {}
+        plain = None
+        for i, (mode, lr) in enumerate(runs):
+            if self._is_plain(mode, lr):
+                if plain is None:
+                    plain = self.protonet_logits(params, ep)
+                logits = plain
+            else:
+                seed = episode_seed(self.cfg.seed, spec.source, spec.index, mode)
+                dense = self.model.full_params(params)
+                if mode == "full":
+                    out = finetune_full(self.model.backbone, dense, ep, lr, self.model.scale, self.cfg.finetune,
+                                        seed, self.autocast, keep_weights)
+                else:
+                    out = self.lora().run(dense, ep, lr, self.model.scale, seed, self.autocast, keep_weights)
+                logits = out.query_logits
+                outputs[i] = out
+                if out.losses:
+                    losses[f"{mode}@{lr:g}"] = [out.losses[0], out.losses[-1]]
+            accs.append(float((logits.argmax(-1) == ep.query_y).float().mean()))
+        return accs, alpha, outputs, losses, sizes
+
+    def run(self, jobs: List[Job]) -> List[EpisodeResult]:
+        results = []
+        for job in jobs:
+            t0 = time.perf_counter()
+            spec = truncate_spec(job.spec, job.max_support_per_class) if job.max_support_per_class else job.spec
+            accs, alpha, _, losses, (ns, nq) = self.score(spec, job.runs)
+            self.episodes += 1
+            results.append(EpisodeResult(
+                source=spec.source, split=spec.split, index=spec.index, ways=spec.ways, support=ns, query=nq,
+                accuracy=accs, alpha=None if alpha is None else [float(a) for a in alpha.cpu()],
+                seconds=time.perf_counter() - t0, losses=losses))
+        return results
+
+    def stats(self) -> Dict[str, float]:
+        tables = sum(t.images for t in {id(t): t for t in (self._pre_table, self._static_table) if t}.values())
+        return {"episodes": self.episodes, "episode_forward_images": self.forwards, "table_images": tables,
+                **self.reader.stats()}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class EvalActor:
+    """Ray actor body around :class:`EpisodeEvaluator`."""
+
+    def __init__(self, spec: ModelSpec, cfg: EvalConfig, threads: Optional[int]):
+        self.ev = EpisodeEvaluator(spec, cfg, threads)
+
+    def info(self) -> Dict[str, object]:
+        return self.ev.info()
+
+    def run(self, jobs: List[Job]) -> List[EpisodeResult]:
+        return self.ev.run(jobs)
+
+    def stats(self) -> Dict[str, float]:
+        return self.ev.stats()
+
+
+__all__ = ["EpisodeEvaluator", "EpisodeResult", "EvalActor", "FeatureTable", "Job", "pick_device", "truncate_spec"]
