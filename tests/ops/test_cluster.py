@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Dict, List
@@ -199,3 +200,44 @@ def test_project_runtime_env_parses_and_excludes_bulk():
     assert env["working_dir"] == "."
     assert {".venv", "data", "runs", ".git"} <= set(env["excludes"])
     assert all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+# ------------------------------------------------------------------------------------------ README
+def test_readme_commands_are_package_commands():
+    readme = (REPO / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))
+    used = set()
+    for line in blocks.splitlines():
+        words = line.split()
+        # a command: first word of a line, or the word after `--` / `$SUBMIT` (ray job submit ... -- CMD)
+        starts = [0] + [i + 1 for i, w in enumerate(words) if w in ("--", "$SUBMIT")]
+        used |= {words[i] for i in starts if i < len(words) and words[i].startswith("smat-")}
+    assert {"smat-train", "smat-eval", "smat-sweep", "smat-data"} <= used
+    assert used <= set(scripts()), f"README runs commands the package does not provide: {used - set(scripts())}"
+
+
+def test_job_submission_with_the_project_runtime_env(ray_head, synth_small, tmp_path):
+    """`ray job submit --runtime-env cluster/runtime_env.yaml` (as the README does) uploads this checkout as the
+    working directory: the job finds configs/ and the package, and authenticates with the token."""
+    ray = str(Path(sys.executable).parent / "ray")
+    env = base_env(RAY_ADDRESS=ray_head.dashboard, RAY_AUTH_MODE="token")
+    job = f"ops-runtime-env-{tmp_path.name[-8:]}"
+    cmd = [ray, "job", "submit", "--submission-id", job, "--no-wait", "--runtime-env", "cluster/runtime_env.yaml",
+           "--entrypoint-num-cpus", "0", "--", "python", "-m", "smat_dist.sweep.cli", "--config",
+           "configs/sweeps/tiny.yaml", "--dry-run", "--set", f"data.root={synth_small}", "--out", str(tmp_path / "sw")]
+    for _ in range(60):  # a fresh head's job agent needs a few seconds
+        out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    status, deadline = "", time.time() + 240
+    while time.time() < deadline and not any(s in status.lower() for s in ("succeeded", "failed", "stopped")):
+        time.sleep(1)
+        status = subprocess.run([ray, "job", "status", job], env=env, capture_output=True, text=True,
+                                timeout=60).stdout
+    logs = subprocess.run([ray, "job", "logs", job], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert "succeeded" in status.lower(), status + logs[-4000:]
+    assert "4 cells" in logs
+    uploaded = re.search(r"--config (\S+/configs/demo/smat\.yaml)", logs)
+    assert uploaded and not uploaded.group(1).startswith(str(REPO)), "the job must run in the uploaded working dir"
