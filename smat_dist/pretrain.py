@@ -11,6 +11,7 @@ backbone file that ``model.backbone.checkpoint`` loads.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -132,7 +133,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(-1) == y[idx]).sum())
             seen += len(idx)
         log(f"[pretrain] epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f} train acc {correct / seen:.3f} "
@@ -140,8 +141,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     model.eval().requires_grad_(False)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    arch = {k: v for k, v in bcfg.__dict__.items() if k not in ("pretrained", "checkpoint")}
     save_backbone(model, out, extra={"pretrain_sources": ",".join(names), "pretrain_classes": str(classes),
-                                     "timm_name": cfg.backbone.name})
+                                     "backbone_config": json.dumps(arch)})
     log(f"[pretrain] wrote {out} in {time.perf_counter() - t0:.0f}s")
     return out
 

@@ -28,7 +28,7 @@ import numpy as np
 from smat_dist.data.config import DataConfig
 from smat_dist.data.sampler import (PURPOSE_AUGMENT, PURPOSE_EPISODE, PURPOSE_IMAGES, PURPOSE_REPLACE,
                                     EpisodeSampler, MultiSourceSampler, episode_rng, select_rows, stream_tag)
-from smat_dist.data.store import Catalog, CorruptSample, DataError, FilePool
+from smat_dist.data.store import Catalog, CorruptSample, DataError, FilePool, SplitIndex
 from smat_dist.data.tario import parse_key
 from smat_dist.data.transforms import DecodeError, EpisodeTransform, to_tensor
 
@@ -139,6 +139,19 @@ class RawEpisode:
         )
 
 
+def spec_row(spec: EpisodeSpec, idx: SplitIndex, key: str, label: int) -> int:
+    """The index row of an episode member, checked against the label the episode gives it."""
+    try:
+        row = idx.row_of_key(key)
+    except KeyError as exc:
+        raise DataError(f"episode {spec.index} of {spec.source}/{spec.split}: {exc}") from None
+    c = idx.class_of(row)
+    if not 0 <= label < spec.ways or spec.classes[label] != c:
+        raise DataError(f"episode {spec.index} of {spec.source}/{spec.split}: key {key} is class {c}, label "
+                        f"{label} says {spec.classes[label] if 0 <= label < spec.ways else '?'}")
+    return row
+
+
 def resolve_sources(cfg: DataConfig, catalog: Catalog, split: str,
                     sources: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[float]]]:
     """The episode's source list and weights: explicit list, else the config's, else all with ``split``."""
@@ -214,15 +227,7 @@ class EpisodeBuilder:
         items = spec.support + spec.query
         rows = []
         for key, lab in items:
-            try:
-                row = idx.row_of_key(key)
-            except KeyError as exc:
-                raise DataError(f"episode {spec.index} of {spec.source}/{spec.split}: {exc}") from None
-            c = idx.class_of(row)
-            if not 0 <= lab < spec.ways or spec.classes[lab] != c:
-                raise DataError(f"episode {spec.index}: key {key} is class {c}, label {lab} says "
-                                f"{spec.classes[lab] if 0 <= lab < spec.ways else '?'}")
-            rows.append(row)
+            rows.append(spec_row(spec, idx, key, lab))
         tf = self.train_tf if augment else self.eval_tf
         params = tf.params(episode_rng(spec.seed, spec.stream, spec.index, PURPOSE_AUGMENT), len(items)) \
             if augment else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 SPLITS = ("train", "valid", "test")
 MD_SPLIT = {"train": "TRAIN", "valid": "VALID", "test": "TEST"}

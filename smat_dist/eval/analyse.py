@@ -340,7 +340,6 @@ def analyse(run: str | Path, data: Optional[str] = None, out: Optional[str | Pat
 
     if model.gates is not None:
         counts, names, sizes = nonzero_per_slot(model)
-        M = counts.shape[0]
         g_t, nz_t, tot_t = _sort_groups(*group_counts(counts, names, sizes, layer_type),
                                         order=lambda g: TYPE_ORDER.index(g) if g in TYPE_ORDER else 99)
         g_d, nz_d, tot_d = _sort_groups(*group_counts(counts, names, sizes, layer_depth), order=_depth_order)

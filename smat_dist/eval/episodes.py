@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from smat_dist.data.builder import EpisodeBuilder, EpisodeSpec, load_episode_list
+from smat_dist.data.builder import EpisodeBuilder, EpisodeSpec, load_episode_list, spec_row
 from smat_dist.data.config import DataConfig, EpisodeConfig
 from smat_dist.data.store import Catalog, CorruptSample, DataError, FilePool
 from smat_dist.data.transforms import DecodeError, EpisodeTransform, to_tensor
@@ -140,15 +140,7 @@ class EpisodeReader:
 
     def _load(self, spec: EpisodeSpec, key: str, label: int) -> np.ndarray:
         store = self.catalog.store(spec.source)
-        idx = store.index(spec.split)
-        try:
-            row = idx.row_of_key(key)
-        except KeyError as exc:
-            raise DataError(f"episode {spec.index} of {spec.source}/{spec.split}: {exc}") from None
-        c = idx.class_of(row)
-        if not 0 <= label < spec.ways or spec.classes[label] != c:
-            raise DataError(f"episode {spec.index} of {spec.source}/{spec.split}: key {key} is class {c}, label "
-                            f"{label} says {spec.classes[label] if 0 <= label < spec.ways else '?'}")
+        row = spec_row(spec, store.index(spec.split), key, label)
         data, _ext, _key = store.read(spec.split, row, self.files)
         return self.tf(data, None)
 

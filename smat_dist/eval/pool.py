@@ -10,7 +10,7 @@ import collections
 import logging
 import os
 from pathlib import Path
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Sequence, Tuple
 
 from smat_dist.eval.config import EvalConfig
 from smat_dist.eval.models import ModelSpec

@@ -285,8 +285,9 @@ class SMAT(nn.Module):
         head_leaf = head.detach().requires_grad_(True)
         support_ce = F.cross_entropy(cosine_logits(f_s, head_leaf, scale), ys)
         g_theta, g_head = torch.autograd.grad(support_ce, [theta, head_leaf], retain_graph=True)
-        theta_q = theta - lr * g_theta  # g is a constant: first order
+        theta_q = torch.add(theta, g_theta, alpha=-lr)  # g is a constant: first order
         head_val = head_leaf.detach() - lr * g_head
+        del g_theta  # |θ|-sized: free before the query pass
         for _ in range(self.cfg.inner.steps - 1):
             th = theta_q.detach().requires_grad_(True)
             hd = head_val.detach().requires_grad_(True)
@@ -306,8 +307,9 @@ class SMAT(nn.Module):
         remaining = tc.steps
         if start_adapted and tc.data == "query" and tc.steps >= 1 and self._reuse_student_graph:
             g_theta, g_head = torch.autograd.grad(ce_q, [theta_q, head_q], retain_graph=True)
-            th = theta_q.detach() - tc.lr * g_theta
+            th = torch.add(theta_q.detach(), g_theta, alpha=-tc.lr)
             hd = head_q.detach() - tc.lr * g_head
+            del g_theta
             remaining -= 1
         else:
             th = (theta_q if start_adapted else theta).detach()
@@ -322,7 +324,7 @@ class SMAT(nn.Module):
             with torch.enable_grad():
                 loss_t = F.cross_entropy(cosine_logits(features(self.backbone, self.space.views(th), x), hd, scale), y)
             g_theta, g_head = torch.autograd.grad(loss_t, [th, hd])
-            th = th.detach() - tc.lr * g_theta
+            th = torch.add(th.detach(), g_theta, alpha=-tc.lr)
             hd = hd.detach() - tc.lr * g_head
         with torch.no_grad():
             return cosine_logits(features(self.backbone, self.space.views(th), ep.query_x), hd, scale)

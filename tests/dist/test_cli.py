@@ -85,7 +85,9 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
     gcs, dash = _free_port(), _free_port()
     ray = str(BIN / "ray")
     raytmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # AF_UNIX socket paths must stay < 108 bytes
-    env = _env(RAY_TMPDIR=str(raytmp))
+    home = tmp_path / "home"  # a fresh ~/.ray: `ray start` must create the token, as on a new machine
+    home.mkdir()
+    env = _env(RAY_TMPDIR=str(raytmp), HOME=str(home))
     start = subprocess.run(
         [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={raytmp}"],
@@ -121,6 +123,7 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
         assert "succeeded" in status.lower(), status + logs[-4000:]
         assert "[smat-train] done" in logs
         assert (tmp_path / "out" / "submitted" / "model.safetensors").exists()
+        assert (home / ".ray" / "auth_token").exists()  # token auth really was on
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(raytmp, ignore_errors=True)

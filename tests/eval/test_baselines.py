@@ -88,7 +88,6 @@ def test_task_weights_equal_smat_task_weights(eval_root, tiny_run):
 
 def test_pmf_checkpoint_is_labelled_and_merged_once(eval_root, tmp_path):
     from tests.eval.conftest import make_tiny_export
-    import dataclasses
     from smat_dist.smat.config import GateConfig, HypernetConfig, InnerConfig, TeacherConfig
 
     path = make_tiny_export(tmp_path / "pmf", method="pmf", gates=GateConfig(enabled=False, num_experts=1),

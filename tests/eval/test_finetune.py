@@ -8,7 +8,7 @@ import hashlib
 import pytest
 import torch
 
-from smat_dist.eval.config import EvalConfig, FinetuneConfig, load_eval_config
+from smat_dist.eval.config import FinetuneConfig, load_eval_config
 from smat_dist.eval.models import describe_checkpoint
 from smat_dist.eval.worker import EpisodeEvaluator
 from tests.eval.conftest import eval_overrides

@@ -14,6 +14,7 @@ from .conftest import TINY
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_OVERRIDES = [f"model.backbone.{k}={v}" for k, v in TINY.items()] + [
     "model.backbone.pretrained=false",
+    f"data.image_size={TINY['img_size']}",
     "model.optim.warmup_epochs=0",  # the first epoch of a warm-up has lr 0
 ]
 

@@ -46,8 +46,11 @@ def test_merge_gradients_match_autograd(structured, interpolated, defer):
 
     density_w = torch.tensor([0.5, -2.0, 1.5])  # a loss term on the expected density, folded into ∇φ
     sample = gates.sample(5)
+    z0 = sample.z.clone()  # the flush reuses the draw's memory for ∇φ
+    shared = MergePlan(layout, sample, gates, defer=True, capacity=2)  # one plan for the step's tasks
     for t, (a, w) in enumerate(zip(alphas, weights)):
-        plan = MergePlan(layout, sample, gates, defer=defer, capacity=2) if (defer and t == 0) or not defer else plan
+        # without deferral every task flushes (and consumes) its own draw: give each a copy
+        plan = shared if defer else MergePlan(layout, GateSample(z0.clone(), stochastic=True), gates, defer=False)
         last = t == len(alphas) - 1
         if last:
             theta, density = merge(pre, delta, gates.logits, a, plan, flush=True, with_density=True)
@@ -70,7 +73,7 @@ def test_merge_gradients_match_autograd(structured, interpolated, defer):
 
     for th_ref, a in zip(ref, alphas):  # forward values
         with torch.no_grad():
-            th = merge(pre, delta, None, a, MergePlan(layout, GateSample(sample.z, stochastic=False)), True)
+            th = merge(pre, delta, None, a, MergePlan(layout, GateSample(z0, stochastic=False)), True)
         torch.testing.assert_close(th, th_ref.detach())
     torch.testing.assert_close(delta.grad, d2.grad)
     torch.testing.assert_close(gates.logits.grad, phi.grad)
