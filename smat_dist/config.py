@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from smat_dist.data.config import DataConfig
 from smat_dist.dist.config import DistConfig
 from smat_dist.errors import ConfigError
+from smat_dist.monitoring.config import MonitorConfig
 from smat_dist.smat.config import ModelConfig
 
 T = TypeVar("T")
@@ -51,6 +52,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # Prometheus metrics (smat_dist/monitoring)
 
     def validate(self) -> None:
         self.data.validate()

@@ -85,6 +85,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     import ray.train
 
     from smat_dist.dist import engine as E
+    from smat_dist.monitoring.recorder import worker_monitor
     from smat_dist.smat import SMAT
     from smat_dist.smat.optim import apply_schedule, build_optimizer
     from smat_dist.smat.trainer import meta_step
@@ -129,6 +130,7 @@ def train_loop(config: Dict[str, Any]) -> None:
                   f"(written by {meta.get('world_size')} workers, now {world})", flush=True)
 
     stream, loader = _episode_stream(cfg, start_step, total, rank, world)
+    monitor = worker_monitor(cfg, rank)  # Prometheus metrics of every step (Ray application metrics)
     metrics_path = run_dir / "metrics.jsonl"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +170,7 @@ def train_loop(config: Dict[str, Any]) -> None:
             m.update(step=step + 1, lr_mult=mult, world_size=world, tasks_per_s=B / elapsed, time_step=elapsed,
                      time_allreduce_step=t_reduce[0], global_state_max_spread=float(spread),
                      grad_norms=dict(getattr(opt, "last_grad_norms", {})))
+            monitor.record_step(m, rank=rank)
             last = step + 1 == total
             if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or last):
                 with metrics_path.open("a") as f:

@@ -1,0 +1,141 @@
+"""Sweep state on disk: one JSON file per cell, written atomically, and a lock per sweep directory.
+
+A crash can only ever leave the previous complete version of a file (write to a temporary, fsync,
+``os.replace``). An attempt that was running when the sweep died has no end time; on restart it
+counts as interrupted, not failed, and the cell simply runs again (training resumes from the run's
+last checkpoint, by run name).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Attempt:
+    started: float
+    ended: Optional[float] = None
+    outcome: str = "running"  # running | done | failed | interrupted
+    phase: str = "train"  # train | eval | results
+    returncode: Optional[int] = None
+    error: str = ""
+    log: str = ""
+
+
+@dataclass
+class CellState:
+    id: str
+    key: str
+    assignment: Dict[str, Any]
+    status: str = PENDING
+    attempts: List[Attempt] = field(default_factory=list)
+    train_done: bool = False  # training finished and exported; a retry only re-runs evaluation
+    train_s: float = 0.0  # wall seconds of the successful phases (sum over attempts that got there)
+    eval_s: float = 0.0
+    results: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for a in self.attempts if a.outcome == "failed")
+
+    @property
+    def last_error(self) -> str:
+        failed = [a for a in self.attempts if a.outcome == "failed"]
+        return failed[-1].error if failed else ""
+
+    def recover(self) -> None:
+        """After a crash: an attempt without an end was interrupted; a running cell is pending again."""
+        for a in self.attempts:
+            if a.ended is None:
+                a.ended, a.outcome = time.time(), "interrupted"
+        if self.status == RUNNING:
+            self.status = PENDING
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CellState":
+        d = dict(d)
+        d["attempts"] = [Attempt(**a) for a in d.get("attempts", [])]
+        return cls(**d)
+
+
+class CellStore:
+    """``<out>/cells/<id>.json``."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "cells"
+
+    def path(self, cell_id: str) -> Path:
+        return self.dir / f"{cell_id}.json"
+
+    def load(self, cell_id: str) -> Optional[CellState]:
+        p = self.path(cell_id)
+        if not p.exists():
+            return None
+        return CellState.from_json(json.loads(p.read_text()))
+
+    def save(self, st: CellState) -> None:
+        atomic_write_json(self.path(st.id), st.to_json())
+
+
+class SweepLock:
+    """An exclusive ``flock`` on ``<out>/.lock``: one driver per sweep directory; released by the OS on a crash."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "SweepLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SweepLocked(f"{self.path.parent} is in use by another smat-sweep (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class SweepLocked(RuntimeError):
+    pass
+
+
+__all__ = ["Attempt", "CellState", "CellStore", "SweepLock", "SweepLocked", "atomic_write_json",
+           "atomic_write_text", "PENDING", "RUNNING", "DONE", "FAILED"]

@@ -1,0 +1,310 @@
+"""smat-sweep: grid expansion, results arithmetic, the retry/resume state machine, and the shipped tiny
+sweep for real (smat-train + smat-eval on a Ray head, killed mid-way and resumed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+from omegaconf import OmegaConf
+
+from smat_dist.errors import ConfigError
+from smat_dist.sweep.config import load_sweep_config
+from smat_dist.sweep.grid import dotlist_value, expand
+from smat_dist.sweep.report import plot_scaling, plot_tradeoff, read_eval_results, read_training
+from smat_dist.sweep.runner import Sweep
+from smat_dist.sweep.state import SweepLock, SweepLocked
+
+from .conftest import REPO
+
+TINY = REPO / "configs" / "sweeps" / "tiny.yaml"
+
+
+def _csv(path: Path) -> List[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_eval_results(path: Path, accs: dict, method: str = "SMAT", n: int = 5) -> None:
+    """A results.csv exactly as smat-eval writes it (its own writer): {source: (kind, acc, ci)}."""
+    from smat_dist.eval.report import ResultRow, write_results
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_results([ResultRow(s, kind, "test", method, "none", acc, ci, 1.0, n, "x", 0, "", "off", "ck")
+                   for s, (kind, acc, ci) in accs.items()], path)
+
+
+# ---------------------------------------------------------------------------------------------- grid
+def test_tiny_grid_expands_to_validated_stable_cells():
+    cfg = load_sweep_config(TINY)
+    cells = expand(cfg, TINY)
+    assert len(cells) == 4 and len({c.id for c in cells}) == 4
+    assert [c.id for c in expand(load_sweep_config(TINY), TINY)] == [c.id for c in cells]  # stable
+    two = [c for c in cells if c.assignment["data.train_sources"] == ["textures", "doodles"]]
+    assert len(two) == 2 and all(c.run.data.train_sources == ["textures", "doodles"] for c in two)
+    assert {c.run.model.gates.target_sparsity for c in cells} == {0.5, 0.8}
+    assert all(c.run.dist.num_workers == 1 for c in cells)
+    # placement does not change identity, a setting does
+    more_workers = load_sweep_config(TINY, ["resources.num_workers=2"])
+    assert [c.key for c in expand(more_workers, TINY)] == [c.key for c in cells]
+    other_lr = load_sweep_config(TINY, ["overrides=[model.optim.delta_lr=0.5]"])
+    assert not {c.key for c in expand(other_lr, TINY)} & {c.key for c in cells}
+    only = expand(cfg, TINY, only={"model.gates.target_sparsity": 0.8})
+    assert len(only) == 2 and all(c.assignment["model.gates.target_sparsity"] == 0.8 for c in only)
+
+
+def test_config_axis_exclude_and_errors(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(OmegaConf.to_yaml(OmegaConf.create({
+        "name": "m", "overrides": ["train.max_steps=2"],
+        "axes": {"config": [str(REPO / "configs" / "smat.yaml"), [str(REPO / "configs" / "pmf.yaml")]],
+                 "model.gates.target_sparsity": [0.5, 0.9]},
+        "exclude": [{"config": [str(REPO / "configs" / "pmf.yaml")], "model.gates.target_sparsity": 0.9}]})))
+    cells = expand(load_sweep_config(sweep), sweep)
+    assert sorted(c.run.model.method for c in cells) == ["pmf", "smat", "smat"]
+    assert any(c.id.startswith("config-pmf_") for c in cells)
+    bogus = tmp_path / "bogus.yaml"
+    bogus.write_text(f"_base_: {sweep}\naxes:\n  model.gates.bogus: [1]\n")
+    with pytest.raises(ConfigError, match="model.gates.bogus"):
+        expand(load_sweep_config(bogus), bogus)
+    with pytest.raises(ConfigError, match="not axes"):
+        load_sweep_config(sweep, ["exclude=[{seed: 1}]"])
+    with pytest.raises(ConfigError, match="not found"):
+        expand(load_sweep_config(sweep, ["axes.config=[nowhere.yaml]"]), sweep)
+
+
+@pytest.mark.parametrize("value", [0.9, 8, True, None, "textures", "1e-4", ["a", "b"], [[1, 2], [3]], "x y"])
+def test_axis_values_survive_the_command_line(value):
+    assert OmegaConf.to_container(OmegaConf.from_dotlist([f"k={dotlist_value(value)}"]))["k"] == value
+
+
+# ---------------------------------------------------------------------------------------------- results
+def test_results_averages_and_combined_ci(tmp_path):
+    p = tmp_path / "results.csv"
+    write_eval_results(p, {"a": ("ID", 80.0, 3.0), "b": ("ID", 60.0, 4.0), "c": ("OOD", 40.0, 2.0)})
+    r = read_eval_results(p)
+    assert r["method"] == "SMAT" and r["id_avg"] == pytest.approx(70.0) and r["ood_avg"] == pytest.approx(40.0)
+    assert r["id_ci95"] == pytest.approx(5.0 / 2)  # sqrt(3^2 + 4^2) / 2
+    assert r["id_sources"] == "a+b" and r["ood_sources"] == "c" and r["episodes"] == 5
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "sparsity_test": [0.1, 0.3], "sparsity": [0.5, 0.5]})
+                                       + "\n" + json.dumps({"step": 2, "sparsity_test": [0.2, 0.4], "sparsity": [0.6, 0.8]}))
+    assert read_training(run) == pytest.approx({"steps": 2, "sparsity_reached": 0.3, "sparsity_train": 0.7})
+
+
+def test_plots_are_drawn(tmp_path):
+    rows = []
+    for tau in (0.5, 0.9):
+        for m in (2, 4):
+            for seed in (0, 1):
+                rows.append({"tau": tau, "num_experts": m, "method": "SMAT", "num_train_sources": 1 + m // 2,
+                             "id_avg": 60 + 10 * tau + m + seed, "ood_avg": 50 - 5 * tau + seed, "train.seed": seed,
+                             "_axes": ["tau", "num_experts", "train.seed"]})
+    rows += [dict(r, method="PMF", tau=None) for r in rows[:4]]
+    assert plot_tradeoff(rows, tmp_path / "t.png").stat().st_size > 10_000
+    assert plot_scaling(rows, tmp_path / "s.png").stat().st_size > 10_000
+    assert plot_tradeoff([], tmp_path / "none.png") is None
+
+
+def test_sweep_directory_lock(tmp_path):
+    with SweepLock(tmp_path):
+        with pytest.raises(SweepLocked, match=str(os.getpid())):
+            SweepLock(tmp_path).__enter__()
+    with SweepLock(tmp_path):  # released
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- state machine
+class FakeCluster(Sweep):
+    """The runner with its process boundary replaced: each 'command' writes the files the real one writes.
+    ``fail`` maps cell index -> how many first attempts fail (in the given phase)."""
+
+    def __init__(self, *a, fail=None, phase="train", **kw):
+        super().__init__(*a, **kw)
+        self.fail, self.phase, self.calls = dict(fail or {}), phase, []
+
+    def connect(self) -> bool:
+        self.ray_address = "fake:0"
+        return False
+
+    def _execute(self, cmd, log, deadline, attempt):
+        cell = next(c for c in self.cells if c.id in " ".join(cmd))
+        i, phase = self.cells.index(cell), ("eval" if "smat_dist.eval.cli" in cmd else "train")
+        self.calls.append((i, phase))
+        log.write_text(f"{phase} of cell {i}\n")
+        if phase == self.phase and self.fail.get(i, 0) > 0:
+            self.fail[i] -= 1
+            log.write_text(f"Traceback ...\nRuntimeError: injected failure of cell {i}\n")
+            return 1
+        if phase == "train":
+            run = self.run_dir(cell)
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "model.safetensors").write_bytes(b"x")
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "sparsity_test": [0.5, 0.7]}) + "\n")
+        else:
+            write_eval_results(self.eval_dir(cell) / "results.csv",
+                               {"textures": ("ID", 50.0 + i, 2.0), "digits": ("OOD", 30.0 + i, 2.0)})
+        return 0
+
+
+def _fake(tmp_path, **kw) -> FakeCluster:
+    cfg = load_sweep_config(TINY, ["monitor.enabled=false", "max_attempts=2"])
+    return FakeCluster(cfg, TINY, tmp_path / "sw", say=lambda m: None, **kw)
+
+
+def test_failed_cells_are_retried_then_reported(tmp_path):
+    sw = _fake(tmp_path, fail={1: 1, 2: 5})  # cell 1 fails once, cell 2 always
+    counts = sw.run()
+    assert counts == {"pending": 0, "running": 0, "done": 3, "failed": 1}
+    assert sw.calls.count((1, "train")) == 2 and sw.calls.count((2, "train")) == 2  # max_attempts=2
+    rows = {r["cell"]: r for r in _csv(sw.out / "sweep.csv")}
+    bad = rows[sw.cells[2].id]
+    assert bad["status"] == "failed" and "injected failure of cell 2" in bad["error"] and bad["attempts"] == "2"
+    ok = rows[sw.cells[1].id]
+    assert ok["status"] == "done" and ok["attempts"] == "2" and float(ok["id_avg"]) == 51.0
+    assert float(ok["sparsity_reached"]) == pytest.approx(0.6) and ok["steps"] == "4"
+    st = json.loads((sw.out / "cells" / f"{sw.cells[2].id}.json").read_text())
+    assert [a["outcome"] for a in st["attempts"]] == ["failed", "failed"]
+    # a re-run skips done and exhausted cells; --retry-failed gives the failed one new attempts
+    again = _fake(tmp_path)
+    assert again.run()["failed"] == 1 and again.calls == []
+    retry = _fake(tmp_path, retry_failed=True)
+    assert retry.run() == {"pending": 0, "running": 0, "done": 4, "failed": 0}
+    assert retry.calls == [(2, "train"), (2, "eval")]
+
+
+def test_an_eval_failure_retries_only_the_evaluation(tmp_path):
+    sw = _fake(tmp_path, fail={0: 1}, phase="eval")
+    assert sw.run()["done"] == 4
+    assert [c for c in sw.calls if c[0] == 0] == [(0, "train"), (0, "eval"), (0, "eval")]
+
+
+def test_a_crashed_sweep_resumes_interrupted_cells_without_counting_them(tmp_path):
+    sw = _fake(tmp_path)
+    sw.run()
+    # Simulate a crash in the middle of cell 3: state says running with an attempt that never ended,
+    # and its outputs are gone.
+    cell = sw.cells[3]
+    path = sw.out / "cells" / f"{cell.id}.json"
+    st = json.loads(path.read_text())
+    st.update(status="running", train_done=False, results={})
+    st["attempts"] = [{"started": time.time(), "ended": None, "outcome": "running", "phase": "train",
+                       "returncode": None, "error": "", "log": ""}]
+    path.write_text(json.dumps(st))
+    for d in (sw.run_dir(cell), sw.eval_dir(cell)):
+        for f in d.iterdir():
+            f.unlink()
+    again = _fake(tmp_path, fail={3: 1})  # even one real failure after the crash is within max_attempts=2
+    assert again.run()["done"] == 4
+    assert again.calls == [(3, "train"), (3, "train"), (3, "eval")]
+    outcomes = [a["outcome"] for a in json.loads(path.read_text())["attempts"]]
+    assert outcomes == ["interrupted", "failed", "done"]
+
+
+# ---------------------------------------------------------------------------------------------- for real
+def _states(out: Path) -> List[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+
+
+def _sweep_cmd(out: Path, data: Path, targets: Path) -> List[str]:
+    return [sys.executable, "-m", "smat_dist.sweep.cli", "--config", str(TINY), "--out", str(out),
+            "--set", f"data.root={data}", f"monitor.targets_dir={targets}"]
+
+
+@pytest.mark.timeout(1500)
+def test_tiny_sweep_on_a_ray_head_survives_a_crash(ray_head, prometheus, synth_small, tmp_path):
+    """The shipped tiny sweep, cells as real smat-train + smat-eval jobs on a Ray head: kill the whole sweep
+    (driver and cell processes) while the second round trains, run the same command again, check every number
+    in sweep.csv against the cells' own outputs, and that a third run does nothing."""
+    out = tmp_path / "sweep"
+    env = ray_head.env()
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(_sweep_cmd(out, synth_small, prometheus.targets_dir), env=env, cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
+            states = _states(out) if (out / "cells").exists() else []
+            done = [s for s in states if s["status"] == "done"]
+            training = [s for s in states if s["status"] == "running" and
+                        (out / "runs" / s["id"] / "metrics.jsonl").exists()]
+            if done and training:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its cells' drivers: a crashed head process
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killed = [s["id"] for s in _states(out) if s["status"] == "running"]
+    finished_first = [s["id"] for s in _states(out) if s["status"] == "done"]
+    assert killed and finished_first
+
+    second = subprocess.run(_sweep_cmd(out, synth_small, prometheus.targets_dir), env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=1200)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-5000:]
+    assert f"{len(finished_first)} done (skipped)" in text
+
+    rows = _csv(out / "sweep.csv")
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows), rows
+    for r in rows:
+        results = _csv(Path(r["eval_dir"]) / "results.csv")
+        ids = [float(x["accuracy"]) for x in results if x["kind"] == "ID"]
+        assert float(r["id_avg"]) == pytest.approx(sum(ids) / len(ids), abs=1e-3)
+        assert r["id_sources"] == "+".join(sorted(json.loads(r["data.train_sources"])))
+        assert r["num_train_sources"] == str(len(json.loads(r["data.train_sources"])))
+        assert "digits" in r["ood_sources"] and r["method"] == "SMAT" and r["episodes"] == "5"
+        metrics = [json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
+        assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # a resumed run neither loses nor repeats steps
+        tau_sp = sum(metrics[-1]["sparsity_test"]) / len(metrics[-1]["sparsity_test"])
+        assert float(r["sparsity_reached"]) == pytest.approx(tau_sp, abs=1e-4)
+        assert float(r["train_s"]) > 0 and float(r["wall_s"]) >= float(r["train_s"]) and float(r["gpu_hours"]) == 0
+    assert sorted({r["tau"] for r in rows}) == ["0.5000", "0.8000"]
+    for png in ("tradeoff.png", "scaling.png"):
+        assert (out / png).stat().st_size > 10_000
+    for cid in killed:  # the interrupted attempt is recorded as such, not as a failure
+        outcomes = [a["outcome"] for a in json.loads((out / "cells" / f"{cid}.json").read_text())["attempts"]]
+        assert outcomes[0] == "interrupted" and outcomes[-1] == "done" and "failed" not in outcomes
+
+    logs_before = {p: p.stat().st_size for p in (out / "logs").glob("*.log")}
+    third = subprocess.run(_sweep_cmd(out, synth_small, prometheus.targets_dir), env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "4 done (skipped)" in third.stdout + third.stderr
+    assert {p: p.stat().st_size for p in (out / "logs").glob("*.log")} == logs_before  # nothing ran
+
+    # The cells' Ray workers exported data-plane metrics (real shards), and the driver its progress.
+    cell = rows[0]["cell"]
+    images = prometheus.wait(f'max(last_over_time(ray_smat_data_images_total{{run="{cell}"}}[15m]))',
+                             lambda v: max(v.values()) > 0)
+    assert images
+    depth = prometheus.values(f'max(max_over_time(ray_smat_episode_queue_depth{{run="{cell}"}}[15m]))')
+    bound = OmegaConf.load(Path(rows[0]["run_dir"]) / "run_config.yaml").data.max_in_flight
+    assert depth and 0 <= max(depth.values()) <= bound  # bounded by data.max_in_flight
+    seen = prometheus.values('max by (state) (max_over_time(ray_smat_sweep_cells{sweep="tiny"}[15m]))')
+    assert seen.get("state=done", 0) >= 1 and seen.get("state=running", 0) >= 1, seen
+
+
+def test_shipped_cluster_sweeps_reproduce_the_two_figures():
+    trade = load_sweep_config(REPO / "configs" / "sweeps" / "tradeoff_vits.yaml")
+    cells = expand(trade, REPO / "configs" / "sweeps" / "tradeoff_vits.yaml")
+    assert len({c.run.model.gates.target_sparsity for c in cells}) >= 4
+    assert len({c.run.model.gates.num_experts for c in cells}) >= 2
+    scale = load_sweep_config(REPO / "configs" / "sweeps" / "sources_vits.yaml")
+    cells += (more := expand(scale, REPO / "configs" / "sweeps" / "sources_vits.yaml"))
+    assert {c.run.model.method for c in more} == {"smat", "pmf"}
+    assert {len(c.run.data.train_sources) for c in more} >= {1, 2, 4, 8}
+    for c in cells:  # ViT-S on Meta-Dataset on GPUs, data and outputs on the shared volume
+        assert c.run.model.backbone.name.startswith("vit_small") and c.run.dist.use_gpu
+        assert c.run.data.root.startswith("/mnt/shared/") and c.run.train.tasks_per_step % c.run.dist.num_workers == 0
+    assert trade.out.startswith("/mnt/shared/") and scale.out.startswith("/mnt/shared/")
