@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import List
 
 import pytest
 
@@ -12,6 +14,21 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_head_port_args() -> List[str]:
+    """Free ports for a test's own ``ray start --head``. The per-node agents otherwise take fixed
+    defaults (the dashboard agent 52365), which the session's in-process Ray may already hold: the
+    new head then starts, but without a job agent ("No available agent to submit job")."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}"]
 
 
 @pytest.fixture(scope="session")

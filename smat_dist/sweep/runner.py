@@ -21,7 +21,6 @@ Directory layout (``out``)::
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import subprocess

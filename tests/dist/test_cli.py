@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import free_port, ray_head_port_args
 from .conftest import REPO, TINY
 
 pytestmark = pytest.mark.timeout(900)
@@ -25,7 +25,10 @@ BIN = Path(sys.executable).parent
 def _env(**extra) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
+    # A driver started earlier in this process (ray.init) sets RAY_AUTH_MODE=token in os.environ; a
+    # user's fresh shell has neither that nor RAY_ADDRESS.
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(key, None)
     env.update(extra)
     return env
 
@@ -74,23 +77,20 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
     assert (run_dir / "model.safetensors").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="the ray CLI is not installed next to python")
 def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     ray = str(BIN / "ray")
     raytmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # AF_UNIX socket paths must stay < 108 bytes
-    home = tmp_path / "home"  # a fresh ~/.ray: `ray start` must create the token, as on a new machine
+    home = tmp_path / "home"  # a fresh ~/.ray, as on a new machine
     home.mkdir()
     env = _env(RAY_TMPDIR=str(raytmp), HOME=str(home))
+    # The README's first step on a new head: create the cluster token; `ray start` then turns token auth on.
+    gen = subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0, gen.stdout + gen.stderr
     start = subprocess.run(
         [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={raytmp}"],
+         f"--dashboard-port={dash}", *ray_head_port_args(), "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={raytmp}"],
         env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
@@ -103,9 +103,10 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
                "smat-train", "--config", "configs/smat.yaml", *TINY, "dist.num_workers=2",
                "train.tasks_per_step=2", "train.max_steps=3", "train.checkpoint_every=3",
                f"train.output_dir={tmp_path / 'out'}", "train.run_name=submitted"]
-        for _ in range(60):  # the head's job agent needs a few seconds after `ray start`
+        deadline = time.time() + 180  # the head's job agent needs a few seconds after `ray start`
+        while True:
             sub = subprocess.run(cmd, env=submit_env, capture_output=True, text=True, timeout=300)
-            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr or time.time() > deadline:
                 break
             time.sleep(2)
         assert sub.returncode == 0, sub.stdout + sub.stderr

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import yaml
 
+from ..conftest import free_port, ray_head_port_args
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # Three sources at half scale: two ID (train/valid/test classes) and one OOD (test only). ~13 s CPU.
@@ -36,17 +37,13 @@ TINY_MODEL = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE")
-    env.pop("RAY_ADDRESS", None)
+    # ray.init() earlier in this process sets RAY_AUTH_MODE=token in os.environ; start from a clean shell.
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(key, None)
     env.update(extra)
     return env
 
@@ -79,10 +76,14 @@ def ray_head(ray_temp_dir) -> RayHead:
         pytest.skip("the ray CLI is not installed next to python")
     gcs, dash, metrics = free_port(), free_port(), free_port()
     log = (ray_temp_dir / "head.log").open("w")
-    env = base_env(RAY_metrics_report_interval_ms="1000")  # Ray's default is 10 s
+    env = base_env(RAY_metrics_report_interval_ms="1000", RAY_AUTH_MODE="token")  # Ray's default interval is 10 s
+    if not (Path.home() / ".ray" / "auth_token").exists():  # a fresh CI box: token auth needs the token first
+        gen = subprocess.run([str(ray), "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert gen.returncode == 0, gen.stdout + gen.stderr
     proc = subprocess.Popen(
         [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}", *ray_head_port_args(),
          "--num-cpus=2", "--object-store-memory=268435456", "--disable-usage-stats", f"--temp-dir={ray_temp_dir}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", metrics,
