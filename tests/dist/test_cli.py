@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,14 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
     assert (run_dir / "model.safetensors").exists()
 
 
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="the ray CLI is not installed next to python")
 def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
     gcs, dash = free_port(), free_port()
@@ -88,11 +97,17 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
     # The README's first step on a new head: create the cluster token; `ray start` then turns token auth on.
     gen = subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0, gen.stdout + gen.stderr
-    start = subprocess.run(
-        [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+    # `--block` in its own session: the test stops exactly this head by its process group. (`ray stop`
+    # would kill every Ray on the machine, including this pytest process's own, whose driver then exits.)
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", *ray_head_port_args(), "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={raytmp}"],
-        env=env, capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stdout + start.stderr
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while not _accepts(dash):
+        assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+        time.sleep(0.5)
     try:
         # Token authentication stays on (Ray's default): the client sends the token.
         submit_env = dict(env, RAY_AUTH_MODE="token")
@@ -124,7 +139,14 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
         assert "succeeded" in status.lower(), status + logs[-4000:]
         assert "[smat-train] done" in logs
         assert (tmp_path / "out" / "submitted" / "model.safetensors").exists()
-        assert (home / ".ray" / "auth_token").exists()  # token auth really was on
+        # Token authentication really is on: the same request with a wrong token is refused.
+        bad = subprocess.run([ray, "job", "status", "--address", address, "smat-job-test"],
+                             env=dict(submit_env, RAY_AUTH_TOKEN="0" * 32), capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and "succeeded" not in bad.stdout.lower(), bad.stdout + bad.stderr
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=60)
         shutil.rmtree(raytmp, ignore_errors=True)
