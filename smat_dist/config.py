@@ -103,10 +103,17 @@ def load_config(
     schema: Type[T],
     yaml_paths: Iterable[str | Path] = (),
     overrides: Sequence[str] = (),
+    open_keys: Sequence[str] = (),
 ) -> T:
-    """Build a typed, read-only config object of ``schema``."""
+    """Build a typed, read-only config object of ``schema``.
+
+    ``open_keys`` name mappings that accept keys the schema does not list (a sweep's ``axes`` are
+    run-config keys, checked per cell); everything else is closed.
+    """
     cfg: DictConfig = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
+    for key in open_keys:
+        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
     for p in yaml_paths:
         cfg = _merge_yaml(cfg, Path(p))
     bad = [o for o in overrides if "=" not in o]
@@ -114,9 +121,9 @@ def load_config(
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"command line: {_describe(exc)}") from exc
-    obj = OmegaConf.to_object(cfg)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()

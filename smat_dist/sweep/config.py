@@ -112,26 +112,7 @@ __all__ = ["CONFIG_AXIS", "CellResources", "EvalSettings", "PlotSettings", "Swee
 
 
 def load_sweep_config(path, overrides=()) -> SweepConfig:
-    """Like :func:`smat_dist.config.load_config` (defaults ⊕ YAML with ``_base_`` ⊕ dotlist, errors naming the
-    key and file), except that ``axes`` accepts any keys: they are run-config keys, checked per cell."""
-    from pathlib import Path
+    """:func:`smat_dist.config.load_config` of one sweep file, with ``axes`` open to any keys."""
+    from smat_dist.config import load_config
 
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from smat_dist.config import _describe, _merge_yaml
-
-    cfg = OmegaConf.structured(SweepConfig)
-    OmegaConf.set_struct(cfg, True)
-    OmegaConf.set_struct(cfg.axes, False)
-    cfg = _merge_yaml(cfg, Path(path))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value, got {bad}")
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path} / command line: {_describe(exc)}") from exc
-    obj.validate()
-    return obj  # type: ignore[return-value]
+    return load_config(SweepConfig, [path], list(overrides), open_keys=("axes",))
