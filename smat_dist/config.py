@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from smat_dist.data.config import DataConfig
-from smat_dist.dist.config import DistConfig
+from smat_dist.train.config import DebugConfig, DistConfig
 from smat_dist.errors import ConfigError
 from smat_dist.monitoring.config import MonitorConfig
 from smat_dist.smat.config import ModelConfig
@@ -53,16 +53,18 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # Prometheus metrics (smat_dist/monitoring)
+    debug: DebugConfig = field(default_factory=DebugConfig)  # test hooks only
 
     def validate(self) -> None:
         self.data.validate()
         self.dist.validate()
+        self.debug.validate()
         if self.train.tasks_per_step % self.dist.num_workers:
             raise ConfigError(
                 f"train.tasks_per_step ({self.train.tasks_per_step}) must be a multiple of "
                 f"dist.num_workers ({self.dist.num_workers}): every rank runs the same number of tasks"
             )
-        if self.dist.episodes == "shards" and self.data.image_size != self.model.backbone.img_size:
+        if self.data.episodes == "shards" and self.data.image_size != self.model.backbone.img_size:
             raise ConfigError(
                 f"data.image_size ({self.data.image_size}) differs from model.backbone.img_size "
                 f"({self.model.backbone.img_size}); set both to the meta-training resolution"

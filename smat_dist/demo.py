@@ -98,7 +98,7 @@ def build_backbone(out: Path, data: Path, overrides: List[str]) -> Path:
 
 
 def train(method: str, out: Path, data: Path, backbone: Path, overrides: List[str], keep: bool) -> Path:
-    from smat_dist.dist.cli import main as train_main
+    from smat_dist.train.cli import main as train_main
 
     run_dir = out / method
     if run_dir.exists() and not keep:
@@ -154,13 +154,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     stage("pre-training θ_pre on the in-distribution training classes")
     backbone = build_backbone(out, data, pre_over)
 
-    import ray
+    from smat_dist import ray_session
 
-    from smat_dist.dist.launcher import _LOCAL_ENV
-
-    ray.init(num_cpus=a.num_cpus, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-             runtime_env={"env_vars": {**_LOCAL_ENV, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}},
-             log_to_driver=True)
+    started = ray_session.connect(num_cpus=a.num_cpus)
     try:
         runs = {}
         stage("meta-training PMF (smat-train, local Ray, 2 workers)")
@@ -170,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         stage("meta-testing Pre, PMF and SMAT (smat-eval)")
         table = evaluate(out, data, runs, eval_over)
     finally:
-        ray.shutdown()
+        ray_session.shutdown(started)
     stage("results")
     print(table.read_text())
     print(f"demo finished in {stage.elapsed()}; table in {table}, runs in {out}")

@@ -92,6 +92,9 @@ class DataConfig:
     """Where the shards are, which sources/splits feed training, and how episodes are delivered."""
 
     root: str = "data/synth"  # dataset directory holding <source>/manifest.json
+    # "shards": training episodes from the data plane (root); "toy": in-memory synthetic episodes
+    # (smat_dist.smat.toy) for tests and smoke runs that need no dataset.
+    episodes: str = "shards"
     # A node-local copy of ``root`` (same layout); used by readers on nodes where it exists.
     local_root: Optional[str] = None
     train_sources: List[str] = field(default_factory=list)  # empty = every source with train classes
@@ -114,6 +117,8 @@ class DataConfig:
 
     def validate(self) -> None:
         self.episode.validate()
+        if self.episodes not in ("shards", "toy"):
+            raise _error(f"data.episodes must be shards or toy, got {self.episodes!r}")
         if self.image_size < 8:
             raise _error(f"data.image_size must be >= 8, got {self.image_size}")
         if self.source_weights is not None:

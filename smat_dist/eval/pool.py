@@ -44,34 +44,15 @@ class LocalPool:
         torch.set_num_threads(self._threads)
 
 
-def _connect() -> bool:
-    """Join $RAY_ADDRESS or an initialised Ray, else start a local one; True when started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    import smat_dist
-
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    pkg_parent = str(Path(smat_dist.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
-                 runtime_env={"env_vars": {k: v for k, v in env.items() if k != "PYTHONPATH"}})
-        return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep addresses on 127.0.0.1
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-             runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
-    return True
-
-
 class RayPool:
     """``cfg.actors`` actors, each holding the model; chunks go to whichever actor is free."""
 
     def __init__(self, spec: ModelSpec, cfg: EvalConfig):
         import ray
 
-        self.started = _connect()
+        from smat_dist import ray_session
+
+        self.started = ray_session.connect()
         res = ray.cluster_resources()
         n = cfg.actors
         cpus = cfg.actor_cpus if cfg.actor_cpus is not None else min(1.0, float(res.get("CPU", 1.0)) / n)

@@ -26,11 +26,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from smat_dist.monitoring.config import MonitorConfig
 from smat_dist.monitoring.names import (ACCURACY_KEYS, BY_NAME, DATA_COUNTERS, LOSS_KEYS, PHASE_KEYS, Metric,
                                         metric)
+from smat_dist.train.metrics import StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,11 @@ class StepMonitor:
         self._warned: set = set()
 
     # -- public -------------------------------------------------------------------------------
-    def record_step(self, m: Mapping[str, Any], rank: int = 0) -> None:
-        step = m.get("step")
-        if isinstance(step, int) and step % self.every:
+    def record_step(self, m: Union[StepMetrics, Mapping[str, Any]], rank: int = 0) -> None:
+        """Record one step (a :class:`StepMetrics`, or a ``metrics.jsonl`` row)."""
+        if not isinstance(m, StepMetrics):
+            m = StepMetrics.from_row(m)
+        if m.step % self.every:
             return
         try:
             samples = self.samples(m, rank)
@@ -88,14 +91,14 @@ class StepMonitor:
         self.backend.close()
 
     # -- the mapping (pure apart from the data-counter memory) ---------------------------------
-    def samples(self, m: Mapping[str, Any], rank: int = 0) -> List[Sample]:
+    def samples(self, m: StepMetrics, rank: int = 0) -> List[Sample]:
         out: List[Sample] = []
         if int(rank) == 0:
             out += self._run_samples(m)
         out += self._worker_samples(m, str(int(rank)))
         return out
 
-    def _run_samples(self, m: Mapping[str, Any]) -> List[Sample]:
+    def _run_samples(self, m: StepMetrics) -> List[Sample]:
         run = self.run
         out: List[Sample] = []
 
@@ -104,35 +107,35 @@ class StepMonitor:
             if v is not None:
                 out.append((name, {"run": run, **labels}, v))
 
-        put("smat_step", m.get("step"))
-        put("smat_workers", m.get("world_size", 1))
+        put("smat_step", m.step)
+        put("smat_workers", m.world_size)
         for key, term in LOSS_KEYS.items():
-            put("smat_loss", m.get(key), term=term)
+            put("smat_loss", getattr(m, key), term=term)
         for key, model in ACCURACY_KEYS.items():
-            put("smat_query_accuracy", m.get(key), model=model)
-        for key, gate in (("sparsity", "train"), ("sparsity_test", "test")):
-            for e, v in enumerate(m.get(key) or []):
+            put("smat_query_accuracy", getattr(m, key), model=model)
+        for values, gate in ((m.sparsity, "train"), (m.sparsity_test, "test")):
+            for e, v in enumerate(values or []):
                 put("smat_expert_sparsity", v, expert=str(e), gate=gate)
-        for e, v in enumerate(m.get("expected_density") or []):
+        for e, v in enumerate(m.expected_density or []):
             put("smat_expert_expected_density", v, expert=str(e))
-        for e, v in enumerate(m.get("lambda") or []):
+        for e, v in enumerate(m.lagrange or []):
             put("smat_lagrange_multiplier", v, expert=str(e))
         if self.target_sparsity is not None:
             put("smat_sparsity_target", self.target_sparsity)
-        put("smat_selection_temperature", m.get("temperature"))
-        by_source = m.get("alpha_by_source") or ({"all": m["alpha_mean"]} if m.get("alpha_mean") else {})
+        put("smat_selection_temperature", m.temperature)
+        by_source = m.alpha_by_source or ({"all": m.alpha_mean} if m.alpha_mean else {})
         for source, alpha in by_source.items():
             for e, v in enumerate(alpha):
                 put("smat_alpha", v, source=str(source), expert=str(e))
             put("smat_alpha_entropy", _entropy([float(a) for a in alpha]), source=str(source))
-        put("smat_alpha_task_entropy", m.get("alpha_entropy"))
-        put("smat_tasks_per_second", m.get("tasks_per_s"))
+        put("smat_alpha_task_entropy", m.alpha_entropy)
+        put("smat_tasks_per_second", m.tasks_per_s)
         for key, phase in PHASE_KEYS.items():
-            put("smat_step_phase_seconds", m.get(key), phase=phase)
-        put("smat_rank_state_max_spread", m.get("global_state_max_spread"))
+            put("smat_step_phase_seconds", getattr(m, key), phase=phase)
+        put("smat_rank_state_max_spread", m.global_state_max_spread)
         return out
 
-    def _worker_samples(self, m: Mapping[str, Any], rank: str) -> List[Sample]:
+    def _worker_samples(self, m: StepMetrics, rank: str) -> List[Sample]:
         labels = {"run": self.run, "rank": rank}
         out: List[Sample] = []
 
@@ -141,14 +144,13 @@ class StepMonitor:
             if v is not None:
                 out.append((name, dict(labels), v))
 
-        step_s = _num(m.get("time_step"))
+        step_s = _num(m.time_step)
         put("smat_worker_step_seconds", step_s)
-        put("smat_worker_allreduce_step_seconds", m.get("time_allreduce_step"))
-        data = m.get("data")
-        if isinstance(data, Mapping):
-            put("smat_episode_queue_depth", data.get("in_flight"))
+        put("smat_worker_allreduce_step_seconds", m.time_allreduce_step)
+        if m.data:
+            put("smat_episode_queue_depth", m.data.get("in_flight"))
             for key, name in DATA_COUNTERS.items():
-                cur = _num(data.get(key))
+                cur = _num(m.data.get(key))
                 if cur is None:
                     continue
                 last = self._data_seen.get(key, 0.0)
@@ -309,12 +311,13 @@ def make_backend(cfg: MonitorConfig, default: str, name: str) -> Backend:
     return PrometheusBackend(cfg.address, cfg.port, cfg.targets_dir, name)
 
 
-def worker_monitor(cfg: Any, rank: int) -> StepMonitor:
-    """The monitor of one Ray Train worker, from the run config (``cfg.monitor``, ``cfg.train.run_name``)."""
+def worker_monitor(cfg: Any, rank: int, default_backend: str = "ray") -> StepMonitor:
+    """The monitor of one training rank, from the run config (``cfg.monitor``, ``cfg.train.run_name``):
+    Ray application metrics inside Ray workers, a prometheus_client endpoint per rank elsewhere."""
     mon: MonitorConfig = getattr(cfg, "monitor", None) or MonitorConfig()
     run = cfg.train.run_name
     try:
-        backend = make_backend(mon, "ray", f"{run}-rank{rank}")
+        backend = make_backend(mon, default_backend, f"{run}-rank{rank}")
     except OSError as exc:  # e.g. a fixed monitor.port that is taken: train anyway
         log.warning("monitoring disabled on rank %s: %s", rank, exc)
         backend = NullBackend()
@@ -323,7 +326,7 @@ def worker_monitor(cfg: Any, rank: int) -> StepMonitor:
 
 
 class TrainerMonitor(StepMonitor):
-    """``on_step`` callback of the single-process :class:`~smat_dist.smat.trainer.Trainer`.
+    """``on_step`` callback of the single-process :class:`~smat_dist.train.launch.Trainer`.
 
     ``Trainer.fit(provider, on_step=TrainerMonitor(cfg.monitor, run, loader=provider))``; serves the
     metrics at :attr:`url` until :meth:`close`. A loader (``EpisodeLoader``) adds data-plane metrics.
@@ -340,14 +343,15 @@ class TrainerMonitor(StepMonitor):
     def url(self) -> Optional[str]:
         return getattr(self.backend, "url", None)
 
-    def __call__(self, m: Mapping[str, Any]) -> None:
+    def __call__(self, m: Union[StepMetrics, Mapping[str, Any]]) -> None:
         now = time.perf_counter()
-        m = dict(m)
-        m.setdefault("time_step", now - self._last)
+        m = m if isinstance(m, StepMetrics) else StepMetrics.from_row(m)
+        if m.time_step is None:
+            m.time_step = now - self._last
         self._last = now
         stats = getattr(self.loader, "stats", None)
-        if callable(stats):
-            m["data"] = stats()
+        if callable(stats) and not m.data:
+            m.data = dict(stats())
         self.record_step(m, rank=0)
 
 

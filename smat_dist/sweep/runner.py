@@ -1,6 +1,6 @@
 """Run the cells of a sweep on a Ray cluster: each cell = ``smat-train`` then ``smat-eval``.
 
-How cells share one cluster: every cell is its own driver process (``python -m smat_dist.dist.cli`` /
+How cells share one cluster: every cell is its own driver process (``python -m smat_dist.train.cli`` /
 ``smat_dist.eval.cli``) joined to the cluster through ``RAY_ADDRESS``, i.e. its own Ray job, exactly as a
 user would run it by hand. Each cell's ``TorchTrainer`` asks for one gang-scheduled placement group
 (``dist.num_workers`` bundles), so concurrent cells never hold half of each other's workers: a cell that
@@ -86,7 +86,7 @@ class Sweep:
 
     def train_cmd(self, cell: Cell) -> List[str]:
         configs = [a for p in cell.configs for a in ("--config", str(p))]
-        return [sys.executable, "-m", "smat_dist.dist.cli", *configs, *cell.overrides,
+        return [sys.executable, "-m", "smat_dist.train.cli", *configs, *cell.overrides,
                 f"train.output_dir={self.out / 'runs'}", f"train.run_name={cell.id}", "dist.storage_path=null"]
 
     def eval_cmd(self, cell: Cell) -> List[str]:
@@ -140,20 +140,13 @@ class Sweep:
     # ----------------------------------------------------------------------------- cluster
     def connect(self) -> bool:
         """Join RAY_ADDRESS (a preflight look at its resources) or start a local Ray for the cells."""
-        address = os.environ.get("RAY_ADDRESS")
-        if not address:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray stays on 127.0.0.1
         import ray
 
+        from smat_dist import ray_session
+
+        address = os.environ.get("RAY_ADDRESS")
         res = self.cfg.resources
-        if address:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-            owned = False
-        else:
-            ray.init(num_cpus=self.num_cpus or os.cpu_count(), num_gpus=None if res.use_gpu else 0,
-                     include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=False,
-                     configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": self.env()["PYTHONPATH"]}})
-            owned = True
+        owned = ray_session.connect(num_cpus=self.num_cpus, use_gpu=res.use_gpu, log_to_driver=False)
         self.ray_address = address or ray.get_runtime_context().gcs_address
         self._owned = owned
         total = ray.cluster_resources()

@@ -1,0 +1,75 @@
+"""Crash-safe file writes: a file a later step reads is either the old one or the whole new one.
+
+Write to a temporary name in the same directory, flush and fsync it, rename over the target, then
+fsync the directory so the rename itself survives a power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Union
+
+PathLike = Union[str, Path]
+
+
+def fsync_dir(directory: PathLike) -> None:
+    try:
+        fd = os.open(str(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (e.g. certain network mounts) do not sync directories
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(path: PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def publish(tmp: PathLike, path: PathLike) -> Path:
+    """fsync ``tmp`` (a file or a directory tree) and rename it to ``path``; fsync the parent."""
+    tmp, path = Path(tmp), Path(path)
+    if tmp.is_dir():
+        for sub in sorted(tmp.rglob("*")):
+            if sub.is_file():
+                _fsync_file(sub)
+        for sub in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+            fsync_dir(sub)
+        if path.exists():
+            shutil.rmtree(path)
+    else:
+        _fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "publish", "fsync_dir", "tmp_path_for"]

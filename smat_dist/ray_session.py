@@ -1,0 +1,92 @@
+"""The one way this package joins or starts Ray (training, evaluation, sweeps, the demo).
+
+* With ``RAY_ADDRESS`` set (``ray job submit`` sets it for the entrypoint) the process joins that
+  cluster; the cluster's or job's runtime env applies and only the environment our workers need is
+  added.
+* Otherwise it starts a local Ray bound to 127.0.0.1: Ray resolves "localhost" to the machine's
+  external address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which it reads at import time, so the
+  setting goes into the environment (for Ray's own child processes) and into the already-imported
+  constant. No dashboard is started; Ray Train's state queries then have nothing to ask, which is why
+  the training launcher silences that one warning (see :mod:`smat_dist.train.ray`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+log = logging.getLogger(__name__)
+
+LOCALHOST = "127.0.0.1"
+
+
+def worker_env(*, use_gpu: bool = False, include_pythonpath: bool = True) -> Dict[str, str]:
+    """Environment every Ray process of ours needs (workers, actors, Ray Train's controller)."""
+    import smat_dist
+
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # see smat_dist/__init__.py
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    if include_pythonpath:  # workers must import this package; harmless when it is installed
+        pkg_parent = str(Path(smat_dist.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def keep_local() -> None:
+    """Make a Ray started by this process use 127.0.0.1 for every address (single node)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as constants  # read at call time by Ray's address resolution
+
+    constants.ENABLE_RAY_CLUSTER = False
+
+
+def connect(*, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, use_gpu: bool = False,
+            object_store_mb: int = 256, log_to_driver: bool = True) -> bool:
+    """Join ``$RAY_ADDRESS`` or an already initialised Ray, else start a local one on 127.0.0.1.
+
+    Returns True when this call started Ray (the caller shuts it down when done).
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before the first `import ray`, if it is
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = worker_env(use_gpu=use_gpu)
+    if address:
+        env.pop("PYTHONPATH")  # the job's working dir / image provides the package
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
+        return False
+    keep_local()
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        num_gpus=num_gpus if num_gpus is not None else (None if use_gpu else 0),
+        include_dashboard=False,
+        object_store_memory=object_store_mb * 1024 * 1024,
+        runtime_env={"env_vars": env},
+        log_to_driver=log_to_driver,
+        configure_logging=False,
+        _node_ip_address=LOCALHOST,
+    )
+    return True
+
+
+def shutdown(started: bool) -> None:
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+__all__ = ["connect", "shutdown", "worker_env", "keep_local", "LOCALHOST"]

@@ -1,0 +1,174 @@
+"""How a rank turns task losses into an optimiser step, and saves/loads that state.
+
+Two engines behind one interface, chosen by the launcher:
+
+* :class:`DeepSpeedEngine` (Ray and torchrun ranks): the SMAT module goes into
+  ``deepspeed.initialize`` with the project's client optimiser; DeepSpeed all-reduces (ZeRO 0) or
+  reduce-scatters (ZeRO 1/2) the meta-gradients of θδ, gate logits, hypernetwork and λ, and
+  accumulates over a rank's tasks. θ_pre is not part of the module's state (see
+  :class:`smat_dist.smat.SMAT`), so it is neither reduced nor checkpointed.
+* :class:`LocalEngine` (one process): plain torch, ``loss / B`` backward per task and one optimiser
+  step per meta-step — no DeepSpeed, no process group, the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from smat_dist.smat.optim import SMATOptimizer
+from smat_dist.train import distributed
+
+# Classes DeepSpeed writes into ZeRO optimizer-state files; the only globals our checkpoint
+# loader lets the weights-only unpickler rebuild (no arbitrary code from a checkpoint).
+_SAFE_DS_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+LOCAL_STATE = "state.pt"  # LocalEngine's file inside a checkpoint tag directory
+
+
+class Engine:
+    """Per-task ``backward``, per-meta-step ``finish_step``; ``save``/``load`` of this rank's state."""
+
+    kind = "?"
+
+    def __init__(self, model: torch.nn.Module, optimizer: SMATOptimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    def backward(self, loss: torch.Tensor) -> float:
+        """Backward of one task's loss; returns seconds spent reducing/stepping (0 if none)."""
+        raise NotImplementedError
+
+    def finish_step(self) -> None:
+        """After the meta-step's last task."""
+
+    def save(self, directory: Path, tag: str) -> None:
+        raise NotImplementedError
+
+    def load(self, directory: Path, tag: str) -> None:
+        raise NotImplementedError
+
+
+class LocalEngine(Engine):
+    kind = "local"
+
+    def __init__(self, model: torch.nn.Module, optimizer: SMATOptimizer, tasks_per_step: int):
+        super().__init__(model, optimizer)
+        self.tasks_per_step = int(tasks_per_step)
+
+    def backward(self, loss: torch.Tensor) -> float:
+        (loss / self.tasks_per_step).backward()
+        return 0.0
+
+    def finish_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path, tag: str) -> None:
+        path = Path(directory) / tag / LOCAL_STATE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)
+
+    def load(self, directory: Path, tag: str) -> None:
+        path = Path(directory) / tag / LOCAL_STATE
+        state = torch.load(str(path), map_location=self.model.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def import_deepspeed(use_gpu: bool):
+    """Import DeepSpeed for this process's device, without its CPU shared-memory JIT op.
+
+    On CPU every ``deepspeed.initialize`` would otherwise compile ``deepspeed_shm_comm`` (~17 s);
+    gloo does the collectives fine without it. Set ``SMAT_DS_SHM=1`` to keep it.
+    """
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
+
+    if os.environ.get("SMAT_DS_SHM") != "1":
+        # `import deepspeed.comm.torch as m` would bind the torch package: patch the module object.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return deepspeed
+
+
+def ds_config(zero_stage: int, tasks_per_rank: int) -> Dict[str, Any]:
+    """One task per micro-step, accumulation over a rank's tasks, fp32 master weights (mixed
+    precision is autocast inside the model), clipping per group in the client optimiser (so
+    DeepSpeed's global-norm clipping is off)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": int(tasks_per_rank),
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": int(zero_stage)},
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine(Engine):
+    kind = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, optimizer: SMATOptimizer, *, zero_stage: int, tasks_per_rank: int):
+        super().__init__(model, optimizer)
+        deepspeed = import_deepspeed(model.device.type == "cuda")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(zero_stage, tasks_per_rank), dist_init_required=False)
+        if zero_stage > 0:
+            # ZeRO 1/2 hand each rank a partition of every group: per-group norms need a sum over ranks.
+            optimizer.norm_reducer = distributed.all_reduce_sum
+        self._make_checkpoint_loading_safe()
+
+    def backward(self, loss: torch.Tensor) -> float:
+        self.engine.backward(loss)
+        t0 = time.perf_counter()
+        self.engine.step()  # the optimiser steps (after the all-reduce) at the last task only
+        return time.perf_counter() - t0
+
+    def save(self, directory: Path, tag: str) -> None:
+        """Every rank writes its part (ZeRO partitions); rank 0 also the module state."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={})
+
+    def load(self, directory: Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint found in {directory} (tag={tag})")
+
+    def _make_checkpoint_loading_safe(self) -> None:
+        """DeepSpeed loads its own files with ``weights_only=False`` (full unpickling). Swap in a
+        weights-only load that allows just the few DeepSpeed classes its optimizer states contain."""
+        allowed = [g for g in (_resolve(p) for p in _SAFE_DS_GLOBALS) if g is not None]
+
+        def safe_load(path, map_location=None, *args, **kwargs):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+        self.engine.checkpoint_engine.load = safe_load
+
+
+def _resolve(path: str):
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+__all__ = ["Engine", "LocalEngine", "DeepSpeedEngine", "import_deepspeed", "ds_config", "LOCAL_STATE"]

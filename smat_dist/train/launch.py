@@ -1,0 +1,133 @@
+"""The single-process and torchrun launchers, and the single-process trainer as a Python API.
+
+``python -m smat_dist.train --config X.yaml [key=value ...]`` runs the recipe in this process (plain
+torch, :class:`~smat_dist.train.engine.LocalEngine`). Started by torchrun (``torchrun
+--nproc-per-node N -m smat_dist.train ...``) every rank joins torchrun's process group (gloo on CPU,
+``cpu:gloo,cuda:nccl`` on GPU), wraps the model in DeepSpeed and builds its own episodes in-process
+from the same deterministic stream. Both write checkpoints as ``<run_dir>/checkpoint_step_<step>/``:
+every rank writes its part into a ``.partial`` directory, rank 0 adds the sidecar and renames it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+from smat_dist.config import RunConfig, TrainConfig, to_yaml
+from smat_dist.episode import Episode
+from smat_dist.fsutil import atomic_write_text, publish
+from smat_dist.smat import SMAT
+from smat_dist.train import checkpoint as ckpt
+from smat_dist.train import distributed
+from smat_dist.train.distributed import Runtime
+from smat_dist.train.metrics import StepMetrics
+from smat_dist.train.recipe import EpisodeProvider, MetaTrainRecipe
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    storage = cfg.dist.storage_path or cfg.train.output_dir
+    return Path(storage).expanduser().resolve() / cfg.train.run_name
+
+
+class LocalCheckpoints:
+    """Checkpoints written by the ranks themselves into the run directory (shared storage for
+    multi-node torchrun)."""
+
+    def save(self, recipe: MetaTrainRecipe, step: int, metrics: StepMetrics, final: bool) -> None:
+        main = recipe.runtime.is_main
+        final_dir = ckpt.local_dir(recipe.run_dir, step)
+        partial = final_dir.with_name(final_dir.name + ckpt.PARTIAL_SUFFIX)
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crash at this step
+            partial.mkdir(parents=True)
+        distributed.barrier()
+        meta = recipe.checkpoint_meta(step)
+        recipe.engine.save(partial, meta.tag)
+        distributed.barrier()  # every rank's files are in place
+        if main:
+            meta.write(partial)
+            publish(partial, final_dir)
+            ckpt.prune(recipe.run_dir, recipe.cfg.train.keep_checkpoints)
+        distributed.barrier()
+
+
+def agreed_resume_point(run_dir: Path, resume_from: Optional[str]) -> Optional[Path]:
+    """Rank 0 decides where the run continues from; every rank gets the same answer."""
+    point = ckpt.resume_point(run_dir, resume_from) if distributed.rank() == 0 else None
+    text = distributed.broadcast_string(str(point) if point else "", max_len=4096)
+    return Path(text) if text else None
+
+
+def run(cfg: RunConfig, runtime: Runtime) -> Path:
+    """Train (or resume) on this rank; returns the run directory. Rank 0 writes the export at the end."""
+    from smat_dist.monitoring.recorder import worker_monitor
+
+    run_dir = run_dir_of(cfg)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
+    distributed.barrier()
+    monitor = worker_monitor(cfg, runtime.rank, default_backend="prometheus")
+    try:
+        recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=LocalCheckpoints(), monitor=monitor)
+        recipe.setup(agreed_resume_point(run_dir, cfg.dist.resume_from))
+        recipe.train()
+        if runtime.is_main:
+            recipe.export()
+        distributed.barrier()
+    finally:
+        monitor.close()
+    return run_dir
+
+
+class Trainer:
+    """The single-process launcher as a Python API, for tests, tools and notebooks::
+
+        trainer = Trainer(SMAT(cfg.model), cfg.train, run_dir="runs/x")
+        trainer.fit(ToyEpisodes(), steps=10, on_step=print)
+        trainer.train_step(list_of_episodes)          # one meta-step over exactly these episodes
+
+    Same recipe, same engine and checkpoint layout as ``python -m smat_dist.train``.
+    """
+
+    def __init__(self, model: SMAT, cfg: Union[TrainConfig, RunConfig], run_dir: Optional[str | Path] = None):
+        run = cfg if isinstance(cfg, RunConfig) else RunConfig(train=cfg)
+        run.model = model.cfg
+        self.recipe = MetaTrainRecipe(run, Runtime("local", device=model.device), run_dir, model=model,
+                                      sink=LocalCheckpoints() if run_dir is not None else None, progress=False)
+        self.recipe.setup()
+
+    @property
+    def model(self) -> SMAT:
+        return self.recipe.model
+
+    @property
+    def step(self) -> int:
+        return self.recipe.step
+
+    def train_step(self, episodes: Iterable[Episode]) -> StepMetrics:
+        """One optimiser step over exactly ``episodes`` (their ``index`` is the global task index)."""
+        episodes = list(episodes)
+        recipe = self.recipe
+        recipe.tasks_per_rank = len(episodes)
+        recipe.cfg.train.tasks_per_step = len(episodes)
+        recipe.engine.tasks_per_step = len(episodes)
+        recipe._stream = iter(episodes)
+        return recipe.run_step()
+
+    def fit(self, provider: EpisodeProvider, steps: Optional[int] = None,
+            on_step: Optional[Callable[[StepMetrics], None]] = None) -> None:
+        """Meta-steps until ``steps`` (default: the config's total), checkpointing when a run_dir is set."""
+        self.recipe._provider, self.recipe._stream, self.recipe.on_step = provider, None, on_step
+        self.recipe.train(steps)
+
+    def load(self, directory: str | Path) -> None:
+        self.recipe.resume(Path(directory))
+        self.recipe._stream = None
+
+    def export(self) -> Path:
+        return self.recipe.export()
+
+
+__all__ = ["run", "run_dir_of", "Trainer", "LocalCheckpoints", "agreed_resume_point"]

@@ -1,0 +1,131 @@
+"""The Ray launcher (``smat-train``): a Ray Train ``TorchTrainer`` whose workers run the recipe.
+
+The driver joins ``$RAY_ADDRESS`` (``ray job submit``) or starts a local Ray (:mod:`smat_dist.ray_session`),
+then starts ``dist.num_workers`` workers. Each worker is a rank of the recipe with a DeepSpeed engine;
+checkpoints are written by every rank into a temporary directory and handed to
+``ray.train.report``, which persists them as ``<run_dir>/checkpoint_<time>/`` and restores the latest
+after a worker failure (``dist.max_failures``). Re-running with the same ``train.run_name`` resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from smat_dist.config import RunConfig, from_dict, to_dict, to_yaml
+from smat_dist.fsutil import atomic_write_text
+from smat_dist.train import checkpoint as ckpt
+from smat_dist.train import distributed
+from smat_dist.train.distributed import Runtime, backend_for
+from smat_dist.train.launch import agreed_resume_point, run_dir_of
+from smat_dist.train.metrics import StepMetrics
+from smat_dist.train.recipe import EXPORT_NAME, MetaTrainRecipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    export: Path
+    checkpoint: Optional[str]
+    metrics: dict
+
+
+class RayCheckpoints:
+    """Every rank saves its part into a temporary directory; ``ray.train.report`` gathers and persists them."""
+
+    def save(self, recipe: MetaTrainRecipe, step: int, metrics: StepMetrics, final: bool) -> None:
+        import ray.train
+
+        tmp = Path(tempfile.mkdtemp(prefix="smat-ckpt-"))
+        try:
+            meta = recipe.checkpoint_meta(step)
+            recipe.engine.save(tmp, meta.tag)
+            if recipe.runtime.is_main:
+                meta.write(tmp)
+            distributed.barrier()
+            scalars = {k: v for k, v in metrics.row().items() if isinstance(v, (int, float))}
+            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_loop(config: Dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer: one rank of the recipe."""
+    import ray.train
+    import ray.train.torch
+
+    from smat_dist.monitoring.recorder import worker_monitor
+
+    cfg: RunConfig = from_dict(RunConfig, config["run"])
+    run_dir = Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.dist.use_gpu else torch.device("cpu")
+    runtime = Runtime("ray", ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device)
+    torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
+    monitor = worker_monitor(cfg, runtime.rank, default_backend="ray")
+    recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=RayCheckpoints(), monitor=monitor)
+    own = ray.train.get_checkpoint()  # this run's latest (a restart after a failure, or a re-run)
+    try:
+        if own is not None:
+            with own.as_directory() as d:
+                recipe.setup(Path(d))
+        else:
+            recipe.setup(agreed_resume_point(run_dir, cfg.dist.resume_from))
+        recipe.train()
+        if runtime.is_main:
+            recipe.export()
+        distributed.barrier()
+    finally:
+        monitor.close()
+
+
+def train(cfg: RunConfig) -> RunResult:
+    """Run (or resume) meta-training on Ray; returns where the run and its exported model are."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from smat_dist import ray_session
+
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
+    started = ray_session.connect(num_cpus=cfg.dist.local_num_cpus, use_gpu=cfg.dist.use_gpu,
+                                  object_store_mb=cfg.dist.object_store_mb)
+    try:
+        resources = {"CPU": cfg.dist.cpus_per_worker}
+        if cfg.dist.use_gpu:
+            resources["GPU"] = cfg.dist.gpus_per_worker
+        backend = backend_for(torch.device("cuda" if cfg.dist.use_gpu else "cpu"))
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir)},
+            torch_config=TorchConfig(backend=backend),
+            scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=cfg.train.run_name,
+                storage_path=str(run_dir.parent),
+                failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            ),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+        return RunResult(run_dir=run_dir, export=run_dir / EXPORT_NAME, checkpoint=ckpt_path,
+                         metrics=dict(result.metrics or {}))
+    finally:
+        ray_session.shutdown(started)
+
+
+__all__ = ["train", "train_loop", "RunResult", "RayCheckpoints", "ckpt"]
