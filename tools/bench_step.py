@@ -71,7 +71,7 @@ def run_one(kind: str, backbone: str, experts: int, repeats: int, tasks_per_step
         from smat_dist.config import TrainConfig
         from smat_dist.smat import SMAT, ModelConfig
         from smat_dist.smat.config import BackboneConfig, GateConfig
-        from smat_dist.smat.trainer import Trainer
+        from smat_dist.train.launch import Trainer
 
         cfg = ModelConfig(backbone=BackboneConfig(**BACKBONES[backbone]), gates=GateConfig(num_experts=experts))
         trainer = Trainer(SMAT(cfg), TrainConfig(tasks_per_step=tasks_per_step, tasks_per_epoch=1))

@@ -139,3 +139,12 @@ def apply_schedule(opt: torch.optim.Optimizer, epoch: int, cfg: OptimConfig) -> 
         if epoch == 0 and cfg.first_epoch_abs_lr is not None and g.get("rule") == "sgd":
             g["lr"] = cfg.first_epoch_abs_lr  # D7: the reference's epoch-0 override
     return mult
+
+
+def count_trainable(model) -> Dict[str, int]:
+    """Trainable values per optimiser group of a :class:`~smat_dist.smat.SMAT`, their total, and |θ_pre|."""
+    groups = model.trainable_parameters()
+    out = {k: sum(p.numel() for p in v) for k, v in groups.items()}
+    out["total"] = sum(out.values())
+    out["theta_pre"] = model.space.numel
+    return out

@@ -61,10 +61,8 @@ def main_local(argv: Optional[List[str]] = None) -> int:
         runtime = distributed.init_torchrun(cfg.dist.use_gpu)
     else:
         runtime = distributed.Runtime("local", device=distributed.rank_device(cfg.dist.use_gpu, 0))
-    try:
-        run_dir = run(cfg, runtime)
-    finally:
-        distributed.shutdown()
+    run_dir = run(cfg, runtime)  # an error ends this rank; torchrun then stops the others
+    distributed.shutdown()
     if runtime.is_main:
         print(f"[smat-train] done: run directory {run_dir}")
         print(f"[smat-train] exported model {run_dir / 'model.safetensors'}")

@@ -261,8 +261,11 @@ class MetaTrainRecipe:
         self.step += 1
         m.step, m.lr_mult, m.world_size = self.step, lr_mult, rt.world_size
         self._fault_hook()
-        state = state_fingerprint(self.model, m)
-        m.global_state_max_spread = float((distributed.all_gather_rows(state.unsqueeze(0)) - state).abs().max())
+        if rt.world_size > 1:
+            state = state_fingerprint(self.model, m)
+            m.global_state_max_spread = float((distributed.all_gather_rows(state.unsqueeze(0)) - state).abs().max())
+        else:
+            m.global_state_max_spread = 0.0
         flat, sizes = [], []
         for k in averaged_fields(m):
             v = getattr(m, k)

@@ -34,7 +34,7 @@ def make_tiny_export(run_dir: Path, method: str = "smat", seed: int = 0, **model
     from smat_dist.export import export_model
     from smat_dist.smat import SMAT
     from smat_dist.smat.toy import ToyEpisodes
-    from smat_dist.smat.trainer import Trainer
+    from smat_dist.train.launch import Trainer
 
     torch.manual_seed(seed)
     cfg = dataclasses.replace(ModelConfig(backbone=BackboneConfig(**TINY), method=method), **model_changes)

@@ -44,7 +44,7 @@ def test_single_process_trainer_metrics_reach_prometheus(prometheus, synth_small
     from smat_dist.data.loader import EpisodeLoader
     from smat_dist.monitoring.recorder import TrainerMonitor
     from smat_dist.smat import SMAT
-    from smat_dist.smat.trainer import Trainer
+    from smat_dist.train.launch import Trainer
 
     run = f"sp-{uuid.uuid4().hex[:6]}"
     cfg = load_config(RunConfig, [REPO / "configs" / "demo" / "smat.yaml"], [
@@ -57,7 +57,7 @@ def test_single_process_trainer_metrics_reach_prometheus(prometheus, synth_small
     try:
         Trainer(SMAT(cfg.model), cfg.train).fit(loader, steps=6, on_step=monitor)
         experts = cfg.model.gates.num_experts
-        _check_training_series(prometheus, run, final_step=5, experts=experts)  # Trainer logs 0-based steps
+        _check_training_series(prometheus, run, final_step=6, experts=experts)  # steps completed, as every launcher
         sel = f'run="{run}", rank="0"'
         images = prometheus.wait(f"ray_smat_data_images_total{{{sel}}}", lambda v: True)
         assert list(images.values()) == [loader.stats()["images"]] and loader.stats()["images"] > 0
@@ -81,9 +81,9 @@ def test_ray_worker_metrics_reach_prometheus(ray_head, prometheus, tmp_path):
     can fill returns data for it."""
     run = f"ray-{uuid.uuid4().hex[:6]}"
     t0 = time.time()
-    proc = run_cli("smat_dist.dist.cli", [
+    proc = run_cli("smat_dist.train.cli", [
         "--config", str(REPO / "configs" / "smat.yaml"), *TINY_MODEL, "model.backbone.img_size=16",
-        "dist.episodes=toy", "dist.num_workers=2", "dist.cpus_per_worker=1", "train.tasks_per_step=2",
+        "data.episodes=toy", "dist.num_workers=2", "dist.cpus_per_worker=1", "train.tasks_per_step=2",
         "train.tasks_per_epoch=1000", "train.max_steps=30", "train.checkpoint_every=30", "model.gates.num_experts=3",
         f"train.output_dir={tmp_path}", f"train.run_name={run}"], ray_head.env(), tmp_path,
         log=tmp_path / "train.log")

@@ -7,7 +7,7 @@ import torch
 
 from smat_dist.config import RunConfig, TrainConfig, load_config
 from smat_dist.smat import SMAT
-from smat_dist.smat.trainer import Trainer
+from smat_dist.train.launch import Trainer
 
 from .conftest import TINY
 
@@ -45,8 +45,8 @@ def test_config_runs_a_meta_step_with_the_expected_trainable_set(name, toy):
     trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     m = trainer.train_step(list(toy.iterate(range(2))))
-    assert torch.isfinite(torch.tensor(m["loss"]))
-    assert ("teacher_ce" in m) == teacher
+    assert torch.isfinite(torch.tensor(m.loss))
+    assert (m.teacher_ce is not None) == teacher
     assert not torch.equal(before["delta"], model.delta.detach())  # θδ trained in every method
     if hyper:
         assert not torch.equal(before["hypernet.keys"], model.hypernet.keys.detach())

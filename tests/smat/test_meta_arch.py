@@ -7,7 +7,7 @@ from smat_dist.config import TrainConfig
 from smat_dist.smat import SMAT
 from smat_dist.smat.backbone import features
 from smat_dist.smat.protonet import cosine_logits, prototypes
-from smat_dist.smat.trainer import Trainer
+from smat_dist.train.launch import Trainer
 
 from .conftest import tiny_model_config
 
@@ -86,7 +86,7 @@ def test_lambda_grows_while_too_dense_and_is_zero_once_sparser(tiny_cfg, toy):
     lams = []
     for s in range(4):
         m = trainer.train_step(list(toy.iterate(range(2 * s, 2 * s + 2))))
-        assert max(m["sparsity"]) < 0.5
+        assert max(m.sparsity) < 0.5
         lams.append(model.lagrange.detach().clone())
     for a, b in zip(lams, lams[1:]):
         assert bool((b > a).all()), (a, b)
@@ -106,7 +106,7 @@ def test_lambda_update_is_gradient_ascent_on_the_violation(tiny_cfg, toy):
     trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=1000))
     m = trainer.train_step(list(toy.iterate(range(2))))
     # one step: λ_m = lr · (τ - sparsity_m) · mean_t(α_t,m)
-    expected = 2e-3 * (0.5 - torch.tensor(m["sparsity"])) * torch.tensor(m["alpha_mean"])
+    expected = 2e-3 * (0.5 - torch.tensor(m.sparsity)) * torch.tensor(m.alpha_mean)
     torch.testing.assert_close(model.lagrange.detach(), expected, rtol=1e-5, atol=1e-9)
 
 
@@ -123,7 +123,7 @@ def test_toy_run_sparsity_converges_to_tau():
     model = SMAT(cfg)
     trainer = Trainer(model, TrainConfig(tasks_per_step=1, tasks_per_epoch=10**6))
     history = []
-    trainer.fit(toy, steps=150, on_step=lambda m: history.append(m["sparsity"]))
+    trainer.fit(toy, steps=150, on_step=lambda m: history.append(m.sparsity))
     tail = torch.tensor(history[-20:])  # the last 20 steps, both experts
     assert float((tail - tau).abs().max()) <= 0.02, tail
     assert float(torch.tensor(history[0]).max()) < tau - 0.1  # it really had to move

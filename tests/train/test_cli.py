@@ -35,7 +35,7 @@ def _env(**extra) -> dict:
 
 
 def _train_cmd(out: Path, name: str, *extra: str) -> list:
-    return [sys.executable, "-m", "smat_dist.dist.cli", "--config", str(REPO / "configs" / "smat.yaml"), *TINY,
+    return [sys.executable, "-m", "smat_dist.train.cli", "--config", str(REPO / "configs" / "smat.yaml"), *TINY,
             f"train.output_dir={out}", f"train.run_name={name}", *extra]
 
 

@@ -7,36 +7,11 @@ import json
 import pytest
 import torch
 
-from smat_dist.dist.launcher import train
-from smat_dist.export import read_export
+from smat_dist.train.ray_launcher import train
 
-from .conftest import tiny_run_config
+from .conftest import assert_same, export_params, tiny_run_config
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def _params(export_path):
-    tensors, _ = read_export(export_path)
-    return {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
-
-
-def _assert_same(a, b, atol=0.0, rtol=0.0):
-    assert a.keys() == b.keys()
-    worst = 0.0
-    for k in a:
-        if atol == 0.0 and rtol == 0.0:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=k)
-            worst = max(worst, float((a[k].double() - b[k].double()).abs().max()))
-    return worst
-
-
-@pytest.fixture(scope="module")
-def two_workers(ray_session, runs_dir):
-    cfg = tiny_run_config(runs_dir, "two", "dist.num_workers=2", "train.tasks_per_step=2", "train.max_steps=4",
-                          "train.checkpoint_every=2", "train.keep_checkpoints=3")
-    return cfg, train(cfg)
 
 
 def test_two_worker_run_writes_checkpoints_metrics_and_keeps_global_state_identical(two_workers):
@@ -74,8 +49,8 @@ def test_two_workers_one_task_each_equal_one_worker_accumulating_two(two_workers
     cfg1 = tiny_run_config(runs_dir, "one", "dist.num_workers=1", "train.tasks_per_step=2", "train.max_steps=4",
                            "train.checkpoint_every=4")
     res1 = train(cfg1)
-    a, b = _params(res2.export), _params(res1.export)
-    worst = _assert_same(a, b, atol=1e-4, rtol=1e-4)
+    a, b = export_params(res2.export), export_params(res1.export)
+    worst = assert_same(a, b, atol=1e-4, rtol=1e-4)
     print(f"worst |2x1 - 1x2| after 4 steps: {worst:.3g}")
     assert not torch.equal(a["delta"], torch.zeros_like(a["delta"]))  # it did train
 
@@ -83,11 +58,11 @@ def test_two_workers_one_task_each_equal_one_worker_accumulating_two(two_workers
 def test_injected_worker_fault_restarts_from_checkpoint_and_ends_identical(two_workers, runs_dir):
     _, clean = two_workers
     cfg = tiny_run_config(runs_dir, "faulty", "dist.num_workers=2", "train.tasks_per_step=2", "train.max_steps=4",
-                          "train.checkpoint_every=2", "dist.fault_at_step=3", "dist.fault_rank=1",
+                          "train.checkpoint_every=2", "debug.fault_at_step=3", "debug.fault_rank=1",
                           "dist.max_failures=1")
     res = train(cfg)
     assert (res.run_dir / ".fault_injected_step_3").exists()  # it really failed once
-    _assert_same(_params(res.export), _params(clean.export))  # bit-identical to the clean run
+    assert_same(export_params(res.export), export_params(clean.export))  # bit-identical to the clean run
     steps = [json.loads(line)["step"] for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the failed step's partial record was not kept twice
 
@@ -102,7 +77,7 @@ def test_resume_from_a_two_worker_checkpoint_on_one_worker(two_workers, runs_dir
     res = train(cfg)
     steps = [json.loads(line)["step"] for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 4]
-    _assert_same(_params(res.export), _params(clean.export), atol=1e-4, rtol=1e-4)
+    assert_same(export_params(res.export), export_params(clean.export), atol=1e-4, rtol=1e-4)
 
 
 def test_zero2_checkpoint_refuses_a_different_worker_count(two_workers, runs_dir):

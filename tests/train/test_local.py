@@ -1,10 +1,14 @@
+"""The single-process launcher (plain torch engine): exact resume, checkpoint format, metrics."""
+
 import pytest
 import torch
 
 from smat_dist.config import TrainConfig
 from smat_dist.smat import SMAT
 from smat_dist.smat.backbone import build_backbone
-from smat_dist.smat.trainer import Trainer, count_trainable, latest_checkpoint
+from smat_dist.smat.optim import count_trainable
+from smat_dist.train.checkpoint import CheckpointError, find_latest
+from smat_dist.train.launch import Trainer
 
 
 def _model(cfg, init_seed: int) -> SMAT:
@@ -25,8 +29,8 @@ def test_resume_from_checkpoint_is_bit_identical(tiny_cfg, toy, tmp_path):
     first = _model(tiny_cfg, 1)
     first.load_state_dict(init)
     Trainer(first, cfg, run_dir=tmp_path / "b").fit(toy, steps=3)
-    ckpt = latest_checkpoint(tmp_path / "b")
-    assert ckpt is not None and ckpt.name == "step_00000003.pt"
+    ckpt = find_latest(tmp_path / "b")
+    assert ckpt is not None and ckpt.name == "checkpoint_step_00000003"
 
     resumed = _model(tiny_cfg, 2)  # a different init, overwritten by the checkpoint
     assert not torch.equal(resumed.gates.logits, straight.gates.logits)
@@ -39,7 +43,7 @@ def test_resume_from_checkpoint_is_bit_identical(tiny_cfg, toy, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # optimiser state too (momentum of θδ, AdamW moments of the hypernetwork)
-    sa, sb = t1.opt.state_dict()["state"], t2.opt.state_dict()["state"]
+    sa, sb = t1.recipe.optimizer.state_dict()["state"], t2.recipe.optimizer.state_dict()["state"]
     assert sa.keys() == sb.keys()
     for pid in sa:
         for key in sa[pid]:
@@ -49,17 +53,17 @@ def test_resume_from_checkpoint_is_bit_identical(tiny_cfg, toy, tmp_path):
 
 def test_checkpoint_loads_with_weights_only_and_refuses_other_backbone_weights(tiny_cfg, toy, tmp_path):
     model = SMAT(tiny_cfg)
-    trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=2))
+    trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=2, checkpoint_every=1), run_dir=tmp_path)
     trainer.fit(toy, steps=1)
-    path = trainer.save(tmp_path / "c.pt")
-    state = torch.load(path, weights_only=True)  # no pickled code objects inside
-    assert state["step"] == 1 and "gates.logits" in state["model"]
+    ckpt = find_latest(tmp_path)
+    state = torch.load(ckpt / "step_00000001" / "state.pt", weights_only=True)  # no pickled code objects inside
+    assert "gates.logits" in state["model"] and "state" in state["optimizer"]
     assert "theta_pre" not in str(list(state["model"]))  # θ_pre is not checkpointed
     other = SMAT(tiny_cfg)
     with torch.no_grad():
         other.theta_pre.add_(1.0)
-    with pytest.raises(ValueError, match="fingerprint"):
-        Trainer(other, TrainConfig()).load(path)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        Trainer(other, TrainConfig(tasks_per_step=2)).load(ckpt)
 
 
 def test_trainable_value_count_is_m_plus_one_theta_plus_hypernet(tiny_cfg):
@@ -77,7 +81,7 @@ def test_metrics_are_written_per_step(tiny_cfg, toy, tmp_path):
     trainer = Trainer(SMAT(tiny_cfg), TrainConfig(tasks_per_step=2, tasks_per_epoch=2), run_dir=tmp_path)
     trainer.fit(toy, steps=2)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1]
+    assert [r["step"] for r in rows] == [1, 2]  # meta-steps completed, as every launcher logs them
     for key in ("query_ce", "kd", "sparsity", "lambda", "temperature", "time_data", "tasks_per_s"):
         assert key in rows[-1], key
     assert len(rows[-1]["sparsity"]) == 8
