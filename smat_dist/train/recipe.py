@@ -59,13 +59,6 @@ class CheckpointSink(Protocol):
     def save(self, recipe: "MetaTrainRecipe", step: int, metrics: StepMetrics, final: bool) -> None: ...
 
 
-def rank_indices(step_start: int, tasks_per_step: int, rank: int, world_size: int,
-                 num_steps: Optional[int] = None) -> Iterator[int]:
-    from smat_dist.data.loader import rank_indices as _rank_indices
-
-    return _rank_indices(step_start, tasks_per_step, rank, world_size, num_steps=num_steps)
-
-
 def open_episodes(cfg: RunConfig, indices: Iterable[int], *, use_ray: bool):
     """(episode iterator, loader or None) for the run's training stream."""
     if cfg.data.episodes == "toy":
@@ -222,6 +215,8 @@ class MetaTrainRecipe:
     def _open_stream(self) -> None:
         if self._stream is not None:
             return
+        from smat_dist.data.loader import rank_indices
+
         B, rt = self.cfg.train.tasks_per_step, self.runtime
         indices = rank_indices(self.step, B, rt.rank, rt.world_size, num_steps=max(0, self.total - self.step))
         if self._provider is not None:
