@@ -1,4 +1,4 @@
-"""The Pre baseline against nearest-centroid computed by hand; θ_i against SMAT.task_weights."""
+"""The Pre baseline against nearest-centroid computed by hand; θ_i from SMAT's own test-time merge."""
 
 from __future__ import annotations
 
@@ -69,21 +69,40 @@ def test_feature_tables_match_per_episode_forwards(eval_root, tiny_run):
                 np.testing.assert_allclose(ea[(r.source, r.index)], r.alpha, atol=1e-5)
 
 
-def test_task_weights_equal_smat_task_weights(eval_root, tiny_run):
-    from smat_dist.eval.models import describe_checkpoint, build_task_model
-    from smat_dist.smat.toy import ToyEpisodes
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_evaluation_uses_the_models_test_time_merge_with_gates_computed_once(eval_root, tiny_run, tmp_path,
+                                                                             monkeypatch, feature_cache):
+    """θ_i and α_i of evaluation are SMAT.task_weights / SMAT.task_alpha of the task (from cached
+    θ_pre features or a forward), while the (M, G) test gates are computed once, not per task."""
+    import dataclasses
 
-    tm = build_task_model(describe_checkpoint(tiny_run))
-    ep = ToyEpisodes(num_classes=10, image_size=16, ways=4, shots=3, queries=2).episode(7)
-    params, alpha = tm.task_params(ep.support_x, ep.support_y)
-    ref = tm.smat.space.views(tm.smat.task_weights(ep.support_x, ep.support_y))
-    for k, v in ref.items():
-        torch.testing.assert_close(params[k], v, rtol=0, atol=1e-6)
-    assert alpha.shape == (8,) and float(alpha.sum()) == pytest.approx(1.0, abs=1e-5)
-    assert float(alpha.max() - alpha.min()) > 1e-3  # experts are weighted differently
-    # θ_i differs from θ_pre only where some expert's mask is on
-    flat = torch.cat([params[s.name].reshape(-1) for s in tm.smat.space.slots])
-    assert not torch.equal(flat, tm.smat.theta_pre)
+    from smat_dist.eval.episodes import frozen_list
+    from smat_dist.eval.models import describe_checkpoint
+    from smat_dist.eval.worker import EpisodeEvaluator
+
+    cfg = load_eval_config(eval_overrides(eval_root, f"feature_cache={str(feature_cache).lower()}"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16))
+    ev = EpisodeEvaluator(describe_checkpoint(tiny_run), cfg)
+    smat = ev.model.smat
+    gate_passes = []
+    test_gates = smat.test_gates
+    monkeypatch.setattr(smat, "test_gates", lambda: gate_passes.append(1) or test_gates())
+    specs = [sp for s in ("textures", "digits") for sp in frozen_list(cfg.data, s, "test", 3, 0, tmp_path).specs]
+    episodes = [ev.reader.episode(sp) for sp in specs]
+    got = [ev.task_weights(sp, ep) for sp, ep in zip(specs, episodes)]
+    assert len(gate_passes) == 1  # one (M, G) pass for all six tasks
+    alphas = []
+    for ep, (weights, alpha) in zip(episodes, got):
+        ref = smat.space.views(smat.task_weights(ep.support_x, ep.support_y))
+        assert set(weights) == set(ref)
+        for k, v in ref.items():
+            torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6)
+        torch.testing.assert_close(alpha, smat.task_alpha(ep.support_x, ep.support_y), rtol=0, atol=1e-6)
+        assert alpha.shape == (8,) and float(alpha.sum()) == pytest.approx(1.0, abs=1e-5)
+        alphas.append(alpha)
+    assert float(torch.stack(alphas).std(0).max()) > 1e-3  # α depends on the task
+    flat = torch.cat([got[0][0][s.name].reshape(-1) for s in smat.space.slots])
+    assert not torch.equal(flat, smat.theta_pre)  # θ_i is not θ_pre
 
 
 def test_pmf_checkpoint_is_labelled_and_merged_once(eval_root, tmp_path):

@@ -39,8 +39,8 @@ def test_full_and_lora_change_the_task_copy_only(evaluator, spec):
     pre0, delta0 = m.theta_pre.clone(), m.delta.detach().clone()
     bb0 = {k: v.clone() for k, v in m.backbone.state_dict().items()}
     ep = ev.reader.episode(spec)
-    params, _ = ev.task_params(spec, ep)
-    dense = {k: v.clone() for k, v in ev.model.full_params(params).items()}
+    weights, _ = ev.task_weights(spec, ep)
+    dense = {k: v.clone() for k, v in ev.model.dense_weights(weights).items()}
 
     accs, _, outs, losses, _ = ev.score(spec, [("none", 0.0), ("full", 1e-2), ("lora", 1e-1)], keep_weights=True)
     full_w, lora_w = outs[1].weights, outs[2].weights
@@ -66,8 +66,8 @@ def test_finetuning_reduces_the_support_loss(evaluator, spec):
     from smat_dist.eval.finetune import finetune_full
 
     ep = ev.reader.episode(spec)
-    params, _ = ev.task_params(spec, ep)
-    out = finetune_full(ev.model.backbone, ev.model.full_params(params), ep, 1e-2, 10.0, ev_cfg.finetune, seed=1)
+    weights, _ = ev.task_weights(spec, ep)
+    out = finetune_full(ev.model.backbone, ev.model.dense_weights(weights), ep, 1e-2, 10.0, ev_cfg.finetune, seed=1)
     assert out.losses[-1] < out.losses[0] - 1e-3
 
 
