@@ -101,7 +101,8 @@ def _sources(cfg: EvalConfig, catalog: Catalog) -> List[str]:
 
 
 def _id_sources(cfg: EvalConfig, spec: ModelSpec, catalog: Catalog) -> List[str]:
-    """ID = meta-trained on: the run's data.train_sources; empty there = every source with train classes."""
+    """ID = meta-trained on: the run's data.train_sources (empty there = every source with train
+    classes), for every method: Pre of a run carries the run's list. ``id_sources`` overrides."""
     if cfg.id_sources is not None:
         return list(cfg.id_sources)
     if spec.train_sources:

@@ -83,35 +83,36 @@ class FeatureTable:
     def __init__(self, ev: "EpisodeEvaluator", weights: Optional[Dict[str, torch.Tensor]]):
         self.ev = ev
         self.weights = weights  # gated tensor name -> fixed θ (None = θ_pre)
+        # (source, split) -> image key -> (class id, feature row)
         self._rows: Dict[Tuple[str, str], Dict[str, Tuple[int, torch.Tensor]]] = {}
-        self._done: set = set()
+        self._filled: set = set()  # (source, split, class id) whose images are in _rows
         self.images = 0
 
-    def _fill(self, source: str, split: str, class_id: int, d: Dict[str, Tuple[int, torch.Tensor]]) -> None:
-        self._done.add((source, split, class_id))
+    def _fill(self, source: str, split: str, class_id: int, rows: Dict[str, Tuple[int, torch.Tensor]]) -> None:
+        self._filled.add((source, split, class_id))
         keys, pix = self.ev.reader.class_images(source, split, class_id)
         if pix is None:
             return
         t = self.ev.cfg.data.transform
         feats = self.ev.features(self.weights, to_tensor(pix, t.mean, t.std).to(self.ev.device))
         for key, row in zip(keys, feats):
-            d[key] = (class_id, row)
+            rows[key] = (class_id, row)
         self.images += len(keys)
 
     def get(self, spec: EpisodeSpec, items: List[Tuple[str, int]]) -> Optional[torch.Tensor]:
         """(len(items), D) features, or None if an image is unreadable (take the pixel path)."""
-        d = self._rows.setdefault((spec.source, spec.split), {})
+        rows = self._rows.setdefault((spec.source, spec.split), {})
         try:
             for key, lab in items:
-                if key not in d:
-                    c = parse_key(key)[2]
-                    if (spec.source, spec.split, c) not in self._done:
-                        self._fill(spec.source, spec.split, c, d)
+                if key not in rows:
+                    class_id = parse_key(key)[2]
+                    if (spec.source, spec.split, class_id) not in self._filled:
+                        self._fill(spec.source, spec.split, class_id, rows)
         except (ValueError, KeyError):  # a malformed key or unknown class: the pixel path names it
             return None
         out = []
         for key, lab in items:
-            hit = d.get(key)
+            hit = rows.get(key)
             if hit is None or hit[0] != spec.classes[lab]:
                 return None  # unreadable image, or a label that disagrees: the pixel path decides
             out.append(hit[1])
