@@ -3,7 +3,7 @@
 Defaults follow the Meta-Dataset test protocol the SMAT paper reports: 600 frozen episodes per
 source, ProtoNet on the deterministic merge, and for ``full``/``lora`` the published SMAT code's
 fine-tuning loop, but really running ``finetune.steps`` steps (that code, as released, reads a step
-count of 0, so its "+full"/"+LoRA" columns equal no fine-tuning).
+count of 0, so its "+full"/"+LoRA" columns equal no fine-tuning: docs/algorithm.md#d9-fine-tuning).
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ class HPSConfig:
     """Per-source learning-rate search for the fine-tuning modes.
 
     The published code (following PMF) tunes on 5 episodes of the *test* classes, so its search
-    sees the classes it is then scored on. We default to the valid split; a
-    source without one (OOD sources are test-only) falls back to test-split episodes disjoint from
-    the scored ones (``fallback: test``, the published protocol) or to ``finetune.lr`` (``default``).
+    sees the classes it is then scored on (docs/algorithm.md#d19-hps-split). We default to the
+    valid split; a source without one (OOD sources are test-only) falls back to test-split episodes
+    disjoint from the scored ones (``fallback: test``, the published protocol) or to
+    ``finetune.lr`` (``default``).
     """
 
     enabled: bool = False
