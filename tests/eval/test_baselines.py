@@ -108,7 +108,8 @@ def test_prototypes_are_compared_by_cosine_not_euclidean_distance(eval_root, ske
 
 
 @pytest.mark.parametrize("module, message", [("smat_dist.eval.worker", "not nearest cosine prototype"),
-                                             ("smat_dist.eval.finetune", "fine-tuning loss is not cosine")])
+                                             ("smat_dist.eval.finetune", "fine-tuning loss is not cosine")],
+                         ids=["worker", "finetune"])
 def test_the_cosine_check_catches_euclidean_prototypes(eval_root, skewed_run, monkeypatch, module, message):
     monkeypatch.setattr(f"{module}.cosine_logits", _euclidean_logits)
     with pytest.raises(AssertionError, match=message):

@@ -143,7 +143,7 @@ def test_zero_steps_or_zero_lr_equal_no_finetuning(evaluator, spec):
     ("lr_ignored", "full with lr 0, 3 steps: moved θ_i"),
     ("one_step_at_least", "full with lr 0.01, 0 steps: moved θ_i"),
     ("lora_starts_off_theta", "lora with lr 0, 3 steps: moved θ_i"),
-])
+], ids=["lr_ignored", "one_step_at_least", "lora_starts_off_theta"])
 def test_the_inert_finetuning_check_catches_finetuners_that_move(evaluator, spec, monkeypatch, broken, message):
     from smat_dist.eval import finetune
 
