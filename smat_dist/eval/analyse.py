@@ -313,8 +313,7 @@ def source_alphas(export: Path, data: str, cfg: EvalConfig, out: Path) -> Tuple[
             fl = frozen_list(dcfg, s, cfg.split, cfg.analyse.episodes_per_source, cfg.seed, ep_dir)
             rows = []
             for sp in fl.specs:
-                ep = ev.reader.episode(sp)
-                _, alpha = ev.task_params(sp, ep)
+                alpha = ev.task_alpha(sp, ev.reader.episode(sp))
                 rows.append(alpha.cpu().numpy())
             alphas[s] = np.stack(rows)
     finally:

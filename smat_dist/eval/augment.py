@@ -1,10 +1,11 @@
-"""Support-set augmentation for test-time fine-tuning (the reference's ``--aug``, DiffAugment-style).
+"""Support-set augmentation for test-time fine-tuning (the ``--aug`` option of the published SMAT
+code, DiffAugment-style).
 
 Per call, with probability ``prob``: one horizontal flip of the whole batch (p 0.5), then per image
 brightness ``+U(-0.5, 0.5)``, saturation ``×U(0, 2)`` around the per-pixel channel mean, contrast
 ``×U(0.5, 1.5)`` around the image mean, and a translation of up to ``±translate`` of the side with
-zero fill (``smat-algorithm.md`` §8.2, ``meta-dataset.md`` §4.5). Applied to the normalised batch,
-as the reference does, without gradient.
+zero fill. Applied to the normalised batch (as the published code does, so the jitter ranges are
+in normalised units), without gradient.
 
 Every draw comes from a CPU ``torch.Generator`` seeded per (episode, step), so the augmentation is
 the same on any device and for any number of workers.

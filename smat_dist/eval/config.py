@@ -1,9 +1,9 @@
 """Typed settings of meta-testing (``smat-eval``): defaults ⊕ optional YAML ⊕ ``key=value`` dotlist.
 
-Defaults follow the reference's test protocol (``smat-algorithm.md`` §8, ``meta-dataset.md`` §5):
-600 frozen episodes per source, ProtoNet on the deterministic merge, and for ``full``/``lora``
-the reference's fine-tuning loop, but really running ``finetune.steps`` steps (D9: as shipped the
-reference runs zero, so its "+full"/"+LoRA" equal no fine-tuning).
+Defaults follow the Meta-Dataset test protocol the SMAT paper reports: 600 frozen episodes per
+source, ProtoNet on the deterministic merge, and for ``full``/``lora`` the published SMAT code's
+fine-tuning loop, but really running ``finetune.steps`` steps (that code, as released, reads a step
+count of 0, so its "+full"/"+LoRA" columns equal no fine-tuning: docs/algorithm.md#d9-fine-tuning).
 """
 
 from __future__ import annotations
@@ -16,29 +16,29 @@ from smat_dist.errors import ConfigError
 from smat_dist.smat.config import BackboneConfig
 
 MODES = ("none", "full", "lora")
-# The reference's lr grids (§8.2): Meta-Dataset sources, and the few-shot OOD sets.
+# The published code's lr search grids: Meta-Dataset sources, and the few-shot OOD sets.
 MD_LR_GRID = [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1]
 FEW_SHOT_LR_GRID = [0.0, 1e-7, 5e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1]
 
 
 @dataclass
 class FinetuneConfig:
-    """Test-time fine-tuning on the support set (reference §8.2; D9)."""
+    """Test-time fine-tuning on the support set (K AdamW steps from the task's merged weights)."""
 
-    steps: int = 50  # K: the PMF protocol the reference's HPS intends (it runs 0 as shipped, D9)
-    # Full fine-tuning lr when HPS is off: a value of the reference's grid (1e-4 is the grid's
-    # middle and PMF's usual pick for ViT-S; the reference picks per source with HPS).
+    steps: int = 50  # K: PMF's protocol, which the published lr search intends (it runs 0 as released)
+    # Full fine-tuning lr when HPS is off: a value of the search grid (1e-4 is the grid's middle
+    # and PMF's usual pick for ViT-S; the published code picks one per source with HPS).
     lr: float = 1e-4
-    lora_lr: Optional[float] = None  # None = lora_lr_factor x lr (the reference's LoRA lr is 10x)
+    lora_lr: Optional[float] = None  # None = lora_lr_factor x lr (the published code's LoRA lr is 10x)
     lora_lr_factor: float = 10.0
-    weight_decay: float = 0.01  # torch AdamW default, which the reference uses
+    weight_decay: float = 0.01  # torch AdamW default, which the published code uses
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    # DiffAugment-style support augmentation (the reference's --aug): with prob aug_prob per step a
+    # DiffAugment-style support augmentation (the published code's --aug): with prob aug_prob per step a
     # batch flip (p 0.5), brightness/saturation/contrast per image, translation up to +-translate.
     augment: bool = True
     aug_prob: float = 0.9
     translate: float = 0.125
-    # LoRA (peft): reference r=8, alpha=32, dropout=0.1 on HF ViT "query"/"value". timm ViTs fuse
+    # LoRA (peft): the published code uses r=8, alpha=32, dropout=0.1 on HF ViT "query"/"value". timm ViTs fuse
     # q, k and v into one ``qkv`` Linear, so the default adapts all three projections.
     lora_r: int = 8
     lora_alpha: float = 32.0
@@ -56,11 +56,13 @@ class FinetuneConfig:
 
 @dataclass
 class HPSConfig:
-    """Per-source learning-rate search for the fine-tuning modes (reference §8.2, D19).
+    """Per-source learning-rate search for the fine-tuning modes.
 
-    The reference tunes on 5 episodes of the *test* classes. We default to the valid split; a
-    source without one (OOD sources are test-only) falls back to test-split episodes disjoint from
-    the scored ones (``fallback: test``, the reference's protocol) or to ``finetune.lr`` (``default``).
+    The published code (following PMF) tunes on 5 episodes of the *test* classes, so its search
+    sees the classes it is then scored on (docs/algorithm.md#d19-hps-split). We default to the
+    valid split; a source without one (OOD sources are test-only) falls back to test-split episodes
+    disjoint from the scored ones (``fallback: test``, the published protocol) or to
+    ``finetune.lr`` (``default``).
     """
 
     enabled: bool = False
@@ -93,7 +95,8 @@ class EvalConfig:
     split: str = "test"
     sources: List[str] = field(default_factory=list)  # empty = every source with a `split` split
     # ID = sources the model was meta-trained on (the run's data.train_sources; empty there = every
-    # source with a train split). Set to override, e.g. for the Pre baseline.
+    # source with a train split), for every method: Pre of a run (--method pre --checkpoint RUN)
+    # groups as the run does. Set to override, e.g. for Pre from a backbone file (no run to read).
     id_sources: Optional[List[str]] = None
     modes: List[str] = field(default_factory=lambda: ["none"])  # none | full | lora
     episodes_dir: Optional[str] = None  # frozen lists; None = <data.root>/episodes
@@ -106,7 +109,9 @@ class EvalConfig:
     chunk: int = 8  # episodes per actor call
     actor_start_timeout_s: float = 300.0  # actors load torch, timm and the model first
     device: str = "auto"  # auto (cuda when this worker has one) | cpu | cuda
-    precision: str = "fp32"  # fp32 (the reference tests in fp32) | bf16 (autocast on cuda)
+    # fp32 (as the published code tests) | bf16: autocast on the worker's device (CPU too), for the
+    # whole test-time computation: features, α, fine-tuning. The checkpoint's model.precision is not used.
+    precision: str = "fp32"
     batch_size: int = 512  # images per no-grad forward
     cache_mb: int = 1024  # decoded eval images kept per worker (the eval transform is deterministic)
     # Features under fixed weights (θ_pre for the hypernetwork; all of Pre/PMF in mode none) computed

@@ -1,17 +1,18 @@
-"""Test-time fine-tuning of a task's merged weights θ_i on its support set (reference §8.2, D9).
+"""Test-time fine-tuning of a task's merged weights θ_i on its support set.
 
-Both modes start from θ_i and run K steps of AdamW. Each step (the reference's loop):
+Both modes start from θ_i and run K steps of AdamW. Each step (the published SMAT code's loop):
 
 1. prototypes of the *un-augmented* support under the current weights, with gradient;
 2. CE of ``scale·cos(f(aug(x_s)), prototypes)`` on the support labels; one optimiser step.
 
 The reported prediction is the query's after the K-th step (prototypes recomputed). Unlike the
-reference as shipped, K really is ``finetune.steps`` (default 50): its loop reads a step count of 0.
+published code as released, K really is ``finetune.steps`` (default 50): its loop reads a step count
+of 0. Query labels are never read here: only the accuracy, computed by the caller, uses them.
 
-* ``full``: every backbone tensor of the dense θ_i becomes a fresh trainable copy (the reference's
-  "collapsed dense θ_i"); the forward is ``torch.func.functional_call`` on the frozen backbone.
+* ``full``: every backbone tensor of the dense θ_i becomes a fresh trainable copy (the experts
+  collapsed into one dense network); the forward is ``torch.func.functional_call`` on the frozen backbone.
 * ``lora``: a per-worker working copy of the backbone with peft LoRA adapters (timm's fused ``qkv``
-  by default; the reference's ``query``/``value`` names only exist in HF ViTs). Per task its base
+  by default; the published code's ``query``/``value`` names only exist in HF ViTs). Per task its base
   weights are overwritten with θ_i and the adapters re-initialised (A Kaiming-uniform as peft does,
   B = 0, so training starts exactly at θ_i); only A and B train.
 
@@ -59,7 +60,7 @@ class FinetuneOutput:
 def _run_steps(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, ep: Episode,
                steps: int, scale: float, cfg: FinetuneConfig, gen: torch.Generator, autocast) -> List[float]:
     xs, ys = ep.support_x, ep.support_y
-    ways = int(ys.max()) + 1
+    ways = ep.ways
     losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -79,9 +80,8 @@ def _run_steps(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim
 
 @torch.no_grad()
 def _predict(forward, ep: Episode, scale: float, autocast) -> torch.Tensor:
-    ways = int(ep.support_y.max()) + 1
     with autocast():
-        protos = prototypes(forward(ep.support_x).float(), ep.support_y, ways)
+        protos = prototypes(forward(ep.support_x).float(), ep.support_y, ep.ways)
         return cosine_logits(forward(ep.query_x).float(), protos, scale)
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -88,7 +88,9 @@ class ModelSpec:
     cosine_scale: float = 10.0
     method: str = "pre"  # the export's model.method, or "pre"
     img_size: int = 128
-    train_sources: List[str] = field(default_factory=list)  # the run's data.train_sources
+    # The run's data.train_sources (also for Pre of a run): what evaluation calls ID. Empty = every
+    # source with a train split, which is what an empty data.train_sources trains on.
+    train_sources: List[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -112,9 +114,10 @@ def describe_pre(checkpoint: Optional[str], backbone_cfg) -> ModelSpec:
     from smat_dist.config import to_dict
 
     if checkpoint:
+        # Keep the run's training sources: Pre's table groups sources ID/OOD exactly as the run's.
         spec = describe_checkpoint(checkpoint)
         return ModelSpec(kind="pre", path=spec.path, method="pre", cosine_scale=spec.cosine_scale,
-                         img_size=spec.img_size, train_sources=[])
+                         img_size=spec.img_size, train_sources=spec.train_sources)
     bcfg = _backbone_with_file_config(backbone_cfg)
     if not bcfg.checkpoint and not bcfg.pretrained:
         raise ConfigError(
@@ -159,14 +162,19 @@ def _backbone_with_file_config(bcfg):
 
 
 class TaskModel:
-    """Backbone + per-task merged weights, for any method (see module docstring)."""
+    """Backbone + per-task merged weights, for any method (see module docstring).
+
+    The merge itself is the model's (:meth:`SMAT.task_alpha`, :meth:`SMAT.merged_weights`); this
+    class only keeps what stays fixed across tasks: the deterministic test gates (an (M, G) pass,
+    done once, not per task) and the weights of a model whose θ_i does not depend on the task.
+    """
 
     def __init__(self, backbone: nn.Module, cosine_scale: float, smat=None):
         self.backbone = backbone
         self.scale = float(cosine_scale)
         self.smat = smat  # the SMAT module of an export, None for Pre
-        self._z = None  # deterministic test gates, computed once (not per task)
-        self._static = None  # (params,) of a model whose θ_i is the same for every task
+        self._test_gates = None  # SMAT.test_gates() on the current device
+        self._static_weights = None  # (weights,) of a model whose θ_i is the same for every task
 
     @property
     def has_hypernet(self) -> bool:
@@ -181,8 +189,8 @@ class TaskModel:
             self.smat.to(device)  # moves the backbone too (its tensors are views of θ_pre)
         else:
             self.backbone.to(device)
-        self._z = None
-        self._static = None
+        self._test_gates = None
+        self._static_weights = None
         return self
 
     @property
@@ -190,62 +198,33 @@ class TaskModel:
         """θ_i is the same for every task (Pre: θ_pre; no hypernetwork: one merge)."""
         return not self.has_hypernet
 
-    @torch.no_grad()
-    def alpha_from_prototypes(self, proto_pre: torch.Tensor) -> torch.Tensor:
-        """α_i from the task's θ_pre class prototypes: deterministic, test temperature (§8.1)."""
-        m = self.smat
-        return m.hypernet(proto_pre.float(), m.temperature(), stochastic=False)[0].detach().float()
+    def task_alpha(self, proto_pre: torch.Tensor) -> torch.Tensor:
+        """α_i from the task's class prototypes under θ_pre (the model's deterministic test-time α)."""
+        return self.smat.task_alpha(proto_pre=proto_pre)
 
-    @torch.no_grad()
-    def merged(self, alpha: Optional[torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
-        """Gated tensor name -> θ_i = θ_pre + (Σ_m α_m z_m) ⊙ θδ (views of one flat vector).
-
-        The same θ_i as :meth:`SMAT.task_weights` (deterministic gates, no inner step: D6), but
-        the (M, G) test gates are computed once instead of per task.
-        """
+    def weights_for(self, alpha: Optional[torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        """Gated tensor name -> θ_i for expert weights ``alpha`` (views of one flat vector);
+        ``alpha=None``: the model's own α of a static model (uniform). None for Pre (θ_pre)."""
         m = self.smat
         if m is None:
             return None
-        from smat_dist.smat.gates import GateSample
-        from smat_dist.smat.merge import MergePlan, merge
+        if alpha is None:
+            alpha = m.task_alpha()
+        if self._test_gates is None:
+            self._test_gates = m.test_gates()
+        return m.space.views(m.merged_weights(alpha, gates=self._test_gates))
 
-        if alpha is None:  # no hypernetwork: uniform weights, as SMAT._alpha
-            alpha = torch.full((m.num_experts,), 1.0 / m.num_experts, device=m.device)
-        sample = None
-        if m.gates is not None:
-            if self._z is None:
-                self._z = m.gates.deterministic()
-            sample = GateSample(z=self._z, stochastic=False)
-        theta = merge(m.theta_pre, m.delta, None, alpha.to(m.delta.dtype), MergePlan(m.layout, sample), True)
-        return m.space.views(theta)
-
-    def static_params(self) -> Optional[Dict[str, torch.Tensor]]:
+    def static_weights(self) -> Optional[Dict[str, torch.Tensor]]:
         """θ of a static model (None = θ_pre), merged once."""
-        if self._static is None:
-            self._static = (self.merged(None),)
-        return self._static[0]
+        if self._static_weights is None:
+            self._static_weights = (self.weights_for(None),)
+        return self._static_weights[0]
 
-    @torch.no_grad()
-    def task_params(self, support_x: torch.Tensor, support_y: torch.Tensor
-                    ) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[torch.Tensor]]:
-        """(θ_i as gated tensor name -> tensor, α_i) of a task from its pixels; (None, None) for Pre."""
-        if self.smat is None:
-            return None, None
-        if self.static:
-            return self.static_params(), None
-        from smat_dist.smat.backbone import features
-        from smat_dist.smat.protonet import prototypes
-
-        ways = int(support_y.max()) + 1
-        proto = prototypes(features(self.backbone, None, support_x).float(), support_y, ways)
-        alpha = self.alpha_from_prototypes(proto)
-        return self.merged(alpha), alpha
-
-    def full_params(self, params: Optional[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def dense_weights(self, weights: Optional[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Every backbone parameter of the task's dense θ_i (θ_pre where nothing is merged)."""
         out = {n: p for n, p in self.backbone.named_parameters()}
-        if params:
-            out.update(params)
+        if weights:
+            out.update(weights)
         return out
 
 

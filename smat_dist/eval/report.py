@@ -93,7 +93,11 @@ def _cell(acc: float, ci: float) -> str:
 
 
 def markdown_table(rows: Sequence[ResultRow], title: Optional[str] = None) -> str:
-    """Table 1 layout. Averages are unweighted means over the group's sources (ID avg, OOD avg)."""
+    """Table 1 layout. Averages are unweighted means over the group's sources (ID avg, OOD avg).
+
+    A source grouped differently by two inputs, or scored on different episode lists (sha256 of
+    the frozen list), gets a note under the table: such numbers must not be read side by side.
+    """
     methods: List[Tuple[str, str]] = []
     for r in rows:
         if (r.method, r.mode) not in methods:
@@ -108,6 +112,17 @@ def markdown_table(rows: Sequence[ResultRow], title: Optional[str] = None) -> st
             if note not in notes:
                 notes.append(note)
         kind.setdefault(r.source, r.kind)
+    lists: Dict[str, Dict[str, List[str]]] = {}  # source -> episode-list sha256 -> methods scored on it
+    for r in rows:
+        if r.episodes_sha256:
+            methods_on = lists.setdefault(r.source, {}).setdefault(r.episodes_sha256, [])
+            if r.method not in methods_on:
+                methods_on.append(r.method)
+    for s, by_list in lists.items():
+        if len(by_list) > 1:
+            which = "; ".join(f"{', '.join(ms)} on {sha[:12]}" for sha, ms in by_list.items())
+            notes.append(f"`{s}`: methods were scored on different episode lists ({which}); "
+                         f"their accuracies are not measured on the same tasks.")
     cell = {(r.source, r.method): r for r in rows}
     lines = []
     if title:

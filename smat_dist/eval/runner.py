@@ -101,7 +101,8 @@ def _sources(cfg: EvalConfig, catalog: Catalog) -> List[str]:
 
 
 def _id_sources(cfg: EvalConfig, spec: ModelSpec, catalog: Catalog) -> List[str]:
-    """ID = meta-trained on: the run's data.train_sources; empty there = every source with train classes."""
+    """ID = meta-trained on: the run's data.train_sources (empty there = every source with train
+    classes), for every method: Pre of a run carries the run's list. ``id_sources`` overrides."""
     if cfg.id_sources is not None:
         return list(cfg.id_sources)
     if spec.train_sources:
@@ -116,7 +117,7 @@ def _data_config(cfg: EvalConfig, spec: ModelSpec):
 
 
 def pick_lr(grid: Sequence[float], accuracies: Sequence[float]) -> float:
-    """The grid value with the strictly highest accuracy; ties keep the earlier one (reference)."""
+    """The grid value with the strictly highest accuracy; ties keep the earlier one (as the published code)."""
     best = 0
     for j in range(1, len(grid)):
         if accuracies[j] > accuracies[best]:
@@ -127,7 +128,7 @@ def pick_lr(grid: Sequence[float], accuracies: Sequence[float]) -> float:
 def _hps(pool, cfg: EvalConfig, data, catalog: Catalog, sources: List[str], directory: Path,
          ft_modes: List[str], say) -> Tuple[Dict[Tuple[str, str], float], Dict[str, str]]:
     """lr per (source, mode): the grid value with the strictly best mean accuracy on HPS episodes
-    (ties keep the earlier, smaller lr; 0 = no fine-tuning), as the reference's ``--hps``."""
+    (ties keep the earlier, smaller lr; 0 = no fine-tuning), as the published code's ``--hps``."""
     h = cfg.hps
     grid = [float(v) for v in h.grid]
     chosen: Dict[Tuple[str, str], float] = {}
@@ -138,8 +139,8 @@ def _hps(pool, cfg: EvalConfig, data, catalog: Catalog, sources: List[str], dire
             fl = frozen_list(data, s, h.split, h.episodes, cfg.seed, directory)
             used[s] = h.split
         elif h.fallback == "test" or h.split == cfg.split:
-            # Episodes after the scored ones: same classes, never the scored tasks (the reference's
-            # "fresh iterator" over the test loader).
+            # Episodes after the scored ones: same classes, never the scored tasks (the published
+            # code draws its search tasks from a fresh pass over the test loader).
             fl = frozen_list(data, s, cfg.split, h.episodes, cfg.seed, directory, start=cfg.episodes)
             used[s] = cfg.split
         else:

@@ -41,7 +41,7 @@ class Job:
 
     spec: EpisodeSpec
     runs: List[Tuple[str, float]]
-    max_support_per_class: Optional[int] = None  # HPS truncates the support (reference: 100)
+    max_support_per_class: Optional[int] = None  # HPS truncates the support (the published code: 100)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class EpisodeResult:
 
 
 def truncate_spec(spec: EpisodeSpec, per_class: int) -> EpisodeSpec:
-    """Keep the first ``per_class`` support images of every class (HPS, reference §8.2)."""
+    """Keep the first ``per_class`` support images of every class (the lr search's smaller support)."""
     seen: Dict[int, int] = {}
     support = []
     for key, lab in spec.support:
@@ -80,38 +80,39 @@ def pick_device(choice: str) -> torch.device:
 class FeatureTable:
     """Per-image features under fixed weights, computed a whole class at a time (see module doc)."""
 
-    def __init__(self, ev: "EpisodeEvaluator", params: Optional[Dict[str, torch.Tensor]]):
+    def __init__(self, ev: "EpisodeEvaluator", weights: Optional[Dict[str, torch.Tensor]]):
         self.ev = ev
-        self.params = params
+        self.weights = weights  # gated tensor name -> fixed θ (None = θ_pre)
+        # (source, split) -> image key -> (class id, feature row)
         self._rows: Dict[Tuple[str, str], Dict[str, Tuple[int, torch.Tensor]]] = {}
-        self._done: set = set()
+        self._filled: set = set()  # (source, split, class id) whose images are in _rows
         self.images = 0
 
-    def _fill(self, source: str, split: str, class_id: int, d: Dict[str, Tuple[int, torch.Tensor]]) -> None:
-        self._done.add((source, split, class_id))
+    def _fill(self, source: str, split: str, class_id: int, rows: Dict[str, Tuple[int, torch.Tensor]]) -> None:
+        self._filled.add((source, split, class_id))
         keys, pix = self.ev.reader.class_images(source, split, class_id)
         if pix is None:
             return
         t = self.ev.cfg.data.transform
-        f = self.ev.features(self.params, to_tensor(pix, t.mean, t.std).to(self.ev.device))
-        for k, row in zip(keys, f):
-            d[k] = (class_id, row)
+        feats = self.ev.features(self.weights, to_tensor(pix, t.mean, t.std).to(self.ev.device))
+        for key, row in zip(keys, feats):
+            rows[key] = (class_id, row)
         self.images += len(keys)
 
     def get(self, spec: EpisodeSpec, items: List[Tuple[str, int]]) -> Optional[torch.Tensor]:
         """(len(items), D) features, or None if an image is unreadable (take the pixel path)."""
-        d = self._rows.setdefault((spec.source, spec.split), {})
+        rows = self._rows.setdefault((spec.source, spec.split), {})
         try:
             for key, lab in items:
-                if key not in d:
-                    c = parse_key(key)[2]
-                    if (spec.source, spec.split, c) not in self._done:
-                        self._fill(spec.source, spec.split, c, d)
+                if key not in rows:
+                    class_id = parse_key(key)[2]
+                    if (spec.source, spec.split, class_id) not in self._filled:
+                        self._fill(spec.source, spec.split, class_id, rows)
         except (ValueError, KeyError):  # a malformed key or unknown class: the pixel path names it
             return None
         out = []
         for key, lab in items:
-            hit = d.get(key)
+            hit = rows.get(key)
             if hit is None or hit[0] != spec.classes[lab]:
                 return None  # unreadable image, or a label that disagrees: the pixel path decides
             out.append(hit[1])
@@ -137,8 +138,10 @@ class EpisodeEvaluator:
         self.forwards = 0  # images forwarded per episode path (not the tables)
 
     def autocast(self):
-        if self.cfg.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast for ``precision=bf16``, on CPU too: CPU autocast lowers the same ops
+        (linear, matmul) to bf16 as CUDA does, so a CPU run shows what a GPU run computes."""
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def info(self) -> Dict[str, object]:
@@ -148,21 +151,20 @@ class EpisodeEvaluator:
                 "package": smat_dist.__file__}
 
     @torch.no_grad()
-    def features(self, params, x: torch.Tensor) -> torch.Tensor:
-        """No-grad features in chunks of ``batch_size`` images."""
+    def features(self, weights, x: torch.Tensor) -> torch.Tensor:
+        """No-grad features under ``weights`` (None = θ_pre) in chunks of ``batch_size`` images."""
         bs = self.cfg.batch_size
         with self.autocast():
-            parts = [features(self.model.backbone, params, x[i:i + bs]).float() for i in range(0, x.shape[0], bs)]
+            parts = [features(self.model.backbone, weights, x[i:i + bs]).float() for i in range(0, x.shape[0], bs)]
         return torch.cat(parts)
 
     @torch.no_grad()
-    def protonet_logits(self, params, ep: Episode) -> torch.Tensor:
-        """ProtoNet under ``params``: one no-grad forward of support+query (batched)."""
+    def protonet_logits(self, weights, ep: Episode) -> torch.Tensor:
+        """ProtoNet under ``weights``: one no-grad forward of support+query (batched)."""
         ns = ep.support_x.shape[0]
-        f = self.features(params, torch.cat([ep.support_x, ep.query_x]))
-        self.forwards += f.shape[0]
-        ways = int(ep.support_y.max()) + 1
-        return cosine_logits(f[ns:], prototypes(f[:ns], ep.support_y, ways), self.model.scale)
+        feats = self.features(weights, torch.cat([ep.support_x, ep.query_x]))
+        self.forwards += feats.shape[0]
+        return cosine_logits(feats[ns:], prototypes(feats[:ns], ep.support_y, ep.ways), self.model.scale)
 
     def pre_table(self) -> FeatureTable:
         if self._pre_table is None:
@@ -171,8 +173,8 @@ class EpisodeEvaluator:
 
     def static_table(self) -> FeatureTable:
         if self._static_table is None:
-            params = self.model.static_params()
-            self._static_table = self.pre_table() if params is None else FeatureTable(self, params)
+            weights = self.model.static_weights()
+            self._static_table = self.pre_table() if weights is None else FeatureTable(self, weights)
         return self._static_table
 
     def lora(self) -> LoraWorkspace:
@@ -180,46 +182,51 @@ class EpisodeEvaluator:
             self._lora = LoraWorkspace(self.model.backbone, self.cfg.finetune)
         return self._lora
 
-    def task_params(self, spec: EpisodeSpec, ep: Episode):
-        """θ_i and α_i of a task; α from θ_pre support features (table, else a forward)."""
-        m = self.model
-        if m.static:
-            return m.static_params(), None
-        f = self.pre_table().get(spec, spec.support) if self.cfg.feature_cache else None
-        if f is None:
-            return m.task_params(ep.support_x, ep.support_y)
-        alpha = m.alpha_from_prototypes(prototypes(f, ep.support_y, spec.ways))
-        return m.merged(alpha), alpha
+    def task_alpha(self, spec: EpisodeSpec, ep: Episode) -> torch.Tensor:
+        """α_i of a task (hypernetwork models) from θ_pre support features: table, else a forward."""
+        feats = self.pre_table().get(spec, spec.support) if self.cfg.feature_cache else None
+        if feats is None:
+            feats = self.features(None, ep.support_x)
+        with self.autocast():
+            return self.model.task_alpha(prototypes(feats, ep.support_y, ep.ways))
 
-    def _is_plain(self, mode: str, lr: float) -> bool:
+    def task_weights(self, spec: EpisodeSpec, ep: Episode):
+        """(θ_i as gated tensor name -> tensor, α_i) of a task. A static model has one θ and no α;
+        Pre's θ is θ_pre (None)."""
+        if self.model.static:
+            return self.model.static_weights(), None
+        alpha = self.task_alpha(spec, ep)
+        return self.model.weights_for(alpha), alpha
+
+    def _no_finetuning(self, mode: str, lr: float) -> bool:
         return mode == "none" or lr == 0.0 or self.cfg.finetune.steps == 0  # θ_i left as it is
 
     def score(self, spec: EpisodeSpec, runs: List[Tuple[str, float]], keep_weights: bool = False):
         """Accuracies of ``runs`` on one episode; also α, the fine-tuning outputs, the episode sizes."""
         ys_q = torch.tensor([lab for _, lab in spec.query], dtype=torch.int64)
         sizes = (len(spec.support), len(spec.query))
-        if self.model.static and self.cfg.feature_cache and all(self._is_plain(m, lr) for m, lr in runs):
-            f = self.static_table().get(spec, spec.support + spec.query)
-            if f is not None:  # no pixels and no forward: prototypes over cached features
-                ys = torch.tensor([lab for _, lab in spec.support], dtype=torch.int64, device=f.device)
+        if self.model.static and self.cfg.feature_cache and all(self._no_finetuning(m, lr) for m, lr in runs):
+            feats = self.static_table().get(spec, spec.support + spec.query)
+            if feats is not None:  # no pixels and no forward: prototypes over cached features
+                ys = torch.tensor([lab for _, lab in spec.support], dtype=torch.int64, device=feats.device)
                 ns = sizes[0]
-                logits = cosine_logits(f[ns:], prototypes(f[:ns], ys, spec.ways), self.model.scale)
+                logits = cosine_logits(feats[ns:], prototypes(feats[:ns], ys, spec.ways), self.model.scale)
                 acc = float((logits.argmax(-1).cpu() == ys_q).float().mean())
                 return [acc] * len(runs), None, {}, {}, sizes
         ep = self.reader.episode(spec).to(self.device)
-        params, alpha = self.task_params(spec, ep)
+        weights, alpha = self.task_weights(spec, ep)
         accs: List[float] = []
         outputs: Dict[int, object] = {}
         losses: Dict[str, List[float]] = {}
-        plain = None
+        plain_logits = None  # shared by every run that leaves θ_i as it is
         for i, (mode, lr) in enumerate(runs):
-            if self._is_plain(mode, lr):
-                if plain is None:
-                    plain = self.protonet_logits(params, ep)
-                logits = plain
+            if self._no_finetuning(mode, lr):
+                if plain_logits is None:
+                    plain_logits = self.protonet_logits(weights, ep)
+                logits = plain_logits
             else:
                 seed = episode_seed(self.cfg.seed, spec.source, spec.index, mode)
-                dense = self.model.full_params(params)
+                dense = self.model.dense_weights(weights)
                 if mode == "full":
                     out = finetune_full(self.model.backbone, dense, ep, lr, self.model.scale, self.cfg.finetune,
                                         seed, self.autocast, keep_weights)

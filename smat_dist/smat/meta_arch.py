@@ -349,25 +349,54 @@ class SMAT(nn.Module):
         return out
 
     # ------------------------------------------------------------------ test time
+    # At test time a task's weights are the deterministic merge itself: no inner step (that only
+    # shapes training), gates at their deterministic values, α from the hypernetwork's sigmoid
+    # without noise. Evaluation (smat_dist.eval) calls these methods; they are the one definition.
+
+    @torch.no_grad()
+    def test_gates(self) -> Optional[torch.Tensor]:
+        """Deterministic gates z (M, G) of the test-time merge; None without expert masks.
+
+        Not cached here (an (M, G) tensor is 0.69 GB for ViT-S, M=8): a caller merging many tasks
+        with fixed parameters computes them once and passes them to :meth:`merged_weights`.
+        """
+        return None if self.gates is None else self.gates.deterministic()
+
+    @torch.no_grad()
+    def task_alpha(self, support_x: Optional[torch.Tensor] = None, support_y: Optional[torch.Tensor] = None,
+                   *, proto_pre: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Test-time expert weights α_i (M,): deterministic, at the current selection temperature;
+        uniform 1/M without a hypernetwork (then no support set is needed).
+
+        ``proto_pre``: the task's class prototypes under θ_pre when the caller already has them
+        (evaluation caches θ_pre features); otherwise they come from ``support_x``/``support_y``.
+        Runs under the caller's autocast.
+        """
+        if self.hypernet is not None and proto_pre is None:
+            if support_x is None or support_y is None:
+                raise ValueError("task_alpha needs the support set or its θ_pre prototypes (proto_pre)")
+            ways = int(support_y.max()) + 1
+            proto_pre = prototypes(features(self.backbone, None, support_x).float(), support_y, ways)
+        alpha, _ = self._alpha(None if proto_pre is None else proto_pre.float(), self.temperature(), stochastic=False)
+        return alpha.detach().float()
+
+    @torch.no_grad()
+    def merged_weights(self, alpha: torch.Tensor, *, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """θ_i = θ_pre + (Σ_m α_m z_m) ⊙ θδ (flat) with the deterministic gates.
+
+        ``gates``: :meth:`test_gates`, when the caller reuses them across tasks.
+        """
+        sample = None
+        if self.gates is not None:
+            sample = GateSample(z=self.test_gates() if gates is None else gates, stochastic=False)
+        return merge(self.theta_pre, self.delta, None, alpha.to(self.delta.dtype), MergePlan(self.layout, sample), True)
+
     @torch.no_grad()
     def task_weights(self, support_x: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
-        """Deterministic merged weights θ_i (flat) for a task, as at meta-test (no inner step, D6)."""
-        ways = int(support_y.max()) + 1
-        proto_pre = None
+        """Deterministic merged weights θ_i (flat) of a task, as at meta-test."""
         with self.autocast():
-            if self.hypernet is not None:
-                proto_pre = prototypes(features(self.backbone, None, support_x).float(), support_y, ways)
-            alpha, _ = self._alpha(proto_pre, self.temperature(), stochastic=False)
-        sample = None if self.gates is None else GateSample(z=self.gates.deterministic(), stochastic=False)
-        return merge(self.theta_pre, self.delta, None, alpha.detach(), MergePlan(self.layout, sample), True)
-
-    def task_alpha(self, support_x: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            ways = int(support_y.max()) + 1
-            proto_pre = None
-            if self.hypernet is not None:
-                proto_pre = prototypes(features(self.backbone, None, support_x).float(), support_y, ways)
-            return self._alpha(proto_pre, self.temperature(), stochastic=False)[0]
+            alpha = self.task_alpha(support_x, support_y)
+        return self.merged_weights(alpha)
 
     @torch.no_grad()
     def predict(self, support_x, support_y, query_x, theta: Optional[torch.Tensor] = None) -> torch.Tensor:

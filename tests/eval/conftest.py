@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -27,9 +28,14 @@ def eval_root(tmp_path_factory) -> Path:
     return root
 
 
-def make_tiny_export(run_dir: Path, method: str = "smat", seed: int = 0, **model_changes) -> Path:
+def make_tiny_export(run_dir: Path, method: str = "smat", seed: int = 0, *, train_sources: Sequence[str] = (),
+                     edit: Optional[Callable] = None, **model_changes) -> Path:
     """Train one meta-step on toy episodes, then give the experts distinct sparse masks and a
-    non-zero θδ (a one-step model is ~θ_pre), and export as smat-train does."""
+    non-zero θδ (a one-step model is ~θ_pre), and export as smat-train does.
+
+    ``train_sources`` becomes the run's ``data.train_sources``; ``edit(model)`` may change the
+    model (θ_pre included) just before the export.
+    """
     from smat_dist.config import TrainConfig, to_dict
     from smat_dist.export import export_model
     from smat_dist.smat import SMAT
@@ -51,7 +57,9 @@ def make_tiny_export(run_dir: Path, method: str = "smat", seed: int = 0, **model
             model.gates.logits.copy_(torch.where(torch.rand(M, G, generator=g) < keep, 4.0, -4.0))
         if model.hypernet is not None:
             model.hypernet.keys.mul_(20.0)  # make α depend visibly on the task
-    run = {"data": {"train_sources": []}, "model": to_dict(cfg)}
+        if edit is not None:
+            edit(model)
+    run = {"data": {"train_sources": list(train_sources)}, "model": to_dict(cfg)}
     return export_model(model, run_dir / "model.safetensors", tc, extra={"run_config": json.dumps(run)})
 
 

@@ -1,4 +1,4 @@
-"""The Pre baseline against nearest-centroid computed by hand; θ_i against SMAT.task_weights."""
+"""The Pre baseline against nearest-centroid computed by hand; θ_i from SMAT's own test-time merge."""
 
 from __future__ import annotations
 
@@ -12,13 +12,108 @@ from smat_dist.eval.runner import evaluate
 from tests.eval.conftest import eval_overrides
 
 
-def _nearest_centroid_accuracy(backbone, ep) -> float:
+def _nearest_centroid_accuracy(backbone, ep, metric: str = "cosine", weights=None) -> float:
+    """Nearest class mean by hand: ``cosine`` similarity or ``euclidean`` distance."""
+    from smat_dist.smat.backbone import features
+
     with torch.no_grad():
-        fs, fq = backbone(ep.support_x), backbone(ep.query_x)
-    ways = int(ep.support_y.max()) + 1
-    cent = torch.stack([fs[ep.support_y == c].mean(0) for c in range(ways)])
-    sim = F.normalize(fq, dim=-1) @ F.normalize(cent, dim=-1).t()
-    return 100.0 * float((sim.argmax(1) == ep.query_y).float().mean())
+        fs, fq = features(backbone, weights, ep.support_x), features(backbone, weights, ep.query_x)
+    cent = torch.stack([fs[ep.support_y == c].mean(0) for c in range(ep.ways)])
+    if metric == "cosine":
+        score = F.normalize(fq, dim=-1) @ F.normalize(cent, dim=-1).t()
+    else:
+        score = -torch.cdist(fq, cent)
+    return 100.0 * float((score.argmax(1) == ep.query_y).float().mean())
+
+
+def _hand_cosine_logits(backbone, weights, xs, ys, xq, scale: float) -> torch.Tensor:
+    from smat_dist.smat.backbone import features
+
+    with torch.no_grad():
+        fs, fq = features(backbone, weights, xs), features(backbone, weights, xq)
+    cent = torch.stack([fs[ys == c].mean(0) for c in range(int(ys.max()) + 1)])
+    return scale * F.normalize(fq, dim=-1) @ F.normalize(cent, dim=-1).t()
+
+
+def _euclidean_logits(f: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
+    """A plausible mistake: prototypes compared by (negative squared) Euclidean distance."""
+    return -scale * torch.cdist(f.float(), w.float()).pow(2)
+
+
+def _skew_final_norm(model) -> None:
+    """Spread the final LayerNorm's gains over ~e^±3. With the unit gains of a fresh LayerNorm every
+    feature has the same norm, and nearest prototype by cosine and by Euclidean distance almost
+    never disagree; with spread gains feature norms vary from image to image and they do."""
+    w = model.backbone.norm.weight
+    w.copy_(torch.exp(1.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))))
+
+
+@pytest.fixture(scope="module")
+def skewed_run(tmp_path_factory):
+    from tests.eval.conftest import make_tiny_export
+
+    run = tmp_path_factory.mktemp("skewed-run")
+    make_tiny_export(run, edit=_skew_final_norm)
+    return run
+
+
+def assert_cosine_prototypes(eval_root, run) -> None:
+    """Every classifier of evaluation is scale·cos(f, class mean): mode none through the static
+    feature table (Pre), the per-episode pixel path (Pre, feature_cache=false) and per-task θ_i
+    (SMAT), and fine-tuning's loss and prediction (full, LoRA)."""
+    import dataclasses
+
+    from smat_dist.data.builder import EpisodeBuilder
+    from smat_dist.data.config import DataConfig
+    from smat_dist.data.loader import materialise
+    from smat_dist.eval.models import describe_checkpoint
+    from smat_dist.eval.worker import EpisodeEvaluator
+    from smat_dist.export import load_model
+
+    smat = load_model(run / "model.safetensors")
+    builder = EpisodeBuilder(DataConfig(root=str(eval_root), image_size=16), "test", 0, ["textures", "digits"])
+    smat_weights = lambda ep: smat.space.views(smat.task_weights(ep.support_x, ep.support_y))  # noqa: E731
+    disagree = 0
+    for method, extra, column, weights_of in (("pre", [], "Pre", lambda ep: None),
+                                              ("pre", ["feature_cache=false"], "Pre", lambda ep: None),
+                                              ("model", [], "SMAT", smat_weights)):
+        rep = evaluate(load_eval_config(eval_overrides(eval_root, *extra)), str(run), method=method, say=lambda m: None)
+        for source, fl in rep.lists.items():
+            eps = [materialise(spec, builder) for spec in fl.specs]
+            cos = [_nearest_centroid_accuracy(smat.backbone, ep, "cosine", weights_of(ep)) for ep in eps]
+            euc = [_nearest_centroid_accuracy(smat.backbone, ep, "euclidean", weights_of(ep)) for ep in eps]
+            np.testing.assert_allclose(rep.accuracies[(source, column)], cos, atol=1e-9,
+                                       err_msg=f"{column} {extra} on {source}: not nearest cosine prototype")
+            disagree += sum(c != e for c, e in zip(cos, euc))
+    assert disagree >= 6, f"the data tells cosine from Euclidean on only {disagree} episodes"
+
+    cfg = load_eval_config(eval_overrides(eval_root, "finetune.augment=false", "finetune.steps=2"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16))
+    ev = EpisodeEvaluator(describe_checkpoint(run), cfg)
+    spec = rep.lists["textures"].specs[0]
+    ep = ev.reader.episode(spec)
+    dense = ev.model.dense_weights(ev.task_weights(spec, ep)[0])
+    outs = ev.score(spec, [("full", 1e-2), ("lora", 1e-1)], keep_weights=True)[2]
+    first_loss = F.cross_entropy(_hand_cosine_logits(ev.model.backbone, dense, ep.support_x, ep.support_y,
+                                                     ep.support_x, ev.model.scale), ep.support_y)
+    for out in outs.values():
+        assert out.losses[0] == pytest.approx(float(first_loss), rel=1e-5), "fine-tuning loss is not cosine"
+        hand = _hand_cosine_logits(ev.model.backbone, out.weights, ep.support_x, ep.support_y, ep.query_x,
+                                   ev.model.scale)
+        torch.testing.assert_close(out.query_logits, hand, rtol=0, atol=1e-4)
+
+
+def test_prototypes_are_compared_by_cosine_not_euclidean_distance(eval_root, skewed_run):
+    assert_cosine_prototypes(eval_root, skewed_run)
+
+
+@pytest.mark.parametrize("module, message", [("smat_dist.eval.worker", "not nearest cosine prototype"),
+                                             ("smat_dist.eval.finetune", "fine-tuning loss is not cosine")],
+                         ids=["worker", "finetune"])
+def test_the_cosine_check_catches_euclidean_prototypes(eval_root, skewed_run, monkeypatch, module, message):
+    monkeypatch.setattr(f"{module}.cosine_logits", _euclidean_logits)
+    with pytest.raises(AssertionError, match=message):
+        assert_cosine_prototypes(eval_root, skewed_run)
 
 
 def test_pre_equals_nearest_centroid_on_theta_pre_features(eval_root, tiny_run, tmp_path):
@@ -69,21 +164,40 @@ def test_feature_tables_match_per_episode_forwards(eval_root, tiny_run):
                 np.testing.assert_allclose(ea[(r.source, r.index)], r.alpha, atol=1e-5)
 
 
-def test_task_weights_equal_smat_task_weights(eval_root, tiny_run):
-    from smat_dist.eval.models import describe_checkpoint, build_task_model
-    from smat_dist.smat.toy import ToyEpisodes
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_evaluation_uses_the_models_test_time_merge_with_gates_computed_once(eval_root, tiny_run, tmp_path,
+                                                                             monkeypatch, feature_cache):
+    """θ_i and α_i of evaluation are SMAT.task_weights / SMAT.task_alpha of the task (from cached
+    θ_pre features or a forward), while the (M, G) test gates are computed once, not per task."""
+    import dataclasses
 
-    tm = build_task_model(describe_checkpoint(tiny_run))
-    ep = ToyEpisodes(num_classes=10, image_size=16, ways=4, shots=3, queries=2).episode(7)
-    params, alpha = tm.task_params(ep.support_x, ep.support_y)
-    ref = tm.smat.space.views(tm.smat.task_weights(ep.support_x, ep.support_y))
-    for k, v in ref.items():
-        torch.testing.assert_close(params[k], v, rtol=0, atol=1e-6)
-    assert alpha.shape == (8,) and float(alpha.sum()) == pytest.approx(1.0, abs=1e-5)
-    assert float(alpha.max() - alpha.min()) > 1e-3  # experts are weighted differently
-    # θ_i differs from θ_pre only where some expert's mask is on
-    flat = torch.cat([params[s.name].reshape(-1) for s in tm.smat.space.slots])
-    assert not torch.equal(flat, tm.smat.theta_pre)
+    from smat_dist.eval.episodes import frozen_list
+    from smat_dist.eval.models import describe_checkpoint
+    from smat_dist.eval.worker import EpisodeEvaluator
+
+    cfg = load_eval_config(eval_overrides(eval_root, f"feature_cache={str(feature_cache).lower()}"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16))
+    ev = EpisodeEvaluator(describe_checkpoint(tiny_run), cfg)
+    smat = ev.model.smat
+    gate_passes = []
+    test_gates = smat.test_gates
+    monkeypatch.setattr(smat, "test_gates", lambda: gate_passes.append(1) or test_gates())
+    specs = [sp for s in ("textures", "digits") for sp in frozen_list(cfg.data, s, "test", 3, 0, tmp_path).specs]
+    episodes = [ev.reader.episode(sp) for sp in specs]
+    got = [ev.task_weights(sp, ep) for sp, ep in zip(specs, episodes)]
+    assert len(gate_passes) == 1  # one (M, G) pass for all six tasks
+    alphas = []
+    for ep, (weights, alpha) in zip(episodes, got):
+        ref = smat.space.views(smat.task_weights(ep.support_x, ep.support_y))
+        assert set(weights) == set(ref)
+        for k, v in ref.items():
+            torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6)
+        torch.testing.assert_close(alpha, smat.task_alpha(ep.support_x, ep.support_y), rtol=0, atol=1e-6)
+        assert alpha.shape == (8,) and float(alpha.sum()) == pytest.approx(1.0, abs=1e-5)
+        alphas.append(alpha)
+    assert float(torch.stack(alphas).std(0).max()) > 1e-3  # α depends on the task
+    flat = torch.cat([got[0][0][s.name].reshape(-1) for s in smat.space.slots])
+    assert not torch.equal(flat, smat.theta_pre)  # θ_i is not θ_pre
 
 
 def test_pmf_checkpoint_is_labelled_and_merged_once(eval_root, tmp_path):

@@ -1,9 +1,10 @@
-"""Full and LoRA fine-tuning really train a task copy and never touch the checkpoint."""
+"""Full and LoRA fine-tuning really train a task copy, never touch the checkpoint, never read query labels."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -39,8 +40,8 @@ def test_full_and_lora_change_the_task_copy_only(evaluator, spec):
     pre0, delta0 = m.theta_pre.clone(), m.delta.detach().clone()
     bb0 = {k: v.clone() for k, v in m.backbone.state_dict().items()}
     ep = ev.reader.episode(spec)
-    params, _ = ev.task_params(spec, ep)
-    dense = {k: v.clone() for k, v in ev.model.full_params(params).items()}
+    weights, _ = ev.task_weights(spec, ep)
+    dense = {k: v.clone() for k, v in ev.model.dense_weights(weights).items()}
 
     accs, _, outs, losses, _ = ev.score(spec, [("none", 0.0), ("full", 1e-2), ("lora", 1e-1)], keep_weights=True)
     full_w, lora_w = outs[1].weights, outs[2].weights
@@ -66,15 +67,103 @@ def test_finetuning_reduces_the_support_loss(evaluator, spec):
     from smat_dist.eval.finetune import finetune_full
 
     ep = ev.reader.episode(spec)
-    params, _ = ev.task_params(spec, ep)
-    out = finetune_full(ev.model.backbone, ev.model.full_params(params), ep, 1e-2, 10.0, ev_cfg.finetune, seed=1)
+    weights, _ = ev.task_weights(spec, ep)
+    out = finetune_full(ev.model.backbone, ev.model.dense_weights(weights), ep, 1e-2, 10.0, ev_cfg.finetune, seed=1)
     assert out.losses[-1] < out.losses[0] - 1e-3
 
 
+def assert_finetuning_never_reads_query_labels(ev, spec) -> None:
+    """Scoring the same episode with every query label moved to the next class changes nothing
+    fine-tuning produces (losses, trained weights, query logits); only the accuracy, which must
+    read the labels, changes."""
+    true_ep = ev.reader.episode(spec)
+    moved_ep = dataclasses.replace(true_ep, query_y=(true_ep.query_y + 1) % true_ep.ways)
+    runs = [("full", 1e-2), ("lora", 1e-1)]
+    scored = []
+    for ep in (true_ep, moved_ep):
+        with patch.object(ev.reader, "episode", lambda s, ep=ep: ep):
+            accs, _, outs, _, _ = ev.score(spec, runs, keep_weights=True)
+        scored.append((accs, outs))
+    (accs_a, outs_a), (accs_b, outs_b) = scored
+    assert accs_a != accs_b  # the labels did reach the accuracy
+    for i, (mode, _) in enumerate(runs):
+        a, b = outs_a[i], outs_b[i]
+        assert a.losses == b.losses, f"{mode}: the fine-tuning loss depends on query labels"
+        assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights), \
+            f"{mode}: the fine-tuned weights depend on query labels"
+        assert torch.equal(a.query_logits, b.query_logits), f"{mode}: the query logits depend on query labels"
+
+
+def test_finetuning_never_sees_query_labels(evaluator, spec):
+    assert_finetuning_never_reads_query_labels(evaluator, spec)
+
+
+def test_the_query_label_check_catches_a_finetuner_that_trains_on_the_query_set(evaluator, spec, monkeypatch):
+    from smat_dist.eval import finetune
+
+    real = finetune._run_steps
+
+    def trains_on_support_and_query(forward, opt, ep, *args, **kwargs):
+        return real(forward, opt, ep.merged(), *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_run_steps", trains_on_support_and_query)
+    with pytest.raises(AssertionError, match="full: the fine-tuning loss depends on query labels"):
+        assert_finetuning_never_reads_query_labels(evaluator, spec)
+
+
+def assert_inert_finetuning_is_no_finetuning(ev, spec) -> None:
+    """Fine-tuning that cannot move the weights (lr 0, or 0 steps), run for real rather than
+    through the evaluator's shortcut, keeps θ_i exactly and predicts what no fine-tuning does;
+    the shortcut gives the same accuracy."""
+    from smat_dist.eval.finetune import LoraWorkspace, finetune_full
+
+    ep = ev.reader.episode(spec)
+    weights, _ = ev.task_weights(spec, ep)
+    dense = ev.model.dense_weights(weights)
+    plain = ev.protonet_logits(weights, ep)
+    scale = ev.model.scale
+    for lr, steps in ((0.0, 3), (1e-2, 0)):
+        cfg = dataclasses.replace(ev.cfg.finetune, steps=steps)
+        outs = {"full": finetune_full(ev.model.backbone, dense, ep, lr, scale, cfg, seed=4, keep_weights=True),
+                "lora": LoraWorkspace(ev.model.backbone, cfg).run(dense, ep, 10 * lr, scale, seed=4, keep_weights=True)}
+        for mode, out in outs.items():
+            what = f"{mode} with lr {lr:g}, {steps} steps"
+            assert all(torch.equal(out.weights[k], dense[k]) for k in dense), f"{what}: moved θ_i"
+            assert len(out.losses) == steps, what
+            torch.testing.assert_close(out.query_logits, plain, rtol=0, atol=1e-5, msg=lambda m: f"{what}: {m}")
+    plain_acc = float((plain.argmax(-1) == ep.query_y).float().mean())
+    assert ev.score(spec, [("none", 0.0), ("full", 0.0), ("lora", 0.0)])[0] == [plain_acc] * 3
+
+
 def test_zero_steps_or_zero_lr_equal_no_finetuning(evaluator, spec):
-    ev = evaluator
-    a = ev.score(spec, [("none", 0.0), ("full", 0.0), ("lora", 0.0)])[0]
-    assert a[0] == a[1] == a[2]
+    assert_inert_finetuning_is_no_finetuning(evaluator, spec)
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("lr_ignored", "full with lr 0, 3 steps: moved θ_i"),
+    ("one_step_at_least", "full with lr 0.01, 0 steps: moved θ_i"),
+    ("lora_starts_off_theta", "lora with lr 0, 3 steps: moved θ_i"),
+], ids=["lr_ignored", "one_step_at_least", "lora_starts_off_theta"])
+def test_the_inert_finetuning_check_catches_finetuners_that_move(evaluator, spec, monkeypatch, broken, message):
+    from smat_dist.eval import finetune
+
+    if broken == "lr_ignored":
+        monkeypatch.setattr(finetune, "_adamw", lambda params, lr, cfg: torch.optim.AdamW(params, lr=1e-3))
+    elif broken == "one_step_at_least":
+        real = finetune._run_steps
+        monkeypatch.setattr(finetune, "_run_steps", lambda f, o, ep, steps, *a: real(f, o, ep, max(steps, 1), *a))
+    else:
+        real_reset = finetune.LoraWorkspace.reset
+
+        def reset_with_b(self, dense, seed):
+            real_reset(self, dense, seed)
+            with torch.no_grad():
+                for b in self.lora_b:
+                    b.fill_(0.01)  # B ≠ 0: training no longer starts at θ_i
+
+        monkeypatch.setattr(finetune.LoraWorkspace, "reset", reset_with_b)
+    with pytest.raises(AssertionError, match=message):
+        assert_inert_finetuning_is_no_finetuning(evaluator, spec)
 
 
 def test_evaluate_with_finetuning_leaves_the_checkpoint_file_alone(eval_root, tmp_path):
