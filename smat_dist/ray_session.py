@@ -32,6 +32,9 @@ def worker_env(*, use_gpu: bool = False, include_pythonpath: bool = True) -> Dic
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # see smat_dist/__init__.py
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        # Ray Train V2 re-routes print() in workers through its logger, which then shows every
+        # progress line twice on the driver's console; plain stdout is forwarded once.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -39,6 +42,18 @@ def worker_env(*, use_gpu: bool = False, include_pythonpath: bool = True) -> Dic
         pkg_parent = str(Path(smat_dist.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
     return env
+
+
+def setup_worker() -> None:
+    """Runs in every Ray worker process of our jobs (``worker_process_setup_hook``).
+
+    Ray Train's placement-group cleaner asks Ray's state API whether the trainer is alive. Without an
+    address it auto-detects "the" Ray instance, which fails on a machine with several (and prints a
+    traceback); pointing it at the cluster this process belongs to makes it ask the right one.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def keep_local() -> None:
@@ -64,17 +79,21 @@ def connect(*, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, u
     if ray.is_initialized():
         return False
     env = worker_env(use_gpu=use_gpu)
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "smat_dist.ray_session.setup_worker"}
     if address:
         env.pop("PYTHONPATH")  # the job's working dir / image provides the package
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
         return False
     keep_local()
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         num_gpus=num_gpus if num_gpus is not None else (None if use_gpu else 0),
-        include_dashboard=False,
+        # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner
+        # polls; without it that cleaner warns every few seconds. It listens on 127.0.0.1 only.
+        include_dashboard=True,
+        dashboard_host=LOCALHOST,
         object_store_memory=object_store_mb * 1024 * 1024,
-        runtime_env={"env_vars": env},
+        runtime_env=runtime_env,
         log_to_driver=log_to_driver,
         configure_logging=False,
         _node_ip_address=LOCALHOST,

@@ -21,7 +21,7 @@ class MonitorConfig:
     port: int = 0  # 0 = an ephemeral port, announced in targets_dir
     # Each prometheus_client endpoint writes a Prometheus file-SD target file here (removed at exit);
     # cluster/monitoring/prometheus.yml watches this directory. None = do not announce.
-    targets_dir: Optional[str] = "/tmp/smat_dist/prometheus"
+    targets_dir: Optional[str] = "/tmp/smat-dist/prometheus"
     every: int = 1  # record every N-th meta-step
 
     def __post_init__(self) -> None:  # runs when a config is built, so a bad value fails before training

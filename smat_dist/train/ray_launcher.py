@@ -57,6 +57,16 @@ class RayCheckpoints:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every ``report`` with its whole metrics dict at INFO from a logger named after its
+    source file (so its ``LoggingConfig`` level does not reach it); keep it to warnings."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: Dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the TorchTrainer: one rank of the recipe."""
     import ray.train
@@ -66,6 +76,8 @@ def train_loop(config: Dict[str, Any]) -> None:
 
     cfg: RunConfig = from_dict(RunConfig, config["run"])
     run_dir = Path(config["run_dir"])
+    if not config.get("verbose"):
+        quiet_ray_train_reports()
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.dist.use_gpu else torch.device("cpu")
     runtime = Runtime("ray", ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device)
@@ -87,7 +99,7 @@ def train_loop(config: Dict[str, Any]) -> None:
         monitor.close()
 
 
-def train(cfg: RunConfig) -> RunResult:
+def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
     """Run (or resume) meta-training on Ray; returns where the run and its exported model are."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -107,12 +119,15 @@ def train(cfg: RunConfig) -> RunResult:
         backend = backend_for(torch.device("cuda" if cfg.dist.use_gpu else "cpu"))
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir)},
+            train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir), "verbose": verbose},
             torch_config=TorchConfig(backend=backend),
             scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
                                          resources_per_worker=resources),
             run_config=ray.train.RunConfig(
                 name=cfg.train.run_name,
+                # Ray Train's own INFO lines (resource requests, every report with its metrics) only with
+                # --verbose; our progress lines and Ray's warnings and errors always show.
+                logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
                 storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),

@@ -65,8 +65,8 @@ def test_single_process_trainer_metrics_reach_prometheus(prometheus, synth_small
         assert list(prometheus.values(f"ray_smat_images_per_second{{{sel}}}").values())[0] > 0
         assert list(prometheus.values(f"ray_smat_episode_queue_depth{{{sel}}}").values()) == [0.0]  # in-process
         assert list(prometheus.values(f'ray_smat_sparsity_target{{run="{run}"}}').values()) == [0.8]
-        alpha = prometheus.values(f'sum(ray_smat_alpha{{run="{run}", source="all"}})')
-        assert list(alpha.values())[0] == pytest.approx(1.0, abs=1e-4)
+        alpha = prometheus.values(f'sum by (source) (ray_smat_alpha{{run="{run}"}})')  # α per training source
+        assert alpha and all(v == pytest.approx(1.0, abs=1e-4) for v in alpha.values())
         up = [t for t in prometheus.targets() if t["labels"]["job"] == "smat-local"
               and t["scrapeUrl"].startswith(monitor.url)]
         assert up and up[0]["health"] == "up"
