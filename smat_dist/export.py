@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from smat_dist.config import TrainConfig, from_dict, to_dict
+from smat_dist.fsutil import publish, tmp_path_for
 from smat_dist.smat.config import ModelConfig
 
 FORMAT = "smat-dist-model-v1"
@@ -35,10 +36,9 @@ def export_model(model, path: str | Path, train_cfg: Optional[TrainConfig] = Non
         "train_config": json.dumps(to_dict(train_cfg)) if train_cfg is not None else "{}",
         **(extra or {}),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = tmp_path_for(path)
     save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return publish(tmp, path)  # fsync + rename: a crash leaves the old file or the whole new one
 
 
 def read_export(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

@@ -6,10 +6,11 @@ fsync the directory so the rename itself survives a power loss.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 PathLike = Union[str, Path]
 
@@ -28,8 +29,11 @@ def fsync_dir(directory: PathLike) -> None:
 
 
 def tmp_path_for(path: PathLike) -> Path:
+    """A temporary name next to ``path``, unique per process and thread (concurrent writers never share one)."""
+    import threading
+
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 def publish(tmp: PathLike, path: PathLike) -> Path:
@@ -72,4 +76,8 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "publish", "fsync_dir", "tmp_path_for"]
+def atomic_write_json(path: PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "publish", "fsync_dir", "tmp_path_for"]

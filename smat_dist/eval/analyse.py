@@ -119,15 +119,10 @@ def _sort_groups(groups, nz, tot, order):
 
 
 def read_metrics(path: Path) -> List[dict]:
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i}: not JSON: {exc}") from None
-    return rows
+    """The rows of a run's metrics.jsonl (a torn line, from a crash mid-write, is skipped with a warning)."""
+    from smat_dist.train.metrics import read_rows
+
+    return read_rows(path)
 
 
 @dataclass

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -31,6 +30,7 @@ from smat_dist.data.config import DataConfig, EpisodeConfig
 from smat_dist.data.store import Catalog, CorruptSample, DataError, FilePool
 from smat_dist.data.transforms import DecodeError, EpisodeTransform, to_tensor
 from smat_dist.episode import Episode
+from smat_dist.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,8 @@ def frozen_list(data_cfg: DataConfig, source: str, split: str, n: int, seed: int
             specs = [builder.plan(g) for g in range(start, start + n)]
         finally:
             builder.close()
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Atomic: concurrent evaluations (Pre, PMF, SMAT in parallel) never see half a list.
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            for s in specs:
-                f.write(json.dumps(s.to_json(), separators=(",", ":")) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(s.to_json(), separators=(",", ":")) + "\n" for s in specs))
         log.info("wrote %d %s/%s episodes to %s", n, source, split, path)
     specs = load_episode_list(path)
     _check(specs, path, source, split, n, seed, start)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-from pathlib import Path
 from typing import Any, Deque, Dict, Iterator, List, Sequence, Tuple
 
 from smat_dist.eval.config import EvalConfig

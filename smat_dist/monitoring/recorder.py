@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from smat_dist.fsutil import atomic_write_text
 from smat_dist.monitoring.config import MonitorConfig
 from smat_dist.monitoring.names import (ACCURACY_KEYS, BY_NAME, DATA_COUNTERS, LOSS_KEYS, PHASE_KEYS, Metric,
                                         metric)
@@ -284,9 +285,7 @@ def announce_target(directory: Path, target: str, name: str) -> Path:
             old.unlink(missing_ok=True)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
     path = directory / f"{safe}@{host}-{os.getpid()}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([{"targets": [target], "labels": {}}]))
-    tmp.replace(path)  # Prometheus never reads a half-written file
+    atomic_write_text(path, json.dumps([{"targets": [target], "labels": {}}]))  # never read half-written
     return path
 
 

@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = ap.parse_args(argv)
     from smat_dist.sweep.config import load_sweep_config
     from smat_dist.sweep.runner import Sweep
-    from smat_dist.sweep.state import SweepLocked
+    from smat_dist.sweep.state import SweepLocked, SweepStateError
 
     try:
         cfg = load_sweep_config(a.config, a.overrides)
@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SweepLocked as exc:
         print(f"smat-sweep: error: {exc}", file=sys.stderr)
         return 3
-    except ConfigError as exc:
+    except (ConfigError, SweepStateError) as exc:
         print(f"smat-sweep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

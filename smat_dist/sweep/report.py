@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from smat_dist.sweep.state import atomic_write_text
+from smat_dist.fsutil import atomic_write_text
 
 FIXED_COLUMNS = [
     "cell", "status", "method", "num_experts", "tau", "train_sources", "num_train_sources", "seed",
@@ -62,14 +62,13 @@ def read_eval_results(path: Path, mode: str = "none") -> Dict[str, Any]:
 
 def read_training(run_dir: Path) -> Dict[str, Any]:
     """Steps and sparsity reached (mean over experts of the last logged step) from metrics.jsonl."""
+    from smat_dist.train.metrics import read_rows
+
     p = run_dir / "metrics.jsonl"
-    last = None
-    if p.exists():
-        for line in p.read_text().splitlines():
-            if line.strip():
-                last = json.loads(line)
-    if last is None:
+    rows = read_rows(p) if p.exists() else []  # a torn last line (a crash mid-write) is skipped with a warning
+    if not rows:
         return {}
+    last = rows[-1]
 
     def mean(v):
         return sum(v) / len(v) if isinstance(v, list) and v else None

@@ -42,8 +42,8 @@ from smat_dist.sweep.config import CONFIG_AXIS, SweepConfig
 from smat_dist.sweep.grid import Cell, expand
 from smat_dist.sweep.report import (ResultsError, plot_scaling, plot_tradeoff, read_eval_results, read_training,
                                     write_csv)
-from smat_dist.sweep.state import (DONE, FAILED, PENDING, RUNNING, Attempt, CellState, CellStore, SweepLock,
-                                   atomic_write_text)
+from smat_dist.fsutil import atomic_write_text
+from smat_dist.sweep.state import DONE, FAILED, PENDING, RUNNING, Attempt, CellState, CellStore, SweepLock
 
 PKG_PARENT = str(Path(smat_dist.__file__).resolve().parents[1])
 
@@ -353,11 +353,11 @@ class Sweep:
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         deadline = time.time() + self.cfg.cell_timeout_s if self.cfg.cell_timeout_s else None
-        if not (st.train_done and (self.run_dir(cell) / "model.safetensors").exists()):
+        if not (st.train_done and self._export_whole(cell)):
             attempt.phase = "train"
             t0 = time.time()
             rc = self._execute(self.train_cmd(cell), logs / f"{cell.id}.train.log", deadline, attempt)
-            if rc != 0 or not (self.run_dir(cell) / "model.safetensors").exists():
+            if rc != 0 or not self._export_whole(cell):
                 attempt.returncode = rc
                 attempt.error = attempt.error or _tail(logs / f"{cell.id}.train.log")
                 return False
@@ -380,6 +380,19 @@ class Sweep:
         st.results.update(read_training(self.run_dir(cell)))
         attempt.returncode = 0
         return True
+
+    def _export_whole(self, cell: Cell) -> bool:
+        """The cell's model file exists and is whole; if not, training runs again (it resumes at its last
+        checkpoint and rewrites the export), instead of evaluation failing on it forever."""
+        from smat_dist.weightsfile import WeightsError, check_weights_file
+
+        try:
+            check_weights_file(self.run_dir(cell) / "model.safetensors", "model export")
+            return True
+        except WeightsError as exc:
+            if (self.run_dir(cell) / "model.safetensors").exists():
+                self.say(f"[smat-sweep] {exc}: training {cell.id} again")
+            return False
 
     def _execute(self, cmd: List[str], log: Path, deadline: Optional[float], attempt: Attempt) -> int:
         attempt.log = str(log)

@@ -16,24 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from smat_dist.fsutil import atomic_write_json
+
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -99,7 +84,11 @@ class CellStore:
         p = self.path(cell_id)
         if not p.exists():
             return None
-        return CellState.from_json(json.loads(p.read_text()))
+        try:
+            return CellState.from_json(json.loads(p.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as exc:
+            raise SweepStateError(f"{p}: corrupt cell state ({type(exc).__name__}: {exc}); move it away to run the "
+                                  f"cell afresh (its training resumes from its checkpoints)") from None
 
     def save(self, st: CellState) -> None:
         atomic_write_json(self.path(st.id), st.to_json())
@@ -137,5 +126,9 @@ class SweepLocked(RuntimeError):
     pass
 
 
-__all__ = ["Attempt", "CellState", "CellStore", "SweepLock", "SweepLocked", "atomic_write_json",
-           "atomic_write_text", "PENDING", "RUNNING", "DONE", "FAILED"]
+class SweepStateError(ValueError):
+    """A cell state file that cannot be read; the message names it."""
+
+
+__all__ = ["Attempt", "CellState", "CellStore", "SweepLock", "SweepLocked", "SweepStateError", "PENDING", "RUNNING",
+           "DONE", "FAILED"]

@@ -13,18 +13,22 @@ Everything here is checked before a rank starts, so a bad resume is one line nam
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from smat_dist.fsutil import atomic_write_text
+from smat_dist.weightsfile import WeightsError, check_weights_file
 
 META_FILE = "smat_checkpoint.json"
 FORMAT = "smat-dist-checkpoint-v2"
 LOCAL_PREFIX = "checkpoint_step_"
 PARTIAL_SUFFIX = ".partial"
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -77,7 +81,7 @@ def inspect(directory: str | Path) -> CheckpointMeta:
     """The sidecar of a complete checkpoint, or :class:`CheckpointError` naming what is missing or torn.
 
     ``.pt`` files are zip archives: a truncated one has no readable central directory, which is
-    checked here without loading any tensor.
+    checked without loading any tensor (:func:`smat_dist.weightsfile.check_weights_file`).
     """
     directory = Path(directory).expanduser()
     if not directory.is_dir():
@@ -88,17 +92,16 @@ def inspect(directory: str | Path) -> CheckpointMeta:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (the checkpoint of step {meta.step} is incomplete)")
         try:
-            with zipfile.ZipFile(path) as zf:
-                zf.infolist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({exc})") from None
+            check_weights_file(path, "checkpoint")
+        except WeightsError as exc:
+            raise CheckpointError(str(exc)) from None
     return meta
 
 
 def check_resumable(meta: CheckpointMeta, where: Path, *, tasks_per_step: int, world_size: int, engine: str,
-                    theta_pre: str) -> None:
-    """Refuse a checkpoint this run cannot continue exactly."""
-    if meta.theta_pre != theta_pre:
+                    theta_pre: Optional[str]) -> None:
+    """Refuse a checkpoint this run cannot continue exactly (``theta_pre=None``: not known yet, not checked)."""
+    if theta_pre is not None and meta.theta_pre != theta_pre:
         raise CheckpointError(
             f"{where}: trained on other pre-trained weights (θ_pre fingerprint {meta.theta_pre} != {theta_pre}); "
             f"check model.backbone.checkpoint")
@@ -118,19 +121,35 @@ def check_resumable(meta: CheckpointMeta, where: Path, *, tasks_per_step: int, w
             f"state), then resume that on any number of workers")
 
 
-def find_latest(run_dir: str | Path) -> Optional[Path]:
-    """The run's latest complete checkpoint directory (by step), or None. Incomplete ones are skipped."""
+def scan(run_dir: str | Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """(the latest complete checkpoint by step or None, [(incomplete checkpoint, why)] oldest first).
+
+    ``.partial`` directories (a launcher's checkpoint being written) are not checkpoints yet and are skipped.
+    """
     best: Optional[Path] = None
     best_step = -1
-    for d in Path(run_dir).glob("checkpoint_*"):
+    broken: List[Tuple[Path, str]] = []
+    for d in sorted(Path(run_dir).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime):
         if not d.is_dir() or d.name.endswith(PARTIAL_SUFFIX):
             continue
         try:
             meta = inspect(d)
-        except CheckpointError:
+        except CheckpointError as exc:
+            broken.append((d, str(exc)))
             continue
         if meta.step > best_step:
             best, best_step = d, meta.step
+    return best, broken
+
+
+def find_latest(run_dir: str | Path) -> Optional[Path]:
+    """The run's latest complete checkpoint directory (by step), or None. Incomplete ones are skipped
+    (with a warning when they are newer than the one returned: work since then is redone)."""
+    best, broken = scan(run_dir)
+    if best is not None:
+        newer = [(d, why) for d, why in broken if d.stat().st_mtime > best.stat().st_mtime]
+        for d, why in newer:
+            log.warning("skipping incomplete checkpoint %s (%s); resuming from %s", d, why, best)
     return best
 
 
@@ -164,5 +183,5 @@ def prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["CheckpointError", "CheckpointMeta", "META_FILE", "inspect", "check_resumable", "find_latest",
+__all__ = ["CheckpointError", "CheckpointMeta", "META_FILE", "inspect", "check_resumable", "find_latest", "scan",
            "resume_point", "tag_of", "local_dir", "prune", "expected_files"]

@@ -34,16 +34,44 @@ def parse(prog: str, description: str, argv: Optional[List[str]]) -> Tuple[Optio
         return None, args.verbose, 2
 
 
+def _fail(prog: str, exc: BaseException, run_dir, *, rank: Optional[int] = None) -> int:
+    """One line on the console; the traceback is in the run's log file. Exit 2 for what the user can fix.
+
+    ``rank``: the torchrun rank this process is (every rank checks the config, rank 0 alone reports
+    what the user can fix; any rank reports its own failure)."""
+    from smat_dist.train import runlog
+    from smat_dist.train.preflight import USER_ERRORS
+
+    cause, failed_rank = runlog.root_cause(exc)
+    user_error = isinstance(cause, USER_ERRORS)
+    if failed_rank is None and not user_error:
+        runlog.log_exception(run_dir, exc, "driver")  # Ray workers and ranks have logged their own
+    where = "" if user_error else f" (traceback in {run_dir / runlog.RUN_LOG})"
+    if not (user_error and rank not in (None, 0)):
+        prefix = f"rank {rank}: " if rank is not None and not user_error else ""
+        print(f"{prog}: error: {prefix}{runlog.one_line(exc)}{where}", file=sys.stderr, flush=True)
+    return 2 if user_error else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``smat-train``: the Ray launcher."""
-    cfg, verbose, rc = parse("smat-train", "Meta-train SMAT (or a baseline config) with Ray Train + DeepSpeed. Joins the "
-                    "Ray cluster at $RAY_ADDRESS (as under `ray job submit`), else starts a local one. Re-running "
-                    "with the same train.run_name resumes it.", argv)
+    prog = "smat-train"
+    cfg, verbose, rc = parse(prog, "Meta-train SMAT (or a baseline config) with Ray Train + DeepSpeed. Joins the "
+                             "Ray cluster at $RAY_ADDRESS (as under `ray job submit`), else starts a local one. "
+                             "Re-running with the same train.run_name resumes it.", argv)
     if cfg is None:
         return rc
-    from smat_dist.train.ray_launcher import train
+    from smat_dist.train.launch import run_dir_of
+    from smat_dist.train.preflight import preflight
 
-    result = train(cfg, verbose=verbose)
+    run_dir = run_dir_of(cfg)
+    try:
+        preflight(cfg, run_dir, engine="deepspeed", world_size=cfg.dist.num_workers)
+        from smat_dist.train.ray_launcher import train
+
+        result = train(cfg, verbose=verbose)
+    except Exception as exc:
+        return _fail(prog, exc, run_dir)
     print(f"[smat-train] done: run directory {result.run_dir}")
     print(f"[smat-train] exported model {result.export}")
     return 0
@@ -51,19 +79,31 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def main_local(argv: Optional[List[str]] = None) -> int:
     """``python -m smat_dist.train``: one process, or one torchrun rank."""
-    cfg, verbose, rc = parse("python -m smat_dist.train", "Meta-train SMAT in this process, or as one rank of "
-                    "`torchrun --nproc-per-node N -m smat_dist.train` (DeepSpeed, gloo on CPU, NCCL on GPU). "
-                    "Re-running with the same train.run_name resumes it.", argv)
+    prog = "python -m smat_dist.train"
+    cfg, verbose, rc = parse(prog, "Meta-train SMAT in this process, or as one rank of `torchrun --nproc-per-node N "
+                             "-m smat_dist.train` (DeepSpeed, gloo on CPU, NCCL on GPU). Re-running with the same "
+                             "train.run_name resumes it.", argv)
     if cfg is None:
         return rc
-    from smat_dist.train import distributed
-    from smat_dist.train.launch import run
+    import os
 
-    if distributed.under_torchrun():
-        runtime = distributed.init_torchrun(cfg.dist.use_gpu)
-    else:
-        runtime = distributed.Runtime("local", device=distributed.rank_device(cfg.dist.use_gpu, 0))
-    run_dir = run(cfg, runtime)  # an error ends this rank; torchrun then stops the others
+    from smat_dist.train import distributed
+    from smat_dist.train.launch import run, run_dir_of
+    from smat_dist.train.preflight import preflight
+
+    run_dir = run_dir_of(cfg)
+    torchrun = distributed.under_torchrun()
+    rank = int(os.environ.get("RANK", "0")) if torchrun else 0
+    try:
+        preflight(cfg, run_dir, engine="deepspeed" if torchrun else "local",
+                  world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
+        if torchrun:
+            runtime = distributed.init_torchrun(cfg.dist.use_gpu)
+        else:
+            runtime = distributed.Runtime("local", device=distributed.rank_device(cfg.dist.use_gpu, 0))
+        run(cfg, runtime)  # an error ends this rank; torchrun then stops the others
+    except Exception as exc:
+        return _fail(prog, exc, run_dir, rank=rank if torchrun else None)
     distributed.shutdown()
     if runtime.is_main:
         print(f"[smat-train] done: run directory {run_dir}")

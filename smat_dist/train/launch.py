@@ -19,7 +19,7 @@ from smat_dist.episode import Episode
 from smat_dist.fsutil import atomic_write_text, publish
 from smat_dist.smat import SMAT
 from smat_dist.train import checkpoint as ckpt
-from smat_dist.train import distributed
+from smat_dist.train import distributed, runlog
 from smat_dist.train.distributed import Runtime
 from smat_dist.train.metrics import StepMetrics
 from smat_dist.train.recipe import EpisodeProvider, MetaTrainRecipe
@@ -76,6 +76,9 @@ def run(cfg: RunConfig, runtime: Runtime) -> Path:
         if runtime.is_main:
             recipe.export()
         distributed.barrier()
+    except Exception as exc:
+        runlog.log_exception(run_dir, exc, f"rank {runtime.rank}")
+        raise
     finally:
         monitor.close()
     return run_dir

@@ -21,7 +21,7 @@ import torch
 from smat_dist.config import RunConfig, from_dict, to_dict, to_yaml
 from smat_dist.fsutil import atomic_write_text
 from smat_dist.train import checkpoint as ckpt
-from smat_dist.train import distributed
+from smat_dist.train import distributed, runlog
 from smat_dist.train.distributed import Runtime, backend_for
 from smat_dist.train.launch import agreed_resume_point, run_dir_of
 from smat_dist.train.metrics import StepMetrics
@@ -59,12 +59,15 @@ class RayCheckpoints:
 
 def quiet_ray_train_reports() -> None:
     """Ray Train logs every ``report`` with its whole metrics dict at INFO from a logger named after its
-    source file (so its ``LoggingConfig`` level does not reach it); keep it to warnings."""
+    source file (so its ``LoggingConfig`` level does not reach it), and a failing rank's traceback at
+    ERROR; the first stays a warning-only logger, the second goes to the run's log file instead
+    (:func:`train_loop`), and the driver prints one line."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
 
 
 def train_loop(config: Dict[str, Any]) -> None:
@@ -95,6 +98,9 @@ def train_loop(config: Dict[str, Any]) -> None:
         if runtime.is_main:
             recipe.export()
         distributed.barrier()
+    except Exception as exc:
+        runlog.log_exception(run_dir, exc, f"rank {runtime.rank}")
+        raise
     finally:
         monitor.close()
 

@@ -30,7 +30,7 @@ from smat_dist.episode import Episode
 from smat_dist.smat import SMAT
 from smat_dist.smat.optim import SMATOptimizer, apply_schedule, build_optimizer
 from smat_dist.train import checkpoint as ckpt
-from smat_dist.train import distributed
+from smat_dist.train import distributed, runlog
 from smat_dist.train.distributed import Runtime
 from smat_dist.train.engine import DeepSpeedEngine, Engine, LocalEngine
 from smat_dist.train.metrics import TASK_KEYS, MetricsLog, StepMetrics, TaskRecord
@@ -359,7 +359,10 @@ class MetaTrainRecipe:
         return path
 
     def say(self, text: str) -> None:
-        print(f"[smat-train] {text}", flush=True)
+        """A line for the console (rank 0 calls this) and the run's log file."""
+        line = f"[smat-train] {text}"
+        print(line, flush=True)
+        runlog.append(self.run_dir, line)
 
 
 def averaged_fields(m: StepMetrics) -> List[str]:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from smat_dist.export import read_export
 from smat_dist.train.ray_launcher import train
 
 from .conftest import assert_same, export_params, tiny_run_config

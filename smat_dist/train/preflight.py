@@ -1,0 +1,77 @@
+"""Everything a run needs, checked in the launching process before Ray starts or ranks spawn.
+
+A problem is one :data:`USER_ERRORS` exception whose message names the file (or key) and what is wrong;
+the command lines print it as one line and exit 2. The checks read headers and manifests only, so they
+take well under a second; what can only be known on a rank (θ_pre's fingerprint against a resumed
+checkpoint) is checked there and reported the same way (:mod:`smat_dist.train.runlog`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from smat_dist.config import RunConfig
+from smat_dist.errors import ConfigError
+from smat_dist.train import checkpoint as ckpt
+from smat_dist.weightsfile import WeightsError, check_weights_file
+
+
+def _user_errors() -> tuple:
+    from smat_dist.data.store import DataError
+
+    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError)
+
+
+def check_backbone(cfg: RunConfig) -> None:
+    b = cfg.model.backbone
+    if b.checkpoint:
+        check_weights_file(b.checkpoint, "model.backbone.checkpoint")
+
+
+def check_resume(cfg: RunConfig, run_dir: Path, *, engine: str, world_size: int) -> Optional[Path]:
+    """Where the run will resume from (checked), or None for a fresh start."""
+    latest, broken = ckpt.scan(run_dir)
+    if latest is None and broken:
+        newest, why = broken[-1]
+        raise ckpt.CheckpointError(f"{why}; the run {run_dir} has no complete checkpoint to resume from: "
+                                   f"remove {newest} or choose another train.run_name")
+    point = latest
+    if point is None and cfg.dist.resume_from:
+        point = Path(cfg.dist.resume_from).expanduser().resolve()
+    if point is None:
+        return None
+    meta = ckpt.inspect(point)
+    ckpt.check_resumable(meta, point, tasks_per_step=cfg.train.tasks_per_step, world_size=world_size, engine=engine,
+                         theta_pre=None)
+    return point
+
+
+def check_data(cfg: RunConfig) -> None:
+    if cfg.data.episodes != "shards":
+        return
+    from smat_dist.data import check_root
+
+    check_root(cfg.data, split="train", sources=cfg.data.train_sources or None)
+
+
+def check_output(run_dir: Path) -> None:
+    parent = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        raise PermissionError(f"{run_dir}: cannot write the run directory (train.output_dir / dist.storage_path)")
+
+
+def preflight(cfg: RunConfig, run_dir: Path, *, engine: str, world_size: int) -> Optional[Path]:
+    """Run every check; returns the resume point. Raises one of :func:`user_errors`."""
+    check_output(run_dir)
+    check_backbone(cfg)
+    point = check_resume(cfg, run_dir, engine=engine, world_size=world_size)
+    check_data(cfg)
+    return point
+
+
+USER_ERRORS = _user_errors()
+
+__all__ = ["preflight", "check_weights_file", "check_backbone", "check_resume", "check_data", "WeightsError",
+           "USER_ERRORS"]
