@@ -55,6 +55,11 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # Prometheus metrics (smat_dist/monitoring)
     debug: DebugConfig = field(default_factory=DebugConfig)  # test hooks only
 
+    def run_dir(self) -> Path:
+        """``<dist.storage_path or train.output_dir>/<train.run_name>``: metrics, checkpoints, export, log."""
+        storage = self.dist.storage_path or self.train.output_dir
+        return Path(storage).expanduser().resolve() / self.train.run_name
+
     def validate(self) -> None:
         self.data.validate()
         self.dist.validate()

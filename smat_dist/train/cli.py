@@ -61,10 +61,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "Re-running with the same train.run_name resumes it.", argv)
     if cfg is None:
         return rc
-    from smat_dist.train.launch import run_dir_of
     from smat_dist.train.preflight import preflight
 
-    run_dir = run_dir_of(cfg)
+    run_dir = cfg.run_dir()
     try:
         preflight(cfg, run_dir, engine="deepspeed", world_size=cfg.dist.num_workers)
         from smat_dist.train.ray_launcher import train
@@ -88,10 +87,10 @@ def main_local(argv: Optional[List[str]] = None) -> int:
     import os
 
     from smat_dist.train import distributed
-    from smat_dist.train.launch import run, run_dir_of
+    from smat_dist.train.launch import run
     from smat_dist.train.preflight import preflight
 
-    run_dir = run_dir_of(cfg)
+    run_dir = cfg.run_dir()
     torchrun = distributed.under_torchrun()
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
     try:

@@ -25,11 +25,6 @@ from smat_dist.train.metrics import StepMetrics
 from smat_dist.train.recipe import EpisodeProvider, MetaTrainRecipe
 
 
-def run_dir_of(cfg: RunConfig) -> Path:
-    storage = cfg.dist.storage_path or cfg.train.output_dir
-    return Path(storage).expanduser().resolve() / cfg.train.run_name
-
-
 class LocalCheckpoints:
     """Checkpoints written by the ranks themselves into the run directory (shared storage for
     multi-node torchrun)."""
@@ -63,7 +58,7 @@ def run(cfg: RunConfig, runtime: Runtime) -> Path:
     """Train (or resume) on this rank; returns the run directory. Rank 0 writes the export at the end."""
     from smat_dist.monitoring.recorder import worker_monitor
 
-    run_dir = run_dir_of(cfg)
+    run_dir = cfg.run_dir()
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
@@ -133,4 +128,4 @@ class Trainer:
         return self.recipe.export()
 
 
-__all__ = ["run", "run_dir_of", "Trainer", "LocalCheckpoints", "agreed_resume_point"]
+__all__ = ["run", "Trainer", "LocalCheckpoints", "agreed_resume_point"]

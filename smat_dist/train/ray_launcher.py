@@ -23,7 +23,7 @@ from smat_dist.fsutil import atomic_write_text
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed, runlog
 from smat_dist.train.distributed import Runtime, backend_for
-from smat_dist.train.launch import agreed_resume_point, run_dir_of
+from smat_dist.train.launch import agreed_resume_point
 from smat_dist.train.metrics import StepMetrics
 from smat_dist.train.recipe import EXPORT_NAME, MetaTrainRecipe
 
@@ -113,7 +113,7 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
 
     from smat_dist import ray_session
 
-    run_dir = run_dir_of(cfg)
+    run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
     started = ray_session.connect(num_cpus=cfg.dist.local_num_cpus, use_gpu=cfg.dist.use_gpu,

@@ -405,3 +405,14 @@ def test_shipped_cluster_sweeps_reproduce_the_two_figures():
         assert c.run.model.backbone.name.startswith("vit_small") and c.run.dist.use_gpu
         assert c.run.data.root.startswith("/mnt/shared/") and c.run.train.tasks_per_step % c.run.dist.num_workers == 0
     assert trade.out.startswith("/mnt/shared/") and scale.out.startswith("/mnt/shared/")
+
+
+@pytest.mark.parametrize("text", ['{"id": "c", "key"', '{"id": "c", "key": "k", "assignment": {}, "surplus": 1}'])
+def test_corrupt_cell_state_is_one_error_naming_the_file(tmp_path, text):
+    from smat_dist.sweep.state import CellStore, SweepStateError
+
+    store = CellStore(tmp_path)
+    store.path("c").parent.mkdir(parents=True)
+    store.path("c").write_text(text)
+    with pytest.raises(SweepStateError, match=str(store.path("c")) + ": corrupt cell state"):
+        store.load("c")
