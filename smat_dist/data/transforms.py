@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -31,8 +31,13 @@ class DecodeError(ValueError):
     pass
 
 
-def decode(data: bytes, draft_side: Optional[int] = None) -> Image.Image:
-    """Bytes -> RGB PIL image (only JPEG/PNG decoders are ever tried). Raises :class:`DecodeError`."""
+def decode(data: Union[bytes, np.ndarray], draft_side: Optional[int] = None) -> Image.Image:
+    """Bytes (or a grey uint8 HxW array from a packed split) -> RGB PIL image (only JPEG/PNG
+    decoders are ever tried). Raises :class:`DecodeError`."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim != 2:
+            raise DecodeError(f"packed image must be uint8 HxW, got {data.dtype} {data.shape}")
+        return Image.fromarray(data, "L").convert("RGB")
     try:
         img = Image.open(io.BytesIO(data), formats=_FORMATS)
         if draft_side and img.format == "JPEG" and min(img.size) >= 2 * draft_side:
@@ -85,7 +90,7 @@ class EpisodeTransform:
         assert rng is not None
         return rng.random((n, PARAMS_PER_IMAGE))
 
-    def __call__(self, data: bytes, u: Optional[np.ndarray]) -> np.ndarray:
+    def __call__(self, data: Union[bytes, np.ndarray], u: Optional[np.ndarray]) -> np.ndarray:
         return self.apply(decode(data, self.draft), u)
 
     def apply(self, img: Image.Image, u: Optional[np.ndarray]) -> np.ndarray:
