@@ -208,8 +208,7 @@ class EpisodeBuilder:
         return EpisodeSpec(desc.source, self.split, int(g), self.seed, self.tag, list(desc.classes), s, q)
 
     def build(self, g: int, warm: Sequence[Union[int, EpisodeSpec]] = ()) -> RawEpisode:
-        self.prefetch(warm)
-        return self.materialise(self.plan(g), augment=self.augment)
+        return self.materialise(self.plan(g), augment=self.augment, warm=warm)
 
     # -- prefetch (URL roots) ---------------------------------------------------------------
 
@@ -256,8 +255,8 @@ class EpisodeBuilder:
     def materialise(self, spec: EpisodeSpec, augment: bool = False,
                     warm: Sequence[Union[int, EpisodeSpec]] = ()) -> RawEpisode:
         t0 = time.perf_counter()
-        self.prefetch(warm)
         before = dict(self.counters)
+        self.prefetch(warm)
         store = self.catalog.store(spec.source)
         idx = store.index(spec.split)
         items = spec.support + spec.query
