@@ -235,9 +235,17 @@ class ShardCache:
         return entries, reserved
 
     def usage(self) -> int:
-        """Bytes held by complete entries (what the budget bounds, with downloads in progress)."""
-        entries, _ = self._scan()
-        return sum(s for _, s, _ in entries)
+        """Bytes on disk now: entries plus partial downloads. Read under the cache-wide lock, so it
+        is a consistent snapshot (every step that adds bytes beyond a reservation holds that lock);
+        it never exceeds ``max_bytes``."""
+        with self._flock(self.dir / ".lock"):
+            n = 0
+            for p in itertools.chain(self.objects.glob("*/*"), self.partial.iterdir()):
+                try:
+                    n += p.stat().st_size
+                except FileNotFoundError:
+                    pass
+            return n
 
     def stats(self) -> Dict[str, float]:
         with self._mu:
@@ -246,12 +254,12 @@ class ShardCache:
 
 def copy_checked(src: BinaryIO, out: BinaryIO, size: int, progress: Optional[Callable[[], None]] = None
                  ) -> Tuple[str, int]:
-    """Copy ``src`` to ``out``, hashing; stops one byte past ``size`` (enough to call it too long).
-    Returns (sha256, bytes copied) for the caller to compare with the manifest."""
+    """Copy at most ``size`` bytes of ``src`` to ``out``, hashing. Returns (sha256, byte count) for
+    the caller to compare with the manifest; a longer stream counts one byte more, unwritten."""
     h = hashlib.sha256()
     n = 0
-    while n <= size:
-        b = src.read(min(1 << 20, size + 1 - n))
+    while n < size:
+        b = src.read(min(1 << 20, size - n))
         if not b:
             break
         out.write(b)
@@ -259,6 +267,8 @@ def copy_checked(src: BinaryIO, out: BinaryIO, size: int, progress: Optional[Cal
         n += len(b)
         if progress is not None:
             progress()  # a partial file that grows is not stale
+    if n == size and src.read(1):
+        n += 1
     return h.hexdigest(), n
 
 

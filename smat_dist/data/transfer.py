@@ -5,13 +5,16 @@
 * :func:`upload`: a local root -> a URL (object storage), through webdataset's writers
   (``pipe:`` commands get each file on stdin, http(s) is an HTTP PUT, ``s3://``/``gs://`` their
   CLIs). Per source the manifest goes last, and ``sources.json`` after every source, so a reader
-  never lists a source whose files are not all there.
+  never lists a source whose files are not all there. ``sources.json`` lists the sources uploaded
+  plus those the destination already listed; a ``pipe:`` target cannot be read back, so there it
+  lists this upload's sources only (upload them in one call).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -105,18 +108,20 @@ def upload(out_root: str | Path, dest: Root, sources: Optional[Sequence[str]] = 
                                 f"({failure(exc)})") from None
         done.append((name, len(files)))
     listed = set(names)
-    try:  # keep what the destination already lists
-        listed |= set(json.loads(loc.read_bytes(SOURCES_FILE))["sources"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    tmp = src.local(f".{SOURCES_FILE}.upload")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "sources": sorted(listed)}, indent=1) + "\n")
+    if not loc.spec.startswith("pipe:"):  # keep what the destination already lists (a pipe: target is write-only)
+        try:
+            listed |= set(json.loads(loc.read_bytes(SOURCES_FILE))["sources"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    fd, tmp = tempfile.mkstemp(prefix="sources-", suffix=".json")  # the local root stays untouched
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "sources": sorted(listed)}, indent=1) + "\n")
     try:
-        loc.write_from(SOURCES_FILE, tmp)
+        loc.write_from(SOURCES_FILE, Path(tmp))
     except (OSError, ValueError) as exc:
         raise DataError(f"upload of {SOURCES_FILE} to {loc.url(SOURCES_FILE)} failed ({failure(exc)})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        os.unlink(tmp)
     return done
 
 

@@ -26,18 +26,6 @@ def _refs(root, url, source, split):
             for sh in man["splits"][split]["shards"]]
 
 
-def _disk_bytes(cache_dir) -> int:
-    """What the cache holds on disk right now: entries and partial downloads."""
-    n = 0
-    for sub in ("objects", "partial"):
-        for p in (cache_dir / sub).rglob("*"):
-            try:
-                n += p.stat().st_size if p.is_file() else 0
-            except FileNotFoundError:
-                pass
-    return n
-
-
 class Slow(QuietHandler):
     """Sends files in 32 KiB pieces, 4 ms apart: a 1 MB shard takes ~0.15 s to arrive."""
 
@@ -62,10 +50,11 @@ def test_budget_holds_while_serving_more_shards_than_fit(synth_root, synth_url, 
     local = EpisodeBuilder(make_cfg(synth_root), "train", seed=5, sources=["objects"])
     remote = EpisodeBuilder(cfg, "train", seed=5, sources=["objects"])
     peak, stop = [0], threading.Event()
+    watcher = ShardCache(cache_dir, budget)
 
-    def watch():
+    def watch():  # entries + partial downloads on disk, as a consistent snapshot
         while not stop.is_set():
-            peak[0] = max(peak[0], _disk_bytes(cache_dir))
+            peak[0] = max(peak[0], watcher.usage())
 
     w = threading.Thread(target=watch, daemon=True)
     w.start()

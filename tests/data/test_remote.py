@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from smat_dist.data.cli import main as data_main
 from smat_dist.data.config import EpisodeConfig
 from smat_dist.data.loader import EpisodeLoader
 from smat_dist.data.store import DataError, check_root
+
+from .conftest import QuietHandler
 
 TINY = dict(name="vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
 
@@ -177,3 +180,57 @@ def test_prefetch_is_bounded_and_changes_nothing(synth_root, synth_url, make_cfg
         st = a.stats()
     assert seen and max(seen) <= 3 and st["prefetch_requested"] > 0
     assert st["cache_downloads"] == len({p.name for p in (tmp_path / "cache" / "objects").rglob("*.*")})
+
+
+class PutHandler(QuietHandler):
+    """Static files, plus HTTP PUT into the served directory (an object store's upload)."""
+
+    protocol_version = "HTTP/1.1"  # answers curl's "Expect: 100-continue" at once
+
+    def do_PUT(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":  # curl -T - (stdin)
+            body = bytearray()
+            while True:
+                n = int(self.rfile.readline().split(b";")[0], 16)
+                body += self.rfile.read(n)
+                self.rfile.readline()
+                if n == 0:
+                    break
+        else:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+        dest = Path(self.translate_path(self.path))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(bytes(body))
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_upload_over_http_and_through_a_pipe_then_stage_and_read_it(synth_root, serve, tmp_path, capsys):
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    url = serve(bucket, PutHandler)
+    assert data_main(["upload", str(synth_root), url, "--source", "digits"]) == 0
+    assert data_main(["upload", str(synth_root), url, "--source", "glyphs"]) == 0
+    man = json.loads((synth_root / "glyphs" / "manifest.json").read_text())
+    n_files = sum(len(sp["shards"]) + 2 for sp in man["splits"].values()) + 2  # + index, classes; spec, manifest
+    assert capsys.readouterr().out.splitlines()[-1] == f"uploaded glyphs: {n_files} files -> {url}"
+    assert json.loads((bucket / "sources.json").read_text())["sources"] == ["digits", "glyphs"]  # merged
+    assert data_main(["verify", url]) == 0
+    assert data_main(["info", url]) == 0 and "bilevel" in capsys.readouterr().out
+    local = tmp_path / "node-local"
+    assert data_main(["stage", url, str(local), "--source", "glyphs"]) == 0
+    assert capsys.readouterr().out.strip() == f"staged glyphs -> {local / 'glyphs'}"
+    assert data_main(["verify", str(local)]) == 0
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert data_main(["episodes", str(synth_root), "--source", "glyphs", "-n", "5", "-o", str(a)]) == 0
+    assert data_main(["episodes", str(local), "--source", "glyphs", "-n", "5", "-o", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+    piped = tmp_path / "piped"
+    target = f'pipe:mkdir -p "$(dirname {piped}/{{shard}})" && cat > {piped}/{{shard}}'
+    assert data_main(["upload", str(synth_root), target, "--source", "digits"]) == 0
+    assert json.loads((piped / "sources.json").read_text())["sources"] == ["digits"]
+    assert data_main(["verify", serve(piped)]) == 0
+    assert data_main(["upload", str(synth_root), "pipe:false {shard}", "--source", "digits"]) == 2
+    assert "upload of" in capsys.readouterr().err
