@@ -2,7 +2,7 @@
 
 ``DataConfig`` is embedded as the ``data:`` section of the run configuration. Episode constants
 are Meta-Dataset's (``data_config_common.gin``; identical in PMF and SMAT), preprocessing is
-SMAT/PMF's (see ``shared/reference/meta-dataset.md`` sections 2.2 and 4).
+SMAT/PMF's (:mod:`smat_dist.data.transforms`).
 """
 
 from __future__ import annotations

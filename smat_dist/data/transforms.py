@@ -1,8 +1,8 @@
 """Decode + SMAT/PMF preprocessing, with all randomness drawn from a per-episode generator.
 
-Training (``meta-dataset.md`` 4.3): RandomResizedCrop(size) with torchvision's parameter rule,
+Training: RandomResizedCrop(size) with torchvision's parameter rule,
 PMF's ImageJitter (Brightness, Contrast, Color, each factor ``1 + a(2u - 1)``), horizontal flip.
-Evaluation (4.4): resize the shorter side to ``int(size * 256/224)`` then centre-crop ``size``.
+Evaluation: resize the shorter side to ``int(size * 256/224)`` then centre-crop ``size``.
 Both produce ``uint8`` HxWx3 arrays; normalisation happens in :func:`to_tensor`, on the
 consumer's side, so an episode crosses process boundaries at a quarter of its float32 size.
 
