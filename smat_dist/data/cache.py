@@ -340,6 +340,12 @@ class Prefetcher:
                     self._pending.discard(ref.sha256)
 
     def close(self, timeout: float = 5.0) -> None:
+        """Drop what is still queued, let a download in progress finish (up to ``timeout``)."""
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
         self._q.put(None)
         self._thread.join(timeout)
 

@@ -83,7 +83,7 @@ def failure(exc: BaseException) -> str:
         code = int(m.group(1))
         hint = {22: "HTTP error status, e.g. 404 not found", 6: "host not resolved", 7: "connection refused",
                 28: "timed out", 127: "command not found"}.get(code)
-        return f"reader command exited with status {code}" + (f" ({hint})" if hint else "")
+        return f"command exited with status {code}" + (f" ({hint})" if hint else "")
     if isinstance(exc, FileNotFoundError):
         return "not found"
     return f"{type(exc).__name__}: {text}"[:300]

@@ -194,6 +194,7 @@ class SourceStore:
         self.name = name
         self.dir = self.location.path / name if not self.remote else None
         self._cache_factory = cache
+        self._cache: Optional[ShardCache] = None
         rel = f"{name}/{MANIFEST}"
         where = self.location.url(rel)
         if not self.remote and not self.location.local(rel).is_file():
@@ -239,9 +240,11 @@ class SourceStore:
 
     @property
     def cache(self) -> ShardCache:
-        if self._cache_factory is None:
-            raise DataError(f"{self.location}: a remote root needs a shard cache (data.cache_dir)")
-        return self._cache_factory()
+        if self._cache is None:
+            if self._cache_factory is None:
+                raise DataError(f"{self.location}: a remote root needs a shard cache (data.cache_dir)")
+            self._cache = self._cache_factory()
+        return self._cache
 
     def splits(self) -> List[str]:
         return [s for s, v in self.manifest["splits"].items() if v.get("num_images", 0) > 0]

@@ -137,3 +137,19 @@ def test_convert_packs_grey_images_and_skips_the_rest(tmp_path, capsys):
     assert data_main(["convert", "--format", "folder", str(src), "http://example.invalid/md", "--source", "qd",
                       "--splits", "train=1", "-q"]) == 2
     assert "converters write to a local directory" in capsys.readouterr().err
+
+
+def test_export_writes_packed_images_as_png(doodles, tmp_path):
+    from smat_dist.data.convert import export_folder
+
+    plain, packed = doodles
+    out = export_folder(packed, "doodles", tmp_path / "folder")
+    files = sorted(out.glob("*/*.png"))
+    man = json.loads((packed / "doodles" / "manifest.json").read_text())
+    assert len(files) == sum(sp["num_images"] for sp in man["splits"].values())
+    store, fp = Catalog(plain).store("doodles"), FilePool()
+    idx = store.index("test")
+    for row in (0, idx.num_rows - 1):
+        data, _, key = store.read("test", row, fp)
+        (f,) = [p for p in files if p.stem == key]
+        assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(io.BytesIO(data)).convert("L")))
