@@ -10,7 +10,6 @@ import random
 import socket
 import threading
 import time
-from http.server import SimpleHTTPRequestHandler
 
 import pytest
 
