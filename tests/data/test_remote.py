@@ -122,17 +122,19 @@ def test_pipe_url_root(synth_root, tmp_path):
 
 
 def test_check_root_reads_manifests_only_and_names_what_is_wrong(synth_root, synth_url, make_cfg, serve, tmp_path):
+    cache = str(tmp_path / "cache")
     t0 = time.perf_counter()
     assert check_root(make_cfg(synth_root)) == ["doodles", "glyphs", "objects", "textures"]
-    assert check_root(make_cfg(synth_url), "test", ["signs", "digits"]) == ["signs", "digits"]
-    assert check_root(make_cfg(synth_url, eval_sources=["patterns"]), "test") == ["patterns"]
+    assert check_root(make_cfg(synth_url, cache_dir=cache), "test", ["signs", "digits"]) == ["signs", "digits"]
+    assert check_root(make_cfg(synth_url, cache_dir=cache, eval_sources=["patterns"]), "test") == ["patterns"]
     assert time.perf_counter() - t0 < 5
     cases = [
         (make_cfg(tmp_path / "nowhere"), "train", None, f"dataset root not found: {tmp_path / 'nowhere'}"),
         (make_cfg(synth_root, train_sources=["glyphs", "nope"]), "train", None, "source 'nope' not found under"),
-        (make_cfg(synth_url), "train", ["digits"], f"has no 'train' split (has ['test']): {synth_url}/digits/manifest.json"),
-        (make_cfg(synth_url + "/nothing-here"), "train", None, f"{synth_url}/nothing-here/sources.json"),
-        (make_cfg(synth_url + "/nothing-here"), "train", ["glyphs"],
+        (make_cfg(synth_url, cache_dir=cache), "train", ["digits"],
+         f"has no 'train' split (has ['test']): {synth_url}/digits/manifest.json"),
+        (make_cfg(synth_url + "/nothing-here", cache_dir=cache), "train", None, f"{synth_url}/nothing-here/sources.json"),
+        (make_cfg(synth_url + "/nothing-here", cache_dir=cache), "train", ["glyphs"],
          f"manifest unreadable: {synth_url}/nothing-here/glyphs/manifest.json"),
     ]
     for cfg, split, sources, msg in cases:
