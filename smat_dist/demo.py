@@ -7,7 +7,10 @@
 5. ``smat-eval``             Pre, PMF and SMAT on frozen test episodes of every source;
 6. the Table-1-style comparison (also written to ``<out>/results.md``).
 
-    python -m smat_dist.demo [--out runs/demo] [--keep] [key=value ...]
+    python -m smat_dist.demo [--out runs/demo] [--keep] [--data ROOT] [key=value ...]
+
+``--data`` uses an existing copy of the benchmark instead of building one: a local path or a URL
+(``http(s)://``, ``s3://``, ``pipe:...{shard}...``; read through the node-local shard cache).
 
 Overrides are routed by prefix: ``pretrain.<key>`` (:class:`smat_dist.pretrain.PretrainConfig`),
 ``eval.<key>`` (smat-eval's config), anything else goes to both ``smat-train`` runs
@@ -142,6 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--keep", action="store_true", help="resume the training runs instead of starting afresh")
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     ap.add_argument("--scale", type=float, default=1.0, help="class-count scale of the synthetic benchmark")
+    ap.add_argument("--data", help="an existing synthetic benchmark (local path or URL) instead of building one")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     pre_over, eval_over, run_over = _split(a.overrides)
@@ -149,8 +153,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stage = Stage(6)
 
-    stage("synthetic benchmark (smat-data synth)")
-    data = build_data(out, a.scale)
+    if a.data:
+        from smat_dist.data.config import DataConfig
+        from smat_dist.data.location import resolve_root
+        from smat_dist.data.store import DataError, check_root
+
+        stage(f"synthetic benchmark at {a.data}")
+        data = resolve_root(a.data)
+        try:
+            print("sources: " + ", ".join(check_root(DataConfig(root=data))))
+        except DataError as exc:
+            raise SystemExit(f"demo: {exc}") from None
+    else:
+        stage("synthetic benchmark (smat-data synth)")
+        data = build_data(out, a.scale)
     stage("pre-training θ_pre on the in-distribution training classes")
     backbone = build_backbone(out, data, pre_over)
 

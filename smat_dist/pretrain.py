@@ -29,7 +29,7 @@ from smat_dist.smat.config import BackboneConfig
 
 @dataclass
 class PretrainConfig:
-    data: str = "data/synth"
+    data: str = "data/synth"  # dataset root: local directory or URL
     sources: List[str] = field(default_factory=list)  # empty = every source with a train split
     out: str = "runs/backbone.safetensors"
     backbone: BackboneConfig = field(
@@ -48,9 +48,16 @@ class PretrainConfig:
 
 
 def load_train_images(root: str, sources: List[str], image_size: int) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """All training-split images of ``sources`` (eval transform) as uint8 (N, 3, S, S) + global labels."""
+    """All training-split images of ``sources`` (eval transform) as uint8 (N, 3, S, S) + global labels.
+
+    One sequential pass over the shards through webdataset's pipeline (``root`` may be a URL);
+    each shard's bytes are checked against the manifest as they stream past. Shards hold the rows
+    in index order, so image ``i`` here is row ``i`` of the split."""
+    import io
+
     from smat_dist.data.config import AugmentConfig
-    from smat_dist.data.store import Catalog, FilePool
+    from smat_dist.data.store import Catalog, DataError
+    from smat_dist.data.stream import shard_samples
     from smat_dist.data.transforms import EpisodeTransform
 
     catalog = Catalog(root)
@@ -58,18 +65,28 @@ def load_train_images(root: str, sources: List[str], image_size: int) -> Tuple[t
     if not names:
         raise ConfigError(f"no source with a train split under {root}")
     tf = EpisodeTransform(image_size, AugmentConfig(), train=False)
-    files = FilePool()
     images, labels, offset = [], [], 0
-    try:
-        for name in names:
-            idx = catalog.store(name).index("train")
-            for row in range(idx.num_rows):
-                data, _, _ = catalog.store(name).read("train", row, files)
-                images.append(tf(data, None))
-                labels.append(offset + int(np.searchsorted(idx.class_ids, idx.class_of(row))))
-            offset += len(idx.class_ids)
-    finally:
-        files.close()
+    for name in names:
+        store = catalog.store(name)
+        sp = store.manifest["splits"].get("train")
+        if sp is None:
+            raise DataError(f"{store.url('manifest.json')}: source {name} has no train split")
+        pos = {int(c): i for i, c in enumerate(sp["classes"])}
+        n = 0
+        for sample in shard_samples(store.shard_refs("train")):
+            label = offset + pos[int(sample["cls"])]
+            if "npy" in sample:  # a packed block of grey images
+                block = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+            else:
+                block = [sample["jpg"] if "jpg" in sample else sample["png"]]
+            for img in block:
+                images.append(tf(img, None))
+                labels.append(label)
+                n += 1
+        if n != sp["num_images"]:
+            raise DataError(f"{store.url('manifest.json')}: train shards hold {n} images, manifest says "
+                            f"{sp['num_images']}")
+        offset += len(sp["classes"])
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels), names
 

@@ -6,12 +6,19 @@
    * ``naive``: one process opens and decodes every image of the episode from an image-folder
      copy of the shards (one file per image, PIL open + the same transform), no prefetch;
    * ``local``: :class:`EpisodeLoader` in-process (offset reads from the shards);
+   * ``remote cold`` / ``remote warm``: the same over ``http://127.0.0.1`` (a local HTTP server
+     serving the root): cold = empty node-local shard cache (each shard is fetched whole on first
+     use, prefetch on), warm = the second pass over the filled cache;
    * ``ray xN``: :class:`EpisodeLoader` with N Ray episode actors and bounded prefetch.
    Episodes/s and images/s, and each one's ratio to ``naive``.
    Each pipeline runs twice: with a consumer that does nothing (raw throughput) and with a
    consumer that spends ``--step-ms`` per episode off the CPU (``sleep``, like a GPU training
    step): prefetching actors overlap that time, an in-process loader cannot.
-2. Memory: peak RSS of a process building episodes from a flat source with C classes and
+2. The demo setting (``configs/demo/smat.yaml``: 32 px, its episode protocol, training
+   augmentation): episodes/s of one in-process loader, local and over HTTP (cold, warm), against
+   the tasks/s one trainer process consumes (the demo's SMAT model, single-process trainer,
+   episodes already in memory), and their ratio.
+3. Memory: peak RSS of a process building episodes from a flat source with C classes and
    with 10 C classes (same images per class), and the ratio.
 
     PYTHONPATH=. python tools/bench_data.py                      # builds the benchmark in a temp dir
@@ -21,14 +28,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import io
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +80,78 @@ def naive_episodes(cfg: DataConfig, folders: dict, indices, seed: int):
                 out.append(tf.apply(im.convert("RGB"), params[p]))
         x = to_tensor(np.stack(out), cfg.transform.mean, cfg.transform.std)
         yield len(items), x
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+
+@contextmanager
+def http_server(directory: Path):
+    """The root served on a free loopback port (what object storage is to a cluster node)."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(directory)))
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def loader_rate(cfg: DataConfig, idx, pause: float = 0.0):
+    """(seconds, images, stats) of one in-process loader over the episodes ``idx``."""
+    from smat_dist.data.loader import EpisodeLoader
+
+    with EpisodeLoader(cfg, "train", seed=0, use_ray=False) as L:
+        t0 = time.perf_counter()
+        n = 0
+        for e in L.iterate(idx):
+            n += len(e.support_y) + len(e.query_y)
+            if pause:
+                time.sleep(pause)
+        return time.perf_counter() - t0, n, L.stats()
+
+
+def demo_setting(root: Path, episodes: int, steps: int) -> None:
+    import torch
+
+    from smat_dist.config import RunConfig, load_config
+    from smat_dist.data.loader import EpisodeLoader
+    from smat_dist.smat import SMAT
+    from smat_dist.smat.trainer import Trainer
+
+    cfg = load_config(RunConfig, [REPO / "configs" / "demo" / "smat.yaml"],
+                      [f"data.root={root}", "model.backbone.checkpoint=null"])
+    data, B = cfg.data, cfg.train.tasks_per_step
+    idx = list(range(episodes))
+    print(f"\n== demo setting (configs/demo/smat.yaml): {episodes} training episodes, {data.image_size} px, "
+          f"ways <= {data.episode.max_ways_upper_bound}, support <= {data.episode.max_support_set_size}, "
+          f"training augmentation, one process each ==")
+    rows = [("local loader (shards, 1 process)",) + loader_rate(data, idx)]
+    with tempfile.TemporaryDirectory(prefix="bench_cache_") as cache, http_server(root) as url:
+        remote = dataclasses.replace(data, root=url, cache_dir=cache)
+        rows.append(("remote loader, HTTP loopback, cold cache",) + loader_rate(remote, idx))
+        rows.append(("remote loader, HTTP loopback, warm cache",) + loader_rate(remote, idx))
+    torch.set_num_threads(1)
+    with EpisodeLoader(data, "train", seed=0, use_ray=False) as L:
+        eps = list(L.iterate(range(steps * B)))
+    torch.manual_seed(0)
+    trainer = Trainer(SMAT(cfg.model), cfg.train)
+    times = []
+    for s in range(steps):
+        t0 = time.perf_counter()
+        trainer.train_step(iter(eps[s * B:(s + 1) * B]), B)
+        times.append(time.perf_counter() - t0)
+    consume = B / statistics.median(times[1:])
+    print(f"{'pipeline':<44} {'episodes/s':>10} {'images/s':>9} {'MiB fetched':>11} {'x trainer':>9}")
+    for name, t, n, st in rows:
+        print(f"{name:<44} {episodes / t:>10.2f} {n / t:>9.0f} {st.get('cache_bytes_downloaded', 0) / 2**20:>11.1f} "
+              f"{episodes / t / consume:>8.1f}x")
+    print(f"{'trainer consumes (SMAT demo model, 1 process)':<44} {consume:>10.2f}   (median of {steps - 1} "
+          f"meta-steps of {B} tasks, 1 torch thread)")
 
 
 def timed(fn):
@@ -141,6 +226,8 @@ def main() -> int:
     ap.add_argument("--classes", type=int, default=100, help="C for the memory test (and 10 C)")
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--demo-episodes", type=int, default=40, help="episodes for the demo-setting section (0: skip)")
+    ap.add_argument("--demo-steps", type=int, default=6, help="trainer meta-steps timed in the demo section")
     a = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
@@ -177,6 +264,15 @@ def main() -> int:
 
     for name, fn in (("naive (image folder, 1 process)", naive), ("local loader (shards, 1 process)", local)):
         rows.append((name,) + timed(lambda: fn(0.0)) + timed(lambda: fn(step))[:1])
+    with tempfile.TemporaryDirectory(prefix="bench_cache_") as cache, http_server(root) as url:
+        remote = dataclasses.replace(cfg, root=url, cache_dir=cache)
+        cold = loader_rate(remote, idx)
+        warm = loader_rate(remote, idx)
+        cold_dir = tempfile.mkdtemp(prefix="bench_cache_", dir=work)  # a cold cache for the paced pass
+        cold_step = loader_rate(dataclasses.replace(remote, cache_dir=cold_dir), idx, step)
+        warm_step = loader_rate(remote, idx, step)
+    rows.append(("remote loader, HTTP, cold cache", cold[0], cold[1], cold_step[0]))
+    rows.append(("remote loader, HTTP, warm cache", warm[0], warm[1], warm_step[0]))
     actors = [int(x) for x in a.actors.split(",") if x]
     if actors:
         import ray
@@ -197,6 +293,9 @@ def main() -> int:
     for name, t, n, ts in rows:
         print(f"{name:<40} {a.episodes / t:>10.2f} {n / t:>10.0f} {base / t:>8.2f}x | "
               f"{a.episodes / ts:>28.2f} {base_step / ts:>8.2f}x")
+
+    if a.demo_episodes:
+        demo_setting(root, a.demo_episodes, a.demo_steps)
 
     print(f"\n== memory: peak RSS of a process building {a.episodes} episodes, flat source, "
           f"{a.per_class} images/class ==")

@@ -6,7 +6,10 @@ Public API (imported lazily so that converter worker processes stay light):
 * :class:`EpisodeLoader`, :func:`rank_indices`, :func:`materialise` (``smat_dist.data.loader``)
 * :class:`EpisodeBuilder`, :class:`EpisodeSpec`, :func:`load_episode_list`,
   :func:`save_episode_list` (``smat_dist.data.builder``)
-* :class:`DataError`, :class:`Catalog` (``smat_dist.data.store``)
+* :class:`DataError`, :class:`Catalog`, :func:`check_root` (launcher preflight: manifests only)
+  (``smat_dist.data.store``)
+* :class:`DataRoot`, :func:`is_url`, :func:`resolve_root` (local path or URL roots,
+  ``smat_dist.data.location``); :class:`ShardCache` (node-local shard cache, ``smat_dist.data.cache``)
 * the pure sampler in ``smat_dist.data.sampler``; converters in ``smat_dist.data.convert``;
   the synthetic benchmark in ``smat_dist.data.synth``; the ``smat-data`` CLI in ``smat_dist.data.cli``.
 """
@@ -21,7 +24,8 @@ _EXPORTS = {
     "EpisodeLoader": "loader", "rank_indices": "loader", "materialise": "loader",
     "EpisodeBuilder": "builder", "EpisodeSpec": "builder", "RawEpisode": "builder",
     "load_episode_list": "builder", "save_episode_list": "builder",
-    "DataError": "store", "Catalog": "store",
+    "DataError": "store", "Catalog": "store", "check_root": "store",
+    "DataRoot": "location", "is_url": "location", "resolve_root": "location", "ShardCache": "cache",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,6 +12,10 @@ A corrupt sample (bad image bytes, a tar member that does not match the index, a
 label) is logged once with its shard and key, counted in :meth:`EpisodeBuilder.stats`, and
 replaced by another image of the same class that is not yet in the episode, chosen from a
 permutation seeded by the episode and class, so a class never ends up short of its shots.
+
+For a URL root, ``build(g, warm=[...])`` / ``materialise(spec, warm=[...])`` first hand the shards
+of the listed upcoming episodes to a background :class:`~smat_dist.data.cache.Prefetcher`
+(``cfg.prefetch_shards`` at most in flight), so their first-touch download overlaps this build.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from smat_dist.data.config import DataConfig
 from smat_dist.data.sampler import (PURPOSE_AUGMENT, PURPOSE_EPISODE, PURPOSE_IMAGES, PURPOSE_REPLACE,
                                     EpisodeSampler, MultiSourceSampler, episode_rng, select_rows, stream_tag)
-from smat_dist.data.store import Catalog, CorruptSample, DataError, FilePool, SplitIndex
+from smat_dist.data.cache import Prefetcher, Ref
+from smat_dist.data.store import Catalog, CorruptSample, DataError, FilePool, SplitIndex, resolve_sources
 from smat_dist.data.tario import parse_key
 from smat_dist.data.transforms import DecodeError, EpisodeTransform, to_tensor
 
@@ -39,7 +44,11 @@ log = logging.getLogger(__name__)
 
 EPISODE_FORMAT = "smat-dist-episode-v1"
 COUNTERS = ("episodes", "images", "bytes_read", "skipped_corrupt", "skipped_decode", "skipped_member",
-            "skipped_label", "skipped_truncated", "replaced", "build_seconds")
+            "skipped_label", "skipped_truncated", "replaced", "build_seconds",
+            # URL roots: the shard cache of this builder's process, and its prefetches
+            "cache_downloads", "cache_bytes_downloaded", "cache_evictions", "cache_retries",
+            "cache_download_seconds", "prefetch_requested")
+PLAN_MEMO = 64  # planned-ahead episodes (for prefetch) kept until they are built
 
 
 @dataclass
@@ -152,29 +161,6 @@ def spec_row(spec: EpisodeSpec, idx: SplitIndex, key: str, label: int) -> int:
     return row
 
 
-def resolve_sources(cfg: DataConfig, catalog: Catalog, split: str,
-                    sources: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[float]]]:
-    """The episode's source list and weights: explicit list, else the config's, else all with ``split``."""
-    weights = None
-    if sources is None:
-        if split == "train":
-            sources = list(cfg.train_sources) or catalog.sources_with("train")
-            weights = list(cfg.source_weights) if cfg.source_weights is not None and cfg.train_sources else None
-        else:
-            sources = [s for s in cfg.eval_sources] or catalog.sources_with(split)
-            sources = [s for s in sources if split in catalog.store(s).splits()]
-    else:
-        sources = list(sources)
-        if cfg.source_weights is not None and sources == list(cfg.train_sources):
-            weights = list(cfg.source_weights)
-    if not sources:
-        raise DataError(f"no source under {catalog.root} has a {split!r} split")
-    for s in sources:
-        if split not in catalog.store(s).splits():
-            raise DataError(f"source {s!r} has no {split!r} split (has {catalog.store(s).splits()})")
-    return sources, weights
-
-
 class EpisodeBuilder:
     """Plans and materialises episodes of one (split, source list) stream; owns its file handles."""
 
@@ -184,7 +170,7 @@ class EpisodeBuilder:
         self.cfg = cfg
         self.split = split
         self.seed = int(seed)
-        self.catalog = Catalog(cfg.root, cfg.local_root)
+        self.catalog = Catalog.for_config(cfg)
         self.sources, self.weights = resolve_sources(cfg, self.catalog, split, sources)
         self.tag = stream_tag(split, self.sources)
         for s in self.sources:  # fail fast, naming the file, on a missing/mismatched index or shard
@@ -196,6 +182,10 @@ class EpisodeBuilder:
         self._sampler: Optional[MultiSourceSampler] = None
         self._bad: Dict[Tuple[str, str, int], str] = {}  # (source, split, row) -> reason, logged once
         self.counters: Dict[str, float] = {k: 0 for k in COUNTERS}
+        self._prefetch: Optional[Prefetcher] = None
+        if self.catalog.remote and cfg.prefetch_shards > 0:
+            self._prefetch = Prefetcher(self.catalog.cache, cfg.prefetch_shards)
+        self._planned: Dict[int, EpisodeSpec] = {}
 
     # -- planning -----------------------------------------------------------------
 
@@ -207,6 +197,9 @@ class EpisodeBuilder:
         return self._sampler
 
     def plan(self, g: int) -> EpisodeSpec:
+        memo = self._planned.pop(int(g), None)
+        if memo is not None:
+            return memo
         desc = self.sampler.sample(episode_rng(self.seed, self.tag, g, PURPOSE_EPISODE))
         idx = self.catalog.store(desc.source).index(self.split)
         support, query = select_rows(desc, idx.class_rows(), episode_rng(self.seed, self.tag, g, PURPOSE_IMAGES))
@@ -214,14 +207,56 @@ class EpisodeBuilder:
         q = [(idx.key(int(r)), lab) for lab, rows in enumerate(query) for r in rows]
         return EpisodeSpec(desc.source, self.split, int(g), self.seed, self.tag, list(desc.classes), s, q)
 
-    def build(self, g: int) -> RawEpisode:
-        return self.materialise(self.plan(g), augment=self.augment)
+    def build(self, g: int, warm: Sequence[Union[int, EpisodeSpec]] = ()) -> RawEpisode:
+        return self.materialise(self.plan(g), augment=self.augment, warm=warm)
+
+    # -- prefetch (URL roots) ---------------------------------------------------------------
+
+    def shard_refs(self, spec: EpisodeSpec) -> List[Ref]:
+        """The remote shards ``spec`` reads, in first-use order (empty for a local root)."""
+        if not self.catalog.remote:
+            return []
+        store = self.catalog.store(spec.source)
+        idx = store.index(spec.split)
+        refs = store.shard_refs(spec.split)
+        seen: Dict[int, None] = {}
+        for key, _ in spec.support + spec.query:
+            try:
+                seen.setdefault(int(idx.shard[idx.sample_of(idx.row_of_key(key))[0]]), None)
+            except KeyError:
+                continue  # materialise reports it
+        return [refs[i] for i in seen]
+
+    def prefetch(self, upcoming: Sequence[Union[int, EpisodeSpec]]) -> int:
+        """Ask the background prefetcher for the shards of ``upcoming`` episodes (numbers to be
+        built by this builder, or frozen specs); returns how many downloads were queued."""
+        if self._prefetch is None or not upcoming:
+            return 0
+        queued = 0
+        for job in upcoming:
+            if isinstance(job, EpisodeSpec):
+                spec = job
+            else:
+                g = int(job)
+                spec = self._planned.get(g)
+                if spec is None:
+                    spec = self.plan(g)
+                    if len(self._planned) >= PLAN_MEMO:
+                        self._planned.pop(next(iter(self._planned)))
+                    self._planned[g] = spec
+            queued += self._prefetch.want(self.shard_refs(spec))
+            if self._prefetch.pending >= self._prefetch.limit:
+                break
+        self.counters["prefetch_requested"] += queued
+        return queued
 
     # -- pixels ---------------------------------------------------------------------
 
-    def materialise(self, spec: EpisodeSpec, augment: bool = False) -> RawEpisode:
+    def materialise(self, spec: EpisodeSpec, augment: bool = False,
+                    warm: Sequence[Union[int, EpisodeSpec]] = ()) -> RawEpisode:
         t0 = time.perf_counter()
         before = dict(self.counters)
+        self.prefetch(warm)
         store = self.catalog.store(spec.source)
         idx = store.index(spec.split)
         items = spec.support + spec.query
@@ -258,6 +293,7 @@ class EpisodeBuilder:
         self.counters["episodes"] += 1
         self.counters["images"] += len(items)
         self.counters["build_seconds"] += time.perf_counter() - t0
+        self._sync_cache_counters()
         delta = {k: self.counters[k] - before.get(k, 0) for k in self.counters}
         return RawEpisode(out[:ns], labels[:ns], out[ns:], labels[ns:], spec.index, spec.source, spec.split,
                           tuple(spec.classes), keys[:ns], keys[ns:], delta)
@@ -275,7 +311,7 @@ class EpisodeBuilder:
             raise CorruptSample(bad, "", idx.key(row), "known bad")
         try:
             data, _ext, key = store.read(split, row, self.files)
-            self.counters["bytes_read"] += len(data)
+            self.counters["bytes_read"] += len(data) if isinstance(data, bytes) else data.nbytes
             return tf(data, u), key
         except CorruptSample as exc:
             self._mark_bad(store.name, split, row, exc.reason, exc.shard, exc.key, exc.detail)
@@ -295,7 +331,12 @@ class EpisodeBuilder:
         self.counters["skipped_corrupt"] += 1
         self.counters[f"skipped_{reason}"] = self.counters.get(f"skipped_{reason}", 0) + 1
 
+    def _sync_cache_counters(self) -> None:
+        if self.catalog.remote and self.catalog._cache is not None:
+            self.counters.update(self.catalog.cache.stats())
+
     def stats(self) -> Dict[str, float]:
+        self._sync_cache_counters()
         out = dict(self.counters)
         out["open_files"] = self.files.open_count
         out["file_opens"] = self.files.opens
@@ -303,6 +344,9 @@ class EpisodeBuilder:
 
     def close(self) -> None:
         self.files.close()
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
 
 
 __all__ = ["COUNTERS", "EpisodeBuilder", "EpisodeSpec", "RawEpisode", "load_episode_list", "resolve_sources",

@@ -1,16 +1,21 @@
-"""``smat-data``: convert, synthesise, verify, list episodes, show one.
+"""``smat-data``: convert, synthesise, verify, list episodes, show one, upload.
 
     smat-data convert --format {tfrecord,h5,folder} SRC OUT --source NAME [--splits train=0.7,valid=0.15,test=0.15]
+                      [--pack 1024 --pack-side 28]   (packed blocks of tiny grey images, e.g. QuickDraw)
     smat-data synth OUT [--seed 0] [--scale 1.0]
-    smat-data verify OUT [--source S] [--quick]
-    smat-data episodes OUT --source S --split test -n 600 --seed 0 > episodes.jsonl
-    smat-data show OUT --source S --split test --index 0 -o episode.png   (or --episodes FILE --line K)
-    smat-data info OUT
-    smat-data stage OUT LOCAL [--source S]     (copy to node-local disk; set data.local_root=LOCAL)
-    smat-data export OUT --source S DEST        (image-folder copy of a converted source)
+    smat-data verify ROOT [--source S] [--quick]
+    smat-data episodes ROOT --source S --split test -n 600 --seed 0 > episodes.jsonl
+    smat-data show ROOT --source S --split test --index 0 -o episode.png   (or --episodes FILE --line K)
+    smat-data info ROOT
+    smat-data stage ROOT LOCAL [--source S]     (copy to node-local disk; set data.local_root=LOCAL)
+    smat-data export ROOT --source S DEST       (image-folder copy of a converted source)
+    smat-data upload OUT URL [--source S]       (a local root to object storage, manifests last)
+    smat-data index OUT                         (rewrite OUT/sources.json, the list URL readers use)
 
-Episode settings can be overridden with ``--set episode.num_ways=5 --set image_size=64`` (any
-:class:`~smat_dist.data.config.DataConfig` key).
+ROOT is a local directory or a URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:CMD ...{shard}...``);
+OUT (what converters write) is a local directory. Episode settings can be overridden with
+``--set episode.num_ways=5 --set image_size=64`` (any :class:`~smat_dist.data.config.DataConfig`
+key, e.g. ``--set cache_dir=/local/nvme/shards``).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def _write_opts(a):
 
     return WriteOptions(shard_bytes=_size(a.shard_size), workers=a.workers, tier=a.tier, max_side=a.max_side,
                         jpeg_quality=a.jpeg_quality, decode_check=a.decode_check, keep_work=a.keep_work,
-                        force=a.force, progress=not a.quiet)
+                        force=a.force, progress=not a.quiet, pack=getattr(a, "pack", 0),
+                        pack_side=getattr(a, "pack_side", 28))
 
 
 def cmd_convert(a) -> int:
@@ -83,7 +89,7 @@ def cmd_verify(a) -> int:
 
     res = verify_root(a.out, [a.source] if a.source else None, deep=not a.quick)
     if not res:
-        print(f"no manifest.json under {a.out}", file=sys.stderr)
+        print(f"no source (*/manifest.json) under {a.out}", file=sys.stderr)
         return 2
     bad = 0
     for name, problems in res.items():
@@ -157,10 +163,26 @@ def cmd_show(a) -> int:
 
 
 def cmd_stage(a) -> int:
-    from smat_dist.data.verify import stage
+    from smat_dist.data.transfer import stage
 
     for name in stage(a.out, a.dest, [a.source] if a.source else None):
         print(f"staged {name} -> {Path(a.dest) / name}")
+    return 0
+
+
+def cmd_upload(a) -> int:
+    from smat_dist.data.transfer import upload
+
+    for name, n in upload(a.out, a.dest, [a.source] if a.source else None):
+        print(f"uploaded {name}: {n} files -> {a.dest}")
+    return 0
+
+
+def cmd_index(a) -> int:
+    from smat_dist.data.writer import write_sources_index
+
+    path = write_sources_index(a.out)
+    print(f"{path}: {', '.join(json.loads(path.read_text())['sources']) or '(no sources)'}")
     return 0
 
 
@@ -173,8 +195,9 @@ def cmd_info(a) -> int:
         st = cat.store(name)
         for split, sp in st.manifest["splits"].items():
             mib = sum(sh["bytes"] for sh in sp["shards"]) / 2**20
+            packed = f"  (packed {sp['packed']['images_per_block']}/block)" if sp.get("packed") else ""
             print(f"{name:<14} {st.spec.kind:<13} {split:<6} {len(sp['classes']):>7} {sp['num_images']:>8} "
-                  f"{len(sp['shards']):>6} {mib:>8.1f}")
+                  f"{len(sp['shards']):>6} {mib:>8.1f}{packed}")
     return 0
 
 
@@ -209,6 +232,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--source", required=True, help="source name (letters, digits, _ and -)")
     q.add_argument("--splits", help="folder input: class fractions, e.g. train=0.7,valid=0.15,test=0.15 or test=1")
     q.add_argument("--split-file", help="folder input: JSON {train: [class names], valid: [...], test: [...]}")
+    q.add_argument("--pack", type=int, default=0, metavar="B",
+                   help="store B images of a class per tar sample as one uint8 .npy (tiny grey images of "
+                        "--pack-side px, e.g. QuickDraw: --pack 1024); 0 = one sample per image")
+    q.add_argument("--pack-side", type=int, default=28)
     write_args(q)
     q.set_defaults(fn=cmd_convert)
 
@@ -255,11 +282,23 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("out")
     q.set_defaults(fn=cmd_info)
 
-    q = sub.add_parser("stage", help="copy converted sources to node-local disk (checksummed, resumable)")
+    q = sub.add_parser("stage", help="copy converted sources (local or URL root) to node-local disk "
+                                     "(checksummed, resumable)")
     q.add_argument("out")
     q.add_argument("dest")
     q.add_argument("--source")
     q.set_defaults(fn=cmd_stage)
+
+    q = sub.add_parser("upload", help="upload a local root to a URL (object storage), manifests and sources.json last")
+    q.add_argument("out")
+    q.add_argument("dest", help="http(s)://... (HTTP PUT), s3://..., gs://..., or 'pipe:CMD ...{shard}...' "
+                                "(the command gets each file on stdin)")
+    q.add_argument("--source")
+    q.set_defaults(fn=cmd_upload)
+
+    q = sub.add_parser("index", help="rewrite OUT/sources.json (the source list URL readers use)")
+    q.add_argument("out")
+    q.set_defaults(fn=cmd_index)
 
     q = sub.add_parser("export", help="write a converted source as an image-folder tree")
     q.add_argument("out")

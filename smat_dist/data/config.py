@@ -2,7 +2,7 @@
 
 ``DataConfig`` is embedded as the ``data:`` section of the run configuration. Episode constants
 are Meta-Dataset's (``data_config_common.gin``; identical in PMF and SMAT), preprocessing is
-SMAT/PMF's (see ``shared/reference/meta-dataset.md`` sections 2.2 and 4).
+SMAT/PMF's (:mod:`smat_dist.data.transforms`).
 """
 
 from __future__ import annotations
@@ -91,12 +91,21 @@ class AugmentConfig:
 class DataConfig:
     """Where the shards are, which sources/splits feed training, and how episodes are delivered."""
 
-    root: str = "data/synth"  # dataset directory holding <source>/manifest.json
+    # Dataset root holding <source>/manifest.json: a local directory, or a URL (http(s)://, s3://,
+    # gs://, ... or 'pipe:CMD ...{shard}...') read through webdataset's openers and the shard cache.
+    root: str = "data/synth"
     # "shards": training episodes from the data plane (root); "toy": in-memory synthetic episodes
     # (smat_dist.smat.toy) for tests and smoke runs that need no dataset.
     episodes: str = "shards"
     # A node-local copy of ``root`` (same layout); used by readers on nodes where it exists.
     local_root: Optional[str] = None
+    # Node-local shard cache for URL roots: whole shards fetched once, checked against the
+    # manifest, LRU-evicted within cache_max_gb. Shared by every process on the node.
+    cache_dir: str = "~/.cache/smat-dist/shards"
+    cache_max_gb: float = 50.0
+    # Per episode actor: shards of its next episodes fetched in the background (URL roots);
+    # at most this many queued or downloading at once. 0 = off.
+    prefetch_shards: int = 2
     train_sources: List[str] = field(default_factory=list)  # empty = every source with train classes
     source_weights: Optional[List[float]] = None  # per train source; None = uniform (MD, SMAT)
     eval_sources: List[str] = field(default_factory=list)  # empty = every source with test classes
@@ -137,6 +146,16 @@ class DataConfig:
             raise _error("data.actor_cpus must be >= 0")
         if self.max_open_files < 1:
             raise _error("data.max_open_files must be >= 1")
+        if not self.cache_max_gb > 0:
+            raise _error(f"data.cache_max_gb must be > 0, got {self.cache_max_gb}")
+        if self.prefetch_shards < 0:
+            raise _error(f"data.prefetch_shards must be >= 0 (0 = off), got {self.prefetch_shards}")
+        from smat_dist.data.location import DataRoot, RootError
+
+        try:
+            DataRoot(self.root)
+        except RootError as exc:
+            raise _error(f"data.root: {exc}") from None
         if len(self.transform.mean) != 3 or len(self.transform.std) != 3:
             raise _error("data.transform.mean/std need 3 values")
 

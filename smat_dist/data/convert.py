@@ -274,6 +274,8 @@ def convert(fmt: str, src: str | Path, out: str | Path, name: str, opts: Optiona
 
 def export_folder(root: str | Path, source: str, out: str | Path) -> Path:
     """Write a converted source back as an image-folder tree (+ its dataset_spec.json)."""
+    from PIL import Image
+
     from smat_dist.data.store import Catalog, FilePool
 
     store = Catalog(root).store(source)
@@ -292,7 +294,10 @@ def export_folder(root: str | Path, source: str, out: str | Path) -> Path:
                 start, stop = idx.rows(int(c))
                 for r in range(start, stop):
                     data, ext, key = store.read(split, r, files)
-                    (d / f"{key}.{ext}").write_bytes(data)
+                    if isinstance(data, np.ndarray):  # a packed split's grey pixels
+                        Image.fromarray(data, "L").save(d / f"{key}.png")
+                    else:
+                        (d / f"{key}.{ext}").write_bytes(data)
         save_spec(store.spec, dest / "dataset_spec.json")
     finally:
         files.close()

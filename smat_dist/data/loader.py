@@ -17,7 +17,10 @@ Usage (trainer rank ``r`` of ``W``)::
   Actors return uint8 pixels (a quarter of float32); normalisation happens here.
 * Each loader owns its actors (``cfg.num_actors``, ``cfg.actor_cpus`` CPUs each, placed on the
   caller's node when ``cfg.colocate``), so every trainer rank gets its own pool reading the
-  shards from that node's ``root`` (shared storage) or ``local_root`` (node-local copy).
+  shards from that node's ``root`` (shared storage) or ``local_root`` (node-local copy), or,
+  for a URL root, from the node's shard cache. Then each job also carries the next jobs that
+  actor will get (``LOOKAHEAD_PER_ACTOR`` per actor), whose shards it prefetches in the
+  background (``cfg.prefetch_shards``), so first-touch downloads overlap training.
 * ``stats()`` is a plain counter dict (episodes, images, bytes_read, skipped_corrupt,
   skipped_<reason>, replaced, ...) summed over the actors, for the metrics layer.
 """
@@ -53,6 +56,35 @@ def rank_indices(step_start: int, tasks_per_step: int, rank: int, world_size: in
         s += 1
 
 
+LOOKAHEAD_PER_ACTOR = 2  # upcoming episodes per actor whose shards are prefetched
+
+
+class _Lookahead:
+    """A job iterator read ``depth`` jobs ahead, so that builders can warm those jobs' shards."""
+
+    def __init__(self, jobs: Iterable[tuple], depth: int):
+        self._it = iter(jobs)
+        self._buf: Deque[tuple] = collections.deque()
+        self._depth = depth
+        self._done = False
+
+    def next(self) -> Optional[tuple]:
+        while not self._done and len(self._buf) <= self._depth:
+            job = next(self._it, None)
+            if job is None:
+                self._done = True
+            else:
+                self._buf.append(job)
+        return self._buf.popleft() if self._buf else None
+
+    def upcoming(self, submitted: int, n: int) -> List[Any]:
+        """Payloads (episode numbers or specs) of the buffered jobs that go to the same actor as
+        job ``submitted`` (jobs are assigned round-robin over ``n`` actors)."""
+        if not self._depth:
+            return []
+        return [job[1] for k, job in enumerate(self._buf) if (submitted + 1 + k) % n == submitted % n]
+
+
 class EpisodeActor:
     """Ray actor body: one :class:`EpisodeBuilder` per actor (its own file handles)."""
 
@@ -64,11 +96,11 @@ class EpisodeActor:
 
         return ray.get_runtime_context().get_node_id(), self.builder.sources
 
-    def build(self, g: int) -> RawEpisode:
-        return self.builder.build(g)
+    def build(self, g: int, warm: Sequence[Any] = ()) -> RawEpisode:
+        return self.builder.build(g, warm)
 
-    def materialise(self, spec: EpisodeSpec, augment: bool) -> RawEpisode:
-        return self.builder.materialise(spec, augment)
+    def materialise(self, spec: EpisodeSpec, augment: bool, warm: Sequence[Any] = ()) -> RawEpisode:
+        return self.builder.materialise(spec, augment, warm)
 
     def stats(self) -> Dict[str, float]:
         return self.builder.stats()
@@ -133,29 +165,42 @@ class EpisodeLoader:
     def episode(self, g: int) -> "Episode":
         return next(iter(self.iterate([g])))
 
+    @property
+    def prefetching(self) -> bool:
+        """True when builders warm the shard cache ahead (URL root, ``prefetch_shards`` > 0)."""
+        return self._local.catalog.remote and self.cfg.prefetch_shards > 0
+
     def _run(self, jobs: Iterable[tuple]) -> Iterator["Episode"]:
         mean, std = self.cfg.transform.mean, self.cfg.transform.std
+        n = len(self._actors) if self.use_ray else 1
+        ahead = _Lookahead(jobs, LOOKAHEAD_PER_ACTOR * n if self.prefetching else 0)
         if not self.use_ray:
-            for job in jobs:
-                raw = self._local.build(job[1]) if job[0] == "build" else self._local.materialise(job[1], job[2])
+            while True:
+                job = ahead.next()
+                if job is None:
+                    return
+                warm = ahead.upcoming(0, 1)
+                raw = self._local.build(job[1], warm) if job[0] == "build" else \
+                    self._local.materialise(job[1], job[2], warm)
                 self._merge(raw.stats)
                 yield raw.to_episode(mean, std)
-            return
         import ray
 
         pending: Deque[Any] = collections.deque()
-        it = iter(jobs)
         submitted = 0
         exhausted = False
         try:
             while True:
                 while not exhausted and len(pending) < self.cfg.max_in_flight:
-                    job = next(it, None)
+                    job = ahead.next()
                     if job is None:
                         exhausted = True
                         break
-                    actor = self._actors[submitted % len(self._actors)]
-                    ref = actor.build.remote(job[1]) if job[0] == "build" else actor.materialise.remote(job[1], job[2])
+                    actor = self._actors[submitted % n]
+                    # the jobs this actor gets next (round-robin), for its shard prefetch
+                    warm = ahead.upcoming(submitted, n)
+                    ref = actor.build.remote(job[1], warm) if job[0] == "build" else \
+                        actor.materialise.remote(job[1], job[2], warm)
                     pending.append(ref)
                     submitted += 1
                 self.in_flight = len(pending)

@@ -1,4 +1,4 @@
-"""Meta-Dataset episode sampler, pure NumPy (``meta-dataset.md`` section 2).
+"""Meta-Dataset episode sampler, pure NumPy (docs/data.md#episodes-determinism-delivery).
 
 Everything random is drawn from a ``numpy.random.Generator`` handed in by the caller, and the
 caller derives that generator from ``(seed, source set, split, g)`` with :func:`episode_seed`.

@@ -2,7 +2,7 @@
 
 The sampler only needs a :class:`SourceSpec`: which classes each split holds, how many images
 each class has, and (when present) the alphabets or the class DAG. The JSON layout follows MD's
-``DatasetSpecification.to_dict`` family (see ``meta-dataset.md`` 3.1) so reference specs load
+``DatasetSpecification.to_dict`` family so Meta-Dataset's own specs load
 unchanged and the specs we write can be diffed against them.
 """
 

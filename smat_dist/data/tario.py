@@ -9,32 +9,19 @@ sha256, which is what makes it resumable and idempotent. A sample is three membe
 from __future__ import annotations
 
 import json
-import re
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
+# Key naming lives in the format module; re-exported here for existing importers.
+from smat_dist.data.format import BLOCK_EXT, IMAGE_EXTS, NAME_RE, parse_key, sample_key
+
 BLOCK = 512
 EOF_BLOCKS = b"\0" * (2 * BLOCK)
-IMAGE_EXTS = ("jpg", "png")
-KEY_RE = re.compile(r"^md_(?P<source>[A-Za-z0-9_-]+)_(?P<split>train|valid|test)_c(?P<cls>\d+)_i(?P<idx>\d+)$")
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def padded(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
-
-
-def sample_key(source: str, split: str, class_id: int, index_in_class: int) -> str:
-    """``md_<source>_<split>_c<class>_i<index within class>``: no dots (WebDataset splits there)."""
-    return f"md_{source}_{split}_c{class_id:05d}_i{index_in_class:08d}"
-
-
-def parse_key(key: str) -> Tuple[str, str, int, int]:
-    m = KEY_RE.match(key)
-    if not m:
-        raise ValueError(f"not a sample key of this format: {key!r}")
-    return m["source"], m["split"], int(m["cls"]), int(m["idx"])
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -66,8 +53,8 @@ class SampleLayout:
 
 
 def encode_sample(key: str, ext: str, image: bytes, class_id: int, meta: dict) -> Tuple[bytes, SampleLayout]:
-    if ext not in IMAGE_EXTS:
-        raise ValueError(f"image extension must be one of {IMAGE_EXTS}, got {ext!r}")
+    if ext not in IMAGE_EXTS + (BLOCK_EXT,):
+        raise ValueError(f"sample extension must be one of {IMAGE_EXTS + (BLOCK_EXT,)}, got {ext!r}")
     img = member(f"{key}.{ext}", image)
     cls = member(f"{key}.cls", str(int(class_id)).encode())
     js = member(f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())

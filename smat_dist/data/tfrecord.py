@@ -1,6 +1,6 @@
 """TFRecord files of ``tf.train.Example`` records, read without TensorFlow.
 
-Framing per record (``meta-dataset.md`` 3.1): uint64 little-endian length, uint32 masked CRC-32C
+Framing per record (the TFRecord format): uint64 little-endian length, uint32 masked CRC-32C
 of the length bytes, payload, uint32 masked CRC-32C of the payload. The payload is a protobuf
 ``Example { Features features = 1 }``, ``Features { map<string, Feature> feature = 1 }``,
 ``Feature { oneof { BytesList = 1; FloatList = 2; Int64List = 3 } }``, each list a repeated

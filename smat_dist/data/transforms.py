@@ -1,8 +1,8 @@
 """Decode + SMAT/PMF preprocessing, with all randomness drawn from a per-episode generator.
 
-Training (``meta-dataset.md`` 4.3): RandomResizedCrop(size) with torchvision's parameter rule,
+Training: RandomResizedCrop(size) with torchvision's parameter rule,
 PMF's ImageJitter (Brightness, Contrast, Color, each factor ``1 + a(2u - 1)``), horizontal flip.
-Evaluation (4.4): resize the shorter side to ``int(size * 256/224)`` then centre-crop ``size``.
+Evaluation: resize the shorter side to ``int(size * 256/224)`` then centre-crop ``size``.
 Both produce ``uint8`` HxWx3 arrays; normalisation happens in :func:`to_tensor`, on the
 consumer's side, so an episode crosses process boundaries at a quarter of its float32 size.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -31,8 +31,13 @@ class DecodeError(ValueError):
     pass
 
 
-def decode(data: bytes, draft_side: Optional[int] = None) -> Image.Image:
-    """Bytes -> RGB PIL image (only JPEG/PNG decoders are ever tried). Raises :class:`DecodeError`."""
+def decode(data: Union[bytes, np.ndarray], draft_side: Optional[int] = None) -> Image.Image:
+    """Bytes (or a grey uint8 HxW array from a packed split) -> RGB PIL image (only JPEG/PNG
+    decoders are ever tried). Raises :class:`DecodeError`."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim != 2:
+            raise DecodeError(f"packed image must be uint8 HxW, got {data.dtype} {data.shape}")
+        return Image.fromarray(data, "L").convert("RGB")
     try:
         img = Image.open(io.BytesIO(data), formats=_FORMATS)
         if draft_side and img.format == "JPEG" and min(img.size) >= 2 * draft_side:
@@ -85,7 +90,7 @@ class EpisodeTransform:
         assert rng is not None
         return rng.random((n, PARAMS_PER_IMAGE))
 
-    def __call__(self, data: bytes, u: Optional[np.ndarray]) -> np.ndarray:
+    def __call__(self, data: Union[bytes, np.ndarray], u: Optional[np.ndarray]) -> np.ndarray:
         return self.apply(decode(data, self.draft), u)
 
     def apply(self, img: Image.Image, u: Optional[np.ndarray]) -> np.ndarray:

@@ -1,175 +1,220 @@
 """Check a converted dataset against its manifests: checksums, counts, index and tar consistency.
 
-Every problem is one line naming the file (shard, index or manifest) it was found in. A flipped
-byte anywhere in a shard shows up as a sha256 mismatch; ``deep`` additionally walks each shard's
-tar headers and checks every sample (image + ``.cls`` + ``.json``, class id, key) against the
-row index, which localises the damage to a key.
+Every problem is one line naming the file or URL (shard, index or manifest) it was found in. A
+flipped byte anywhere in a shard shows up as a sha256 mismatch; ``deep`` additionally checks every
+sample (image or block + ``.cls`` + ``.json``, class id, key) against the row index, which
+localises the damage to a key. A local root is checked in place (the tar headers are walked by
+offset, so the index's offsets are checked too); a URL root is streamed shard by shard through
+webdataset's pipeline (:mod:`smat_dist.data.stream`) without touching the shard cache.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from smat_dist.data.spec import SpecError, load_spec
-from smat_dist.data.tario import IMAGE_EXTS, iter_members, parse_key, split_name
-from smat_dist.data.writer import ROW_DTYPE, sha256_file
+from smat_dist.data.cache import Ref
+from smat_dist.data.format import (BLOCK_EXT, IMAGE_EXTS, MANIFEST, ROW_DTYPE, SPEC_FILE, check_rel_path,
+                                   parse_block_key, parse_key, sha256_bytes, sha256_file)
+from smat_dist.data.location import DataRoot, failure
+from smat_dist.data.spec import SpecError, spec_from_json
+from smat_dist.data.store import Catalog, Packing
+from smat_dist.data.tario import iter_members, split_name
+
+Root = Union[str, Path, DataRoot]
+Members = Dict[str, Dict[str, Tuple[Optional[int], int]]]  # key -> ext -> (data offset or None, size)
 
 
-def verify_source(root: str | Path, name: str, deep: bool = True) -> List[str]:
-    d = Path(root) / name
-    mpath = d / "manifest.json"
-    if not mpath.is_file():
-        return [f"{mpath}: manifest missing"]
+def _loc(root: Root) -> DataRoot:
+    return root if isinstance(root, DataRoot) else DataRoot(root)
+
+
+def verify_source(root: Root, name: str, deep: bool = True) -> List[str]:
+    loc = _loc(root)
+
+    def where(rel: str) -> str:
+        return loc.url(f"{name}/{rel}")
+
+    if not loc.remote and not loc.local(f"{name}/{MANIFEST}").is_file():
+        return [f"{where(MANIFEST)}: manifest missing"]
     try:
-        man = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        return [f"{mpath}: unreadable manifest: {exc}"]
+        man = json.loads(loc.read_bytes(f"{name}/{MANIFEST}"))
+    except (OSError, ValueError) as exc:
+        return [f"{where(MANIFEST)}: unreadable manifest ({failure(exc)})"]
     problems: List[str] = []
+    srel = man.get("spec", SPEC_FILE)
     try:
-        spec = load_spec(d / man.get("spec", "dataset_spec.json"))
+        spec = spec_from_json(json.loads(loc.read_bytes(f"{name}/{srel}")), where(srel))
     except SpecError as exc:
         return [str(exc)]
+    except (OSError, ValueError) as exc:
+        return [f"{where(srel)}: unreadable dataset spec ({failure(exc)})"]
     for split, sp in man.get("splits", {}).items():
         counts = dict(zip(sp["classes"], sp["counts"]))
         if sorted(counts) != spec.classes(split):
-            problems.append(f"{d / 'dataset_spec.json'}: split {split} classes differ from {mpath}")
+            problems.append(f"{where(srel)}: split {split} classes differ from {where(MANIFEST)}")
         for c, n in counts.items():
             if spec.images_per_class.get(c) != n:
-                problems.append(f"{d / 'dataset_spec.json'}: class {c} count {spec.images_per_class.get(c)} != manifest {n}")
+                problems.append(f"{where(srel)}: class {c} count {spec.images_per_class.get(c)} != manifest {n}")
                 break
-        ipath = d / sp["index"]["path"]
-        if not ipath.is_file():
-            problems.append(f"{ipath}: index missing")
+        try:
+            rel_paths = [check_rel_path(r, where(MANIFEST)) for r in [sp["index"]["path"]] + [sh["path"] for sh in sp["shards"]]]
+            packed = Packing.from_manifest(sp)
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{where(MANIFEST)}: split {split}: {exc}")
             continue
-        if sha256_file(ipath) != sp["index"]["sha256"]:
-            problems.append(f"{ipath}: index checksum mismatch")
+        irel = rel_paths[0]
+        try:
+            if not loc.remote and not loc.local(f"{name}/{irel}").is_file():
+                raise FileNotFoundError(irel)
+            raw = loc.read_bytes(f"{name}/{irel}")
+        except (OSError, ValueError) as exc:
+            problems.append(f"{where(irel)}: index {'missing' if isinstance(exc, FileNotFoundError) else 'unreadable'}"
+                            f" ({failure(exc)})")
             continue
-        rows = np.load(ipath, allow_pickle=False)
-        if rows.dtype != ROW_DTYPE or rows.shape != (sum(sp["counts"]),) or sp["num_images"] != sum(sp["counts"]):
-            problems.append(f"{ipath}: {rows.shape[0]} rows, manifest counts sum to {sum(sp['counts'])}")
+        if sha256_bytes(raw) != sp["index"]["sha256"]:
+            problems.append(f"{where(irel)}: index checksum mismatch")
             continue
-        class_ids = np.asarray(sp["classes"], dtype=np.int64)
-        ptr = np.concatenate([[0], np.cumsum(sp["counts"])]).astype(np.int64)
+        rows = np.load(io.BytesIO(raw), allow_pickle=False)
+        per_class = np.asarray(sp["counts"], dtype=np.int64) if packed is None else packed.blocks(sp["counts"])
+        if rows.dtype != ROW_DTYPE or rows.shape != (int(per_class.sum()),) or sp["num_images"] != sum(sp["counts"]):
+            problems.append(f"{where(irel)}: {rows.shape[0]} rows, manifest expects {int(per_class.sum())}")
+            continue
         shard, offset, size = rows["shard"], rows["offset"], rows["size"]
         rows_per_shard = np.bincount(shard.astype(np.int64), minlength=len(sp["shards"]))
         expected: Dict[str, tuple] = {}
-        if deep:
-            cls_of_row = np.repeat(class_ids, np.diff(ptr))
-            for r in range(len(shard)):
-                c = int(cls_of_row[r])
-                expected[f"{int(shard[r])}/{c}/{r - int(ptr[np.searchsorted(class_ids, c)])}"] = (int(offset[r]), int(size[r]))
+        if deep:  # "<shard>/<class>/<sample in class>" -> (offset, size)
+            ptr = np.concatenate([[0], np.cumsum(per_class)])
+            for i, c in enumerate(sp["classes"]):
+                for j in range(int(per_class[i])):
+                    r = int(ptr[i]) + j
+                    expected[f"{int(shard[r])}/{c}/{j}"] = (int(offset[r]), int(size[r]))
         for si, sh in enumerate(sp["shards"]):
-            p = d / sh["path"]
-            if not p.is_file():
-                problems.append(f"{p}: shard missing")
-                continue
-            if p.stat().st_size != sh["bytes"]:
-                problems.append(f"{p}: size {p.stat().st_size} != manifest {sh['bytes']}")
-                continue
-            if sha256_file(p) != sh["sha256"]:
-                problems.append(f"{p}: sha256 mismatch (corrupted shard)")
             if si < len(rows_per_shard) and rows_per_shard[si] != sh["samples"]:
-                problems.append(f"{p}: index has {rows_per_shard[si]} rows here, manifest says {sh['samples']} samples")
-            if deep:
-                problems.extend(_check_tar(p, name, split, si, sh["samples"], expected))
+                problems.append(f"{where(sh['path'])}: index has {rows_per_shard[si]} rows here, manifest says "
+                                f"{sh['samples']} samples")
+            check = _Check(where(sh["path"]), name, split, si, sh["samples"], expected, packed)
+            if loc.remote:
+                problems.extend(_stream_shard(Ref(where(sh["path"]), sh["sha256"], int(sh["bytes"]), sh["path"]),
+                                              check, deep))
+            else:
+                problems.extend(_local_shard(loc.local(f"{name}/{sh['path']}"), sh, check, deep))
     return problems
 
 
-def _check_tar(path: Path, source: str, split: str, si: int, n_samples: int, expected: Dict[str, tuple]) -> List[str]:
-    out: List[str] = []
-    members: Dict[str, Dict[str, tuple]] = defaultdict(dict)
+class _Check:
+    """The per-sample checks of one shard, shared by the local walk and the remote stream."""
+
+    def __init__(self, where: str, source: str, split: str, si: int, n_samples: int, expected: Dict[str, tuple],
+                 packed: Optional[Packing]):
+        self.where, self.source, self.split, self.si, self.n_samples = where, source, split, si, n_samples
+        self.expected, self.packed = expected, packed
+
+    def members(self, members: Members, labels: Dict[str, object]) -> List[str]:
+        out: List[str] = []
+        where = self.where
+        if len(members) != self.n_samples:
+            out.append(f"{where}: {len(members)} samples, manifest says {self.n_samples}")
+        data_exts = (BLOCK_EXT,) if self.packed else IMAGE_EXTS
+        parse = parse_block_key if self.packed else parse_key
+        for key, m in members.items():
+            try:
+                src, sp, c, j = parse(key)
+            except ValueError:
+                out.append(f"{where}: unexpected member key {key!r}")
+                continue
+            data = [e for e in data_exts if e in m]
+            if src != self.source or sp != self.split or len(data) != 1 or "cls" not in m or "json" not in m:
+                out.append(f"{where}: sample {key} is incomplete or misplaced (members {sorted(m)})")
+                continue
+            label = labels.get(key)
+            if isinstance(label, bytes):
+                out.append(f"{where}: {key}.cls holds {label[:20]!r}")
+            elif label is not None and label != c:
+                out.append(f"{where}: {key}.cls says class {label}")
+            want = self.expected.get(f"{self.si}/{c}/{j}")
+            got = m[data[0]]
+            if want is None:
+                out.append(f"{where}: sample {key} is not in the index")
+            elif want[1] != got[1] or (got[0] is not None and want[0] != got[0]):
+                out.append(f"{where}: index locates {key} at {want}, tar has {got if got[0] is not None else got[1:]}")
+            if len(out) > 20:
+                out.append(f"{where}: ... (stopping after 20 problems)")
+                break
+        return out
+
+
+def _label(raw: bytes) -> object:
     try:
-        with open(path, "rb") as f:
+        return int(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return bytes(raw)
+
+
+def _local_shard(p: Path, sh: dict, check: _Check, deep: bool) -> List[str]:
+    if not p.is_file():
+        return [f"{p}: shard missing"]
+    if p.stat().st_size != sh["bytes"]:
+        return [f"{p}: size {p.stat().st_size} != manifest {sh['bytes']}"]
+    out = []
+    if sha256_file(p) != sh["sha256"]:
+        out.append(f"{p}: sha256 mismatch (corrupted shard)")
+    if not deep:
+        return out
+    members: Members = defaultdict(dict)
+    labels: Dict[str, object] = {}
+    try:
+        with open(p, "rb") as f:
             for h, data_off in iter_members(f):
                 key, ext = split_name(h.name)
                 members[key][ext] = (data_off, h.size)
                 if ext == "cls":
                     f.seek(data_off)
-                    raw = f.read(h.size)
-                    try:
-                        members[key]["_cls"] = (int(raw.decode("ascii")), 0)
-                    except ValueError:
-                        out.append(f"{path}: {key}.cls holds {raw[:20]!r}")
+                    labels[key] = _label(f.read(h.size))
     except ValueError as exc:
-        return [f"{path}: unreadable tar ({exc})"]
-    if len(members) != n_samples:
-        out.append(f"{path}: {len(members)} samples, manifest says {n_samples}")
-    for key, m in members.items():
-        try:
-            src, sp, c, j = parse_key(key)
-        except ValueError:
-            out.append(f"{path}: unexpected member key {key!r}")
-            continue
-        img = [e for e in IMAGE_EXTS if e in m]
-        if src != source or sp != split or len(img) != 1 or "cls" not in m or "json" not in m:
-            out.append(f"{path}: sample {key} is incomplete or misplaced (members {sorted(m)})")
-            continue
-        if "_cls" in m and m["_cls"][0] != c:
-            out.append(f"{path}: {key}.cls says class {m['_cls'][0]}")
-        want = expected.get(f"{si}/{c}/{j}")
-        if want is None:
-            out.append(f"{path}: sample {key} is not in the index")
-        elif want != m[img[0]]:
-            out.append(f"{path}: index locates {key} at {want}, tar has {m[img[0]]}")
-        if len(out) > 20:
-            out.append(f"{path}: ... (stopping after 20 problems)")
-            break
+        return out + [f"{p}: unreadable tar ({exc})"]
+    return out + check.members(members, labels)
+
+
+def _stream_shard(ref: Ref, check: _Check, deep: bool) -> List[str]:
+    """One remote shard through webdataset's pipeline: size and sha256, and (deep) every sample."""
+    from smat_dist.data.stream import shard_samples
+
+    out: List[str] = []
+    members: Members = {}
+    labels: Dict[str, object] = {}
+
+    def on_shard(r: Ref, problem: Optional[str]) -> None:
+        if problem is not None:
+            out.append(f"{r.url}: {problem}")
+
+    try:
+        for sample in shard_samples([ref], on_shard):
+            key = sample["__key__"]
+            members[key] = {k: (None, len(v)) for k, v in sample.items() if not k.startswith("__")}
+            if "cls" in sample:
+                labels[key] = _label(sample["cls"])
+    except Exception as exc:  # tarfile.ReadError, a duplicate member, a dead reader...
+        return out + [f"{ref.url}: unreadable tar ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"]
+    if deep and not out:  # a shard whose bytes differ is reported once, by its checksum
+        out.extend(check.members(members, labels))
     return out
 
 
-def stage(src_root: str | Path, dest_root: str | Path, sources: Optional[Sequence[str]] = None) -> List[str]:
-    """Copy converted sources to node-local storage (``DataConfig.local_root``), manifest last.
-
-    Files already at the destination with the manifest's size and sha256 are not copied again,
-    so re-staging after an interrupted copy only moves what is missing. Returns the sources copied.
-    """
-    import shutil
-
-    src_root, dest_root = Path(src_root), Path(dest_root)
-    names = list(sources) if sources else sorted(p.parent.name for p in src_root.glob("*/manifest.json"))
-    for name in names:
-        s, d = src_root / name, dest_root / name
-        man = json.loads((s / "manifest.json").read_text())
-        checked = {sh["path"]: sh for sp in man["splits"].values() for sh in sp["shards"]}
-        checked.update({sp["index"]["path"]: sp["index"] for sp in man["splits"].values()})
-        if (d / "manifest.json").exists():
-            (d / "manifest.json").unlink()
-        for f in sorted(s.rglob("*")):
-            rel = f.relative_to(s).as_posix()
-            if f.is_dir() or rel == "manifest.json" or rel.startswith(".work"):
-                continue
-            t = d / rel
-            t.parent.mkdir(parents=True, exist_ok=True)
-            rec = checked.get(rel)
-            if rec and t.is_file() and t.stat().st_size == rec["bytes"] and sha256_file(t) == rec["sha256"]:
-                continue
-            shutil.copyfile(f, t)
-        problems = _quick(d, man)
-        if problems:
-            raise RuntimeError("; ".join(problems))
-        shutil.copyfile(s / "manifest.json", d / "manifest.json")
-    return names
+def verify_root(root: Root, sources: Optional[Sequence[str]] = None, deep: bool = True) -> Dict[str, List[str]]:
+    loc = _loc(root)
+    if sources:
+        names = list(sources)
+    elif loc.remote:
+        names = Catalog(loc.spec).sources()
+    else:
+        names = sorted(p.parent.name for p in loc.path.glob(f"*/{MANIFEST}"))
+    return {n: verify_source(loc, n, deep) for n in names}
 
 
-def _quick(d: Path, man: dict) -> List[str]:
-    out = []
-    for sp in man["splits"].values():
-        for rec in sp["shards"] + [sp["index"]]:
-            p = d / rec["path"]
-            if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
-                out.append(f"{p}: staged copy does not match the manifest")
-    return out
-
-
-def verify_root(root: str | Path, sources: Optional[Sequence[str]] = None, deep: bool = True) -> Dict[str, List[str]]:
-    root = Path(root)
-    names = list(sources) if sources else sorted(p.parent.name for p in root.glob("*/manifest.json"))
-    return {n: verify_source(root, n, deep) for n in names}
-
-
-__all__ = ["stage", "verify_root", "verify_source"]
+__all__ = ["verify_root", "verify_source"]

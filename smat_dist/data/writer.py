@@ -6,17 +6,23 @@ runs in three resumable phases under ``<out>/<source>/.work``:
 
 1. **fragments**, parallel over classes (spawned worker processes): each class becomes a run
    of tar members (``.work/frag/cNNNNN.tar`` + ``.json`` sidecar), images in a seeded random
-   order within the class (MD's traffic-sign lesson, ``meta-dataset.md`` 6 #4). A finished
-   sidecar means a finished class; re-runs skip it.
+   order within the class (a source recorded in a meaningful order, such as traffic-sign
+   sequences, must not leak it into episodes). A finished sidecar means a finished class;
+   re-runs skip it. With ``pack=B`` (tiny grey images, e.g. QuickDraw) a class is a run of
+   samples that each hold up to B images as one ``.npy`` (same seeded order).
 2. **shards**: per split, fragments are concatenated in class-id order into
    ``<split>/shard-NNNNNN.tar``; a new shard starts when the next class would overflow the
    target size, and a class bigger than the target continues into the next shard. A shard whose
    file already holds the planned bytes (same plan digest, size and sha256) is not rewritten.
-3. **index + manifest**: ``<split>/rows.npy`` (per row: shard, byte offset and size of the image
-   member; rows are class-contiguous in the manifest's class order, so the manifest's counts are
-   the CSR pointers), ``<split>/classes.json``, ``dataset_spec.json`` (MD
+3. **index + manifest**: ``<split>/rows.npy`` (per tar sample: shard, byte offset and size of the
+   image or block member; rows are class-contiguous in the manifest's class order, so the
+   manifest's counts are the CSR pointers), ``<split>/classes.json``, ``dataset_spec.json`` (MD
    layout, measured counts) and finally ``manifest.json``, written last and atomically: its
-   presence means the source is complete.
+   presence means the source is complete. ``<out_root>/sources.json`` is then rewritten to list
+   every complete source (URL roots cannot be listed otherwise).
+
+Output is local only: write to a directory, then ``smat-data upload`` it to object storage (the
+resumable phases need a filesystem; the upload goes through webdataset's writers).
 
 Member bytes are deterministic (fixed tar header fields, seeded order), so a re-run after a
 crash, or a full rebuild, produces byte-identical shards.
@@ -38,17 +44,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from smat_dist.data.format import (BLOCK_EXT, CLASSES_PATTERN, FORMAT, FORMAT_VERSION, INDEX_PATTERN, MANIFEST,
+                                   ROW_DTYPE, SHARD_PATTERN, SOURCES_FILE, block_key, sha256_file)
 from smat_dist.data.spec import SPLITS, SourceSpec, save_spec, with_counts
 from smat_dist.data.tario import EOF_BLOCKS, NAME_RE, encode_sample, sample_key
 
 log = logging.getLogger(__name__)
-
-FORMAT = "smat-dist-wds"
-FORMAT_VERSION = 1
-SHARD_PATTERN = "{split}/shard-{index:06d}.tar"
-# One record per image. A plain .npy so readers can memory-map it: every actor on a node then
-# shares one page-cached copy (35 M quickdraw rows would be ~0.5 GB per process otherwise).
-ROW_DTYPE = np.dtype([("shard", "<u2"), ("offset", "<u8"), ("size", "<u4")])
+PACK_GREY_TOLERANCE = 8  # max channel spread (JPEG rounding) of an RGB image accepted as grey when packing
 
 
 class ConvertError(RuntimeError):
@@ -85,7 +87,7 @@ class InputSource:
 
 @dataclass
 class WriteOptions:
-    shard_bytes: int = 512 * 1024 * 1024  # target shard size (meta-dataset.md 3.3.4)
+    shard_bytes: int = 512 * 1024 * 1024  # target shard size
     workers: int = 1
     # s256: shorter side > max_side is resized to max_side and re-encoded; others keep their bytes.
     # native: bytes are copied unchanged (non JPEG/PNG inputs are still re-encoded).
@@ -95,6 +97,10 @@ class WriteOptions:
     raw_format: str = "png"  # how decoded pixel inputs (PMF h5) are encoded: png (lossless) | jpg
     shuffle_seed: int = 23  # within-class order
     decode_check: bool = False  # fully decode every input image (slow); default: header only
+    # Packed blocks: >0 stores up to this many images of a class per tar sample, as one uint8
+    # [n, pack_side, pack_side] .npy (grey images of that size only; QuickDraw: 1024 and 28).
+    pack: int = 0
+    pack_side: int = 28
     keep_work: bool = False
     force: bool = False
     progress: bool = True
@@ -139,6 +145,39 @@ def _encode(payload: Any, opts: WriteOptions) -> Tuple[bytes, str, int, int]:
     return _save(img, out_ext, opts), out_ext, img.width, img.height
 
 
+def _grey(payload: Any, side: int) -> np.ndarray:
+    """A packed-block image: grey uint8 ``side x side`` (RGB accepted when its channels agree)."""
+    from PIL import Image
+
+    if isinstance(payload, np.ndarray):
+        arr = payload
+    elif isinstance(payload, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(payload)))
+        arr = np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
+    else:
+        raise TypeError(f"unsupported payload type {type(payload).__name__}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"pixel array must be uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    elif arr.ndim == 3:
+        c = arr[:, :, :3].astype(np.int16)
+        spread = int((c.max(axis=2) - c.min(axis=2)).max(initial=0))
+        if spread > PACK_GREY_TOLERANCE:
+            raise ValueError(f"not a grey image (channels differ by up to {spread}); packing needs grey images")
+        arr = np.round(c.mean(axis=2)).astype(np.uint8)
+    if arr.shape != (side, side):
+        raise ValueError(f"image is {arr.shape[1] if arr.ndim > 1 else '?'}x{arr.shape[0]}, packed blocks hold "
+                         f"{side}x{side}")
+    return np.ascontiguousarray(arr)
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
 def _save(img, ext: str, opts: WriteOptions) -> bytes:
     buf = io.BytesIO()
     if ext == "jpg":
@@ -159,13 +198,17 @@ def convert_class(src: InputSource, entry: ClassEntry, work: str, opts: WriteOpt
     if side_path.exists():
         return json.loads(side_path.read_text())
     tar_path.parent.mkdir(parents=True, exist_ok=True)
-    items: List[Tuple[bytes, str, int, int, dict]] = []
+    items: List[Tuple[Any, str, int, int, dict]] = []
     skipped: List[str] = []
     for payload, meta in src.read_class(entry):
         if isinstance(payload, Exception):  # the input reader already knows this one is bad
             skipped.append(f"{meta.get('ref', '?')}: {payload}")
             continue
         try:
+            if opts.pack:
+                arr = _grey(payload, opts.pack_side)
+                items.append((arr, BLOCK_EXT, opts.pack_side, opts.pack_side, meta))
+                continue
             data, ext, w, h = _encode(payload, opts)
         except Exception as exc:  # a bad input image is skipped, named, and counted
             skipped.append(f"{meta.get('ref', '?')}: {type(exc).__name__}: {exc}")
@@ -177,7 +220,18 @@ def convert_class(src: InputSource, entry: ClassEntry, work: str, opts: WriteOpt
     tmp = tar_path.with_suffix(".tmp")
     pos = 0
     with open(tmp, "wb") as f:
-        for j, i in enumerate(order):
+        for b in range(0, len(order), opts.pack) if opts.pack else ():
+            block = [int(i) for i in order[b:b + opts.pack]]
+            key = block_key(src.name, entry.split, entry.class_id, b // opts.pack)
+            md = {"source": src.name, "split": entry.split, "class": entry.class_id, "class_name": entry.name,
+                  "first": b, "n": len(block), "height": opts.pack_side, "width": opts.pack_side,
+                  "orig_index": block, "orig": [items[i][4].get("ref") for i in block]}
+            blob, lay = encode_sample(key, BLOCK_EXT, _npy(np.stack([items[i][0] for i in block])),
+                                      entry.class_id, md)
+            f.write(blob)
+            samples.append([pos, pos + lay.data_offset, lay.data_size, pos + lay.total])
+            pos += lay.total
+        for j, i in enumerate(order if not opts.pack else ()):
             data, ext, w, h, meta = items[int(i)]
             key = sample_key(src.name, entry.split, entry.class_id, j)
             md = {"source": src.name, "split": entry.split, "class": entry.class_id, "class_name": entry.name,
@@ -189,7 +243,7 @@ def convert_class(src: InputSource, entry: ClassEntry, work: str, opts: WriteOpt
             samples.append([pos, pos + lay.data_offset, lay.data_size, pos + lay.total])
             pos += lay.total
     os.replace(tmp, tar_path)
-    side = {"class": entry.class_id, "split": entry.split, "name": entry.name, "n": len(samples),
+    side = {"class": entry.class_id, "split": entry.split, "name": entry.name, "n": len(items),
             "bytes": pos, "samples": samples, "skipped": skipped}
     tmp_side = side_path.with_suffix(".tmpjson")
     tmp_side.write_text(json.dumps(side))
@@ -221,7 +275,7 @@ def plan_shards(sides: Sequence[dict], target: int) -> List[_Shard]:
         return shards[-1]
 
     for side in sides:
-        if side["n"] == 0:
+        if not side["samples"]:
             continue
         if cur().nbytes > 0 and cur().nbytes + side["bytes"] > target:
             shards.append(_Shard(len(shards)))
@@ -236,24 +290,13 @@ def plan_shards(sides: Sequence[dict], target: int) -> List[_Shard]:
                 shards.append(_Shard(len(shards)))
                 j0, run = j, 0
             run += size
-        cur().segments.append((side["class"], j0, side["n"], run))
+        cur().segments.append((side["class"], j0, len(side["samples"]), run))
         cur().nbytes += run
     return [s for s in shards if s.segments]
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _write_shard(path: Path, shard: _Shard, side_by_class: Dict[int, dict], work: Path) -> Tuple[str, int]:
@@ -329,6 +372,13 @@ def _prepare(src: InputSource, out_root: str | Path, opts: WriteOptions) -> Opti
         raise ConvertError(f"source name {src.name!r} must match [A-Za-z0-9_-]+ (no dots: WebDataset keys)")
     if opts.tier not in ("s256", "native"):
         raise ConvertError(f"tier must be s256 or native, got {opts.tier!r}")
+    if opts.pack < 0 or opts.pack_side < 1:
+        raise ConvertError(f"pack must be >= 0 and pack_side >= 1, got {opts.pack}, {opts.pack_side}")
+    from smat_dist.data.location import is_url
+
+    if is_url(out_root):
+        raise ConvertError(f"{out_root}: converters write to a local directory (resumable phases need a "
+                           "filesystem); convert there, then `smat-data upload LOCAL_ROOT URL`")
     out = Path(out_root) / src.name
     mpath = out / "manifest.json"
     if not opts.force and manifest_complete(out):
@@ -375,6 +425,25 @@ def _run_fragments(jobs: Sequence[_Job], opts: WriteOptions) -> None:
             pass
 
 
+def write_sources_index(root: str | Path) -> Path:
+    """``<root>/sources.json``: every source of ``root`` with a manifest (what URL readers list).
+    Rewritten under a lock from what is on disk, so concurrent conversions never drop a source."""
+    import fcntl
+
+    root = Path(root)
+    path = root / SOURCES_FILE
+    fd = os.open(root / ".sources.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        names = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))
+        tmp = root / f".sources.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "sources": names}, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        os.close(fd)
+    return path
+
+
 def build_source(src: InputSource, out_root: str | Path, opts: Optional[WriteOptions] = None) -> Path:
     """Convert ``src`` into ``<out_root>/<src.name>/``; returns the manifest path."""
     return build_sources([src], out_root, opts)[0]
@@ -388,7 +457,9 @@ def build_sources(srcs: Sequence[InputSource], out_root: str | Path, opts: Optio
         raise ConvertError(f"duplicate source names in {names}")
     jobs = [_prepare(s, out_root, opts) for s in srcs]
     _run_fragments([j for j in jobs if j is not None], opts)
-    return [Path(out_root) / s.name / "manifest.json" if j is None else _finalize(j, opts) for s, j in zip(srcs, jobs)]
+    out = [Path(out_root) / s.name / MANIFEST if j is None else _finalize(j, opts) for s, j in zip(srcs, jobs)]
+    write_sources_index(out_root)
+    return out
 
 
 def _finalize(job: _Job, opts: WriteOptions) -> Path:
@@ -433,14 +504,14 @@ def _finalize(job: _Job, opts: WriteOptions) -> Path:
         plan = plan_shards(split_sides, opts.shard_bytes)
         if len(plan) > np.iinfo(np.uint16).max:
             raise ConvertError(f"{src.name}/{split}: {len(plan)} shards; raise --shard-size")
-        class_ptr = np.zeros(len(split_sides) + 1, dtype=np.int64)
-        for i, s in enumerate(split_sides):
-            class_ptr[i + 1] = class_ptr[i] + s["n"]
-        nrows = int(class_ptr[-1])
+        # index rows are tar samples: images, or blocks of a packed split
+        sample_ptr = np.concatenate([[0], np.cumsum([len(s["samples"]) for s in split_sides])]).astype(np.int64)
+        image_ptr = np.concatenate([[0], np.cumsum([s["n"] for s in split_sides])]).astype(np.int64)
+        nrows = int(sample_ptr[-1])
         row_shard = np.zeros(nrows, dtype=np.uint16)
         row_offset = np.zeros(nrows, dtype=np.uint64)
         row_size = np.zeros(nrows, dtype=np.uint32)
-        first_row = {s["class"]: int(class_ptr[i]) for i, s in enumerate(split_sides)}
+        first_row = {s["class"]: int(sample_ptr[i]) for i, s in enumerate(split_sides)}
         shard_records = []
         for sh in plan:
             rel = SHARD_PATTERN.format(split=split, index=sh.index)
@@ -475,23 +546,28 @@ def _finalize(job: _Job, opts: WriteOptions) -> Path:
                 nsamples += j1 - j0
             shard_records.append({"path": rel, "sha256": rec["sha256"], "bytes": rec["bytes"], "samples": nsamples,
                                   "classes": [sh.segments[0][0], sh.segments[-1][0]], "plan": pdigest})
-        idx_rel = f"{split}/rows.npy"
+        idx_rel = INDEX_PATTERN.format(split=split)
         idx_tmp = out / f"{split}/rows.tmp.npy"
         rows = np.zeros(nrows, dtype=ROW_DTYPE)
         rows["shard"], rows["offset"], rows["size"] = row_shard, row_offset, row_size
         np.save(idx_tmp, rows, allow_pickle=False)
         os.replace(idx_tmp, out / idx_rel)
-        classes_doc = [{"id": s["class"], "name": s["name"], "n_images": s["n"], "first_row": first_row[s["class"]],
-                        "last_row": first_row[s["class"]] + s["n"] - 1} for s in split_sides]
-        (out / split / "classes.json").write_text(json.dumps(classes_doc, indent=0) + "\n")
+        classes_doc = [{"id": s["class"], "name": s["name"], "n_images": s["n"], "first_row": int(image_ptr[i]),
+                        "last_row": int(image_ptr[i]) + s["n"] - 1,
+                        **({"blocks": len(s["samples"]), "first_block": first_row[s["class"]]} if opts.pack else {})}
+                       for i, s in enumerate(split_sides)]
+        (out / CLASSES_PATTERN.format(split=split)).write_text(json.dumps(classes_doc, indent=0) + "\n")
         manifest["splits"][split] = {
             "classes": [s["class"] for s in split_sides],
             "counts": [s["n"] for s in split_sides],
-            "num_images": nrows,
+            "num_images": int(image_ptr[-1]),
             "index": {"path": idx_rel, "sha256": sha256_file(out / idx_rel), "bytes": (out / idx_rel).stat().st_size,
                       "rows": nrows},
             "shards": shard_records,
         }
+        if opts.pack:
+            manifest["splits"][split]["packed"] = {"images_per_block": opts.pack, "height": opts.pack_side,
+                                                   "width": opts.pack_side, "dtype": "uint8"}
     save_spec(spec, out / "dataset_spec.json", file_pattern=SHARD_PATTERN, rel_path=".")
     tmp = out / "manifest.tmp.json"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -504,5 +580,5 @@ def _finalize(job: _Job, opts: WriteOptions) -> Path:
     return mpath
 
 
-__all__ = ["ClassEntry", "ConvertError", "InputSource", "WriteOptions", "build_source", "convert_class",
-           "build_sources", "manifest_complete", "plan_shards", "sha256_file", "FORMAT", "FORMAT_VERSION", "ROW_DTYPE", "SHARD_PATTERN"]
+__all__ = ["ClassEntry", "ConvertError", "InputSource", "WriteOptions", "build_source", "build_sources",
+           "convert_class", "manifest_complete", "plan_shards", "write_sources_index"]

@@ -297,7 +297,7 @@ def source_alphas(export: Path, data: str, cfg: EvalConfig, out: Path) -> Tuple[
     spec = describe_checkpoint(export)
     dcfg = dataclasses.replace(cfg.data, root=str(data), image_size=spec.img_size)
     cfg = dataclasses.replace(cfg, data=dcfg, device="cpu" if cfg.device == "auto" else cfg.device)
-    catalog = Catalog(dcfg.root, dcfg.local_root)
+    catalog = Catalog.for_config(dcfg)
     sources = _sources(cfg, catalog)
     ids = set(_id_sources(cfg, spec, catalog))
     ep_dir = writable_episodes_dir(cfg.episodes_dir, dcfg.root, out / "episodes")

@@ -101,6 +101,11 @@ def writable_episodes_dir(preferred: Optional[str], data_root: str, fallback: Pa
         p = Path(preferred)
         p.mkdir(parents=True, exist_ok=True)
         return p
+    from smat_dist.data.location import is_url
+
+    if is_url(data_root):  # a URL root is read-only here: lists go next to the results
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
     p = Path(data_root) / "episodes"
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -124,7 +129,7 @@ class EpisodeReader:
 
     def __init__(self, cfg: DataConfig, cache_mb: int = 1024):
         self.cfg = cfg
-        self.catalog = Catalog(cfg.root, cfg.local_root)
+        self.catalog = Catalog.for_config(cfg)
         self.tf = EpisodeTransform(cfg.image_size, cfg.transform, train=False)
         self.files = FilePool(cfg.max_open_files)
         self.budget = int(cache_mb) << 20

@@ -178,7 +178,7 @@ def evaluate(cfg: EvalConfig, checkpoint: Optional[str] = None, method: str = "m
     base = label or spec.label
     data = _data_config(cfg, spec)
     cfg = dataclasses.replace(cfg, data=data)  # workers read images at the model's resolution
-    catalog = Catalog(data.root, data.local_root)
+    catalog = Catalog.for_config(data)
     sources = _sources(cfg, catalog)
     id_set = set(_id_sources(cfg, spec, catalog))
     kind = {s: ("ID" if s in id_set else "OOD") for s in sources}

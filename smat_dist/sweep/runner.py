@@ -157,7 +157,9 @@ class Sweep:
         return self.out / "eval" / cell.id
 
     def data_root(self, cell: Cell) -> str:
-        return str(Path(self.cfg.eval.data or cell.run.data.root).expanduser().resolve())
+        from smat_dist.data.location import resolve_root
+
+        return resolve_root(self.cfg.eval.data or cell.run.data.root)
 
     def train_cmd(self, cell: Cell) -> List[str]:
         configs = [a for p in cell.configs for a in ("--config", str(p))]

@@ -1,4 +1,4 @@
-"""The Meta-Dataset episode protocol (meta-dataset.md section 2), on hand-made specs, no pixels."""
+"""The Meta-Dataset episode protocol, on hand-made specs, no pixels."""
 
 from __future__ import annotations
 

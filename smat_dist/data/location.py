@@ -1,0 +1,162 @@
+"""Dataset roots: a local directory or a URL, opened through webdataset's URL machinery.
+
+A root (``data.root``, ``smat-data ... ROOT``, ``smat-eval --data``) is one of
+
+* a local path (or ``file://`` URL): read in place, as before;
+* ``http://`` / ``https://`` (webdataset opens them with ``curl``), ``gs://`` (``gsutil``),
+  ``s3://`` (``aws s3 cp``, registered below in webdataset's scheme table, which has no s3
+  entry of its own) and the other schemes of ``webdataset.gopen.gopen_schemes``: a file under the
+  root is the root URL + ``/`` + its relative path;
+* ``pipe:COMMAND`` with a ``{shard}`` placeholder that is replaced by the relative path of the
+  file wanted (manifests and indexes too, not only shards), e.g.
+  ``pipe:aws s3 cp s3://bucket/md/{shard} -``. Relative paths are checked against a strict
+  pattern before they reach a shell.
+
+Remote roots cannot be listed, so their sources come from ``sources.json`` (written by the
+converters, ``smat-data upload`` and ``smat-data index``). Writing (``smat-data upload``) goes
+through the same openers in ``wb`` mode: ``pipe:`` commands receive the bytes on stdin,
+http(s) is an HTTP PUT (``curl -T``), ``gs://`` ``gsutil cp -``, ``s3://`` ``aws s3 cp -``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import BinaryIO, Optional
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from smat_dist.data.format import check_rel_path
+
+PLACEHOLDER = "{shard}"
+_SCHEME_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """``s3://`` through the AWS CLI, as a webdataset :class:`~webdataset.gopen.Pipe`."""
+    from webdataset.gopen import Pipe
+
+    if mode[0] == "r":
+        return Pipe(["aws", "s3", "cp", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141])
+    if mode[0] == "w":
+        return Pipe(["aws", "s3", "cp", "-", url], mode=mode, bufsize=bufsize, ignore_status=[141])
+    raise ValueError(f"{mode}: unknown mode")
+
+
+def openers():
+    """``webdataset.gopen`` with our s3 entry registered. Imported on first remote use only:
+    webdataset imports torch (~1 s), which local roots and light processes do without."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function)
+    gopen.gopen_schemes.setdefault("s3", _gopen_s3)
+    return gopen
+
+
+class RootError(ValueError):
+    """A root string that cannot be used; the message names it."""
+
+
+def is_url(root: str | Path) -> bool:
+    """True for roots read through an opener (``pipe:`` or ``scheme://``, except ``file://``)."""
+    s = str(root)
+    if s.startswith("pipe:"):
+        return True
+    m = _SCHEME_RE.match(s)
+    return bool(m) and m["scheme"].lower() != "file"
+
+
+def resolve_root(root: str | Path) -> str:
+    """A URL unchanged; a local path made absolute (what a subprocess elsewhere can use)."""
+    if is_url(root):
+        return str(root)
+    return str(DataRoot(root).path.expanduser().resolve())
+
+
+def failure(exc: BaseException) -> str:
+    """A short reason for a failed open/read (webdataset's pipe errors carry the whole argv)."""
+    text = str(exc)
+    m = re.search(r"exit (\d+)", text)
+    if m:
+        code = int(m.group(1))
+        hint = {22: "HTTP error status, e.g. 404 not found", 6: "host not resolved", 7: "connection refused",
+                28: "timed out", 127: "command not found"}.get(code)
+        return f"command exited with status {code}" + (f" ({hint})" if hint else "")
+    if isinstance(exc, FileNotFoundError):
+        return "not found"
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class DataRoot:
+    """Where a dataset lives; maps relative paths (``glyphs/manifest.json``) to paths or URLs."""
+
+    def __init__(self, root: str | Path):
+        s = str(root)
+        self.spec = s
+        self.remote = is_url(s)
+        self.path: Optional[Path] = None
+        if not self.remote:
+            self.path = Path(url2pathname(urlparse(s).path)) if s.startswith("file://") else Path(s)
+        elif s.startswith("pipe:"):
+            if PLACEHOLDER not in s:
+                raise RootError(f"pipe: root {s!r} needs a {PLACEHOLDER} placeholder for the relative file path, "
+                                f"e.g. 'pipe:aws s3 cp s3://bucket/md/{PLACEHOLDER} -'")
+        else:
+            scheme = _SCHEME_RE.match(s)["scheme"].lower()
+            schemes = openers().gopen_schemes
+            if scheme not in schemes:
+                raise RootError(f"{s}: no webdataset opener for {scheme}:// (have "
+                                f"{sorted(k for k in schemes if not k.startswith('_'))})")
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def __repr__(self) -> str:
+        return f"DataRoot({self.spec!r})"
+
+    def url(self, rel: str) -> str:
+        """The path or URL of ``rel`` under this root (what messages name and openers open)."""
+        if not self.remote:
+            return str(self.path / rel)
+        check_rel_path(rel, self.spec)
+        if self.spec.startswith("pipe:"):
+            return self.spec.replace(PLACEHOLDER, rel)
+        return self.spec.rstrip("/") + "/" + rel
+
+    def local(self, rel: str) -> Path:
+        assert self.path is not None, "local() of a remote root"
+        return self.path / rel
+
+    def open(self, rel: str, mode: str = "rb") -> BinaryIO:
+        """A stream of ``rel`` (``rb``) or to it (``wb``), through ``webdataset.gopen``."""
+        if not self.remote:
+            p = self.local(rel)
+            if mode == "wb":
+                p.parent.mkdir(parents=True, exist_ok=True)
+            return open(p, mode)
+        return openers().gopen(self.url(rel), mode)
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole of ``rel``. Raises OSError/ValueError as the opener does (callers name the file)."""
+        if not self.remote:
+            return self.local(rel).read_bytes()
+        with self.open(rel) as f:
+            return f.read()
+
+    def write_from(self, rel: str, src: Path) -> None:
+        """Copy a local file to ``rel`` under this root (an upload for remote roots; local
+        destinations are written under a temporary name and renamed)."""
+        if not self.remote:
+            dest = self.local(rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+            return
+        with open(src, "rb") as fin, self.open(rel, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+__all__ = ["DataRoot", "PLACEHOLDER", "RootError", "failure", "is_url", "openers", "resolve_root"]
