@@ -216,7 +216,7 @@ class TaskModel:
             if self._z is None:
                 self._z = m.gates.deterministic()
             sample = GateSample(z=self._z, stochastic=False)
-        theta = merge(m.theta_pre, m.delta, None, alpha.to(m.delta.dtype), MergePlan(m.layout, sample), True)
+        theta = merge(m.theta_pre, m.delta, None, alpha.to(m.delta.dtype), MergePlan(m.layout, sample), flush=True)
         return m.space.views(theta)
 
     def static_params(self) -> Optional[Dict[str, torch.Tensor]]:
