@@ -11,6 +11,11 @@ drivers keep each run resumable on its own (``smat-train`` resumes a run by name
 
 Without ``RAY_ADDRESS`` the sweep starts a local Ray instance and points its cells at it.
 
+Cell processes start in their own session (``start_new_session``: set up by ``fork_exec`` in C, so it is safe
+from the pool's threads, unlike a ``preexec_fn``), which lets a timeout or Ctrl-C stop a cell together with
+everything it started. A small reaper process (``CellReaper``) keeps the other guarantee: cells never outlive
+the sweep driver, even one killed with SIGKILL.
+
 Directory layout (``out``)::
 
     sweep.yaml              the sweep config as run          cells/<id>.json   state per cell (atomic)
@@ -20,7 +25,6 @@ Directory layout (``out``)::
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -43,15 +47,85 @@ from smat_dist.sweep.state import (DONE, FAILED, PENDING, RUNNING, Attempt, Cell
 
 PKG_PARENT = str(Path(smat_dist.__file__).resolve().parents[1])
 
-try:  # children die with the thread that started them (Linux), so a killed sweep leaves no orphan drivers
-    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _LIBC = None
+# The reaper's program (run as ``python -I -S -c``, so it imports nothing of ours): it reads "+<pgid>" and
+# "-<pgid>" lines, the process groups of the running cells, from a pipe whose only writer is the sweep
+# driver. End of file means the driver is gone (or closed it after its last cell): every group still listed
+# gets SIGTERM, then SIGKILL after the grace period. It ignores SIGINT/SIGHUP and lives in its own session,
+# so neither Ctrl-C nor killing the driver's process group stops it before it has done its job.
+_REAPER = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+grace, groups = float(sys.argv[1]), set()
+for line in sys.stdin:
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+
+def signal_all(sig):
+    alive = set()
+    for g in groups:
+        try:
+            os.killpg(g, sig)
+            alive.add(g)
+        except OSError:
+            pass
+    return alive
+
+groups = signal_all(signal.SIGTERM)
+deadline = time.monotonic() + grace
+while groups and time.monotonic() < deadline:
+    time.sleep(0.2)
+    groups = signal_all(0)
+signal_all(signal.SIGKILL)
+"""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec: keep it minimal
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+class CellReaper:
+    """Stops the process groups of running cells once the sweep driver is gone, however it ended.
+
+    Started on first use; ``watch``/``release`` register a cell's process group while it runs; ``close``
+    (end of the sweep) lets it exit. Without it, a SIGKILLed driver would leave its cells training:
+    they run in sessions of their own, so killing the driver's process group no longer reaches them.
+    """
+
+    def __init__(self, grace_s: float = 20.0):
+        self.grace_s = grace_s
+        self._proc: Optional[subprocess.Popen] = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self._proc is None else self._proc.pid
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            if self._proc is None:
+                self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(self.grace_s)],
+                                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                              start_new_session=True)
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}")
+
+    def release(self, pgid: int) -> None:
+        self._send(f"-{pgid}")
+
+    def close(self) -> None:
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait(timeout=self.grace_s + 30)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to a cell's whole process group (its driver and whatever that started); the cell must not
+    have been reaped yet (``wait``), so its group id cannot have been reused."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 class Sweep:
@@ -68,6 +142,7 @@ class Sweep:
         self.store = CellStore(self.out)
         self._lock = threading.Lock()
         self._procs: Dict[int, subprocess.Popen] = {}
+        self._reaper = CellReaper()
         self._stopping = False
         self._states: Dict[str, CellState] = {}
         self._gauge = None
@@ -194,6 +269,7 @@ class Sweep:
                     owned = self.connect()
                     self._run_cells(todo)
             finally:
+                self._reaper.close()  # every cell has ended here: it exits without signalling anything
                 if owned:
                     import ray
 
@@ -245,7 +321,7 @@ class Sweep:
             self.say("[smat-sweep] interrupted: stopping running cells; run the same command to resume")
             with self._lock:
                 for p in list(self._procs.values()):
-                    p.terminate()
+                    _signal_group(p, signal.SIGTERM)
             raise
         finally:
             pool.shutdown(wait=True)
@@ -317,25 +393,26 @@ class Sweep:
         with log.open("a") as f:
             f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
             f.flush()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(),
-                                    preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
             with self._lock:
                 self._procs[proc.pid] = proc
+            self._reaper.watch(proc.pid)  # its session id = process group id = its pid
             try:
                 timeout = None if deadline is None else max(1.0, deadline - time.time())
                 return proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 attempt.error = f"timed out after cell_timeout_s={self.cfg.cell_timeout_s}"
-                proc.terminate()
+                _signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    _signal_group(proc, signal.SIGKILL)
                     proc.wait()
                 return -1
             finally:
                 with self._lock:
                     self._procs.pop(proc.pid, None)
+                self._reaper.release(proc.pid)
 
     # ----------------------------------------------------------------------------- report
     def rows(self) -> List[Dict[str, Any]]:
@@ -395,4 +472,4 @@ def _tail(log: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])[-400:]
 
 
-__all__ = ["Sweep"]
+__all__ = ["CellReaper", "Sweep"]

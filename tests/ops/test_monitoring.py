@@ -99,12 +99,37 @@ def test_single_process_dict_without_sources_uses_source_all():
     assert "smat_worker_step_seconds" not in s and "smat_data_images" not in s
 
 
-def test_monitoring_failures_never_raise():
-    class Broken(NullBackend):
+def test_monitoring_failures_never_raise(caplog):
+    """An exporter that fails for some metrics, or a step dict the mapping cannot read, costs a warning (once
+    per metric, not per step) and never an exception; the metrics that can be recorded still are."""
+
+    class HalfBroken(NullBackend):  # gauges fail, counters work
+        def __init__(self):
+            self.counted = []
+
         def set(self, spec, labels, value):
             raise RuntimeError("exporter down")
 
-    StepMonitor(Broken(), "x").record_step(STEP)  # logs once, returns
+        def inc(self, spec, labels, value):
+            self.counted.append((spec.name, value))
+
+    backend = HalfBroken()
+    mon = StepMonitor(backend, "x")
+    expected = StepMonitor(NullBackend(), "x").samples(STEP)  # a fresh monitor: counters remember what they saw
+    gauges = {name for name, _, _ in expected if BY_NAME[name].kind == "gauge"}
+    counters = sorted((name, v) for name, _, v in expected if BY_NAME[name].kind == "counter")
+    assert gauges and counters
+    with caplog.at_level("WARNING", logger="smat_dist.monitoring.recorder"):
+        assert mon.record_step(STEP) is None
+        mon.record_step(dict(STEP, step=31))
+    assert sorted(backend.counted[:len(counters)]) == counters  # every counter of the first step recorded
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(gauges) and all("exporter down" in w for w in warned)  # once each, not per step
+    assert {w.split("cannot record ")[1].split(":")[0] for w in warned} == gauges
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="smat_dist.monitoring.recorder"):
+        mon.record_step({"step": 40, "sparsity": 5})  # not a list: the mapping itself fails
+    assert [r.getMessage() for r in caplog.records] == ["monitoring: cannot record step: 'int' object is not iterable"]
 
 
 def test_worker_monitor_from_run_config(tmp_path):
@@ -216,8 +241,8 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource():
     prov = yaml.safe_load((MON / "grafana" / "provisioning" / "dashboards" / "smat-dist.yml").read_text())
     (p,) = prov["providers"]
     assert p["type"] == "file" and p["options"]["path"].startswith("/")
-    readme = (REPO / "README.md").read_text()
-    assert f":{p['options']['path']}" in readme, "README must mount the dashboards where the provider reads them"
+    howto = (REPO / "docs" / "operations.md").read_text()
+    assert f":{p['options']['path']}" in howto, "docs/operations.md must mount the dashboards where the provider reads them"
     board = D.build()
     assert board["templating"]["list"][0]["current"]["value"] == D.DATASOURCE_UID
     assert all(t["datasource"]["uid"] == "${datasource}" for p in board["panels"] for t in p.get("targets", []))

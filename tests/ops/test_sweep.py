@@ -210,6 +210,103 @@ def test_a_crashed_sweep_resumes_interrupted_cells_without_counting_them(tmp_pat
     assert outcomes == ["interrupted", "failed", "done"]
 
 
+# ---------------------------------------------------------------------------------------------- cell processes
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pids: List[int], timeout: float) -> List[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def _pid_cell(out: Path) -> List[str]:
+    """A cell that starts a grandchild and records both pids."""
+    return ["sh", "-c", f"sleep 600 & echo $! > {out}/grandchild; echo $$ > {out}/child; wait"]
+
+
+def _read_pid(path: Path, timeout: float = 30) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_cell_runs_in_its_own_process_group_and_a_timeout_stops_all_of_it(tmp_path):
+    cfg = load_sweep_config(TINY, ["monitor.enabled=false"])
+    sw = Sweep(cfg, TINY, tmp_path / "sw", say=lambda m: None)
+    from smat_dist.sweep.state import Attempt
+
+    attempt = Attempt(started=time.time())
+    rc = sw._execute([sys.executable, "-c", "import os; print('own group', os.getpgid(0) == os.getpid() != "
+                      f"{os.getpgid(0)})"], tmp_path / "a.log", None, attempt)
+    assert rc == 0 and "own group True" in (tmp_path / "a.log").read_text()
+    t0 = time.time()
+    rc = sw._execute(_pid_cell(tmp_path), tmp_path / "b.log", time.time() + 1.5, attempt)
+    assert rc == -1 and "timed out" in attempt.error and time.time() - t0 < 30
+    assert _wait_gone([_read_pid(tmp_path / "child"), _read_pid(tmp_path / "grandchild")], 10) == []
+    reaper = sw._reaper.pid
+    assert reaper is not None and _alive(reaper)
+    sw._reaper.close()  # nothing left to stop: it exits at once
+    assert _wait_gone([reaper], 5) == []
+
+
+_DRIVER = """
+import sys, threading, time
+from pathlib import Path
+from smat_dist.sweep.config import load_sweep_config
+from smat_dist.sweep.runner import Sweep
+from smat_dist.sweep.state import Attempt
+
+tiny, out, cmd = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+sw = Sweep(load_sweep_config(tiny, ["monitor.enabled=false"]), tiny, out / "sw", say=print)
+# as the sweep's pool does: the cell is started from a worker thread
+threading.Thread(target=sw._execute, args=(cmd, out / "cell.log", None, Attempt(started=time.time())),
+                 daemon=True).start()
+while sw._reaper.pid is None:
+    time.sleep(0.05)
+(out / "reaper").write_text(str(sw._reaper.pid))
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_cells_do_not_outlive_a_killed_sweep_driver(tmp_path):
+    """SIGKILL to the driver's process group (a crashed or OOM-killed driver): the cell and the process it
+    started are stopped by the reaper, which then exits too."""
+    from .conftest import base_env
+
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(TINY), str(tmp_path), *_pid_cell(tmp_path)],
+                              env=base_env(), cwd=tmp_path, start_new_session=True)
+    try:
+        child, grandchild = _read_pid(tmp_path / "child"), _read_pid(tmp_path / "grandchild")
+        reaper = _read_pid(tmp_path / "reaper")
+        assert os.getpgid(child) == child != driver.pid and os.getpgid(reaper) != driver.pid
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        assert _wait_gone([child, grandchild], 30) == [], "the cell outlived its sweep driver"
+        assert _wait_gone([reaper], 10) == []
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        for name in ("child", "grandchild"):
+            if (tmp_path / name).exists():
+                try:
+                    os.kill(int((tmp_path / name).read_text()), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+
+
 # ---------------------------------------------------------------------------------------------- for real
 def _states(out: Path) -> List[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
