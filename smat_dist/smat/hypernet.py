@@ -45,12 +45,12 @@ class SpectralLinear(nn.Module):
             self.power_iteration_(15)  # as torch's spectral_norm does at registration
 
     @torch.no_grad()
-    def power_iteration_(self, n: int = 1) -> None:
+    def power_iteration_(self, iterations: int = 1) -> None:
         if not self.spectral:
             return
         weight = self.weight.detach()
         with full_precision(weight.device):
-            for _ in range(n):
+            for _ in range(iterations):
                 self.u.copy_(F.normalize(weight @ self.v, dim=0, eps=1e-12))
                 self.v.copy_(F.normalize(weight.t() @ self.u, dim=0, eps=1e-12))
 
@@ -61,8 +61,8 @@ class SpectralLinear(nn.Module):
             sigma = torch.dot(self.u, self.weight @ self.v)
             return self.weight / sigma
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, self.effective_weight(), self.bias)
 
 
 class HyperBlock(nn.Module):

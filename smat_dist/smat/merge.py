@@ -23,19 +23,24 @@ What the order does decide is which merge must be linked to φ in the graph, bec
 can only return ∇φ through a node that has φ as an input:
 
 * ``joint_backward=False`` (default; what :func:`smat_dist.smat.trainer.meta_step` does): only
-  the flushing task links φ, so φ's gradient hooks (ZeRO-2 reduces φ in one) run once per step,
-  in the flushing task's backward. Correct for any order in which that backward comes last,
-  e.g. one task at a time. Any other order (one summed backward over the step's tasks reaches
-  the flushing task's node first) raises a RuntimeError instead of dropping gradients.
+  the flushing task links φ, so φ's gradient hooks (ZeRO-2's reduction) run once per step, with
+  the whole ∇φ, in the flushing task's backward. Correct for any order in which that backward
+  comes last, e.g. one task at a time. If the flushing task's backward arrives while others are
+  missing (a summed backward over the step's tasks does that: autograd runs the most recently
+  created node first), it raises a RuntimeError: ∇φ cannot be returned later through a node
+  that has run, and the alternatives (linking every task, or returning a ∇φ per task) would run
+  φ's hooks once per task or need a second (M, G) buffer.
 * ``joint_backward=True``: every task links φ and the completing backward returns ∇φ; correct
   for every order, e.g. one ``backward()`` of the summed losses of a batched step (φ's hooks then
   also run once). Split into several backward calls, the earlier calls run φ's hooks with no
-  gradient, which ZeRO-2 does not accept: use it with one backward per step.
+  gradient: use it with one backward call per step.
+
+(docs/algorithm.md#backward-order has the table.)
 
 A backward against a plan that has already flushed (its z is gone) always raises.
 
 Precision: the merge, ∇α and ∇φ run in fp32 with autocast off (:mod:`smat_dist.smat.precision`);
-a bf16 Σ_m α_m z_m would put a 2^-8 relative error on every merged weight.
+a bf16 Σ_m α_m z_m put a relative error of about 2.5e-3 on every merged weight m·θδ.
 """
 
 from __future__ import annotations
