@@ -8,6 +8,11 @@ from typing import Tuple
 import torch
 
 
+def num_ways(labels: torch.Tensor) -> int:
+    """Number of classes of episode labels ``0..ways-1`` (the one place this is computed)."""
+    return int(labels.max().item()) + 1
+
+
 @dataclass
 class Episode:
     """One task: support and query images with episode labels ``0..ways-1``.
@@ -27,7 +32,7 @@ class Episode:
 
     @property
     def ways(self) -> int:
-        return int(self.support_y.max().item()) + 1
+        return num_ways(self.support_y)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Episode":
         return replace(
@@ -40,6 +45,6 @@ class Episode:
 
     def merged(self) -> "Episode":
         """Support and query as one set (Table 2's "no support/query split" ablation)."""
-        x = torch.cat([self.support_x, self.query_x])
-        y = torch.cat([self.support_y, self.query_y])
-        return replace(self, support_x=x, support_y=y, query_x=x, query_y=y)
+        images = torch.cat([self.support_x, self.query_x])
+        labels = torch.cat([self.support_y, self.query_y])
+        return replace(self, support_x=images, support_y=labels, query_x=images, query_y=labels)

@@ -82,7 +82,7 @@ def save_backbone(model: nn.Module, path: str | Path, extra: Optional[Dict[str, 
     from safetensors.torch import save_file
 
     meta = {"format": "smat-dist-backbone", **(extra or {})}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)
 
 
@@ -118,23 +118,23 @@ class ParamSpace:
         params = dict(backbone.named_parameters())
         first = params[slots[0].name]
         flat = torch.empty(offset, dtype=first.dtype, device=first.device)
-        for s in slots:
-            flat[s.offset : s.offset + s.numel].copy_(params[s.name].detach().reshape(-1))
-            params[s.name].data = flat[s.offset : s.offset + s.numel].view(s.shape)
+        for slot in slots:
+            flat[slot.offset : slot.offset + slot.numel].copy_(params[slot.name].detach().reshape(-1))
+            params[slot.name].data = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
         self.flat = flat
-        self._sizes = [s.numel for s in slots]
+        self._sizes = [slot.numel for slot in slots]
 
     def views(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Name -> tensor views of a flat vector laid out like θ_pre (autograd-transparent)."""
-        return {s.name: t.view(s.shape) for s, t in zip(self.slots, torch.split(flat, self._sizes))}
+        return {slot.name: part.view(slot.shape) for slot, part in zip(self.slots, torch.split(flat, self._sizes))}
 
     def fingerprint(self) -> str:
         """A short hash of θ_pre, stored in checkpoints to refuse resuming onto other weights."""
-        h = hashlib.sha256()
-        h.update(str([(s.name, tuple(s.shape)) for s in self.slots]).encode())
+        digest = hashlib.sha256()
+        digest.update(str([(slot.name, tuple(slot.shape)) for slot in self.slots]).encode())
         sample = self.flat[:: max(1, self.numel // 65536)].detach().float().cpu().contiguous()
-        h.update(sample.numpy().tobytes())
-        return h.hexdigest()[:16]
+        digest.update(sample.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def features(backbone: nn.Module, params: Optional[Dict[str, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Typed defaults of the SMAT algorithm (the single source of every constant).
 
-Each field's default is the authors' code as documented in ``smat-algorithm.md``, unless the
-field's comment names a divergence (``Dn``) and says why we chose otherwise. The YAML files under
+Each field's default is what the authors' released code does, unless the field's comment names a
+divergence (``Dn``) and says why we chose otherwise. The YAML files under
 ``configs/`` only hold what differs from these defaults.
 """
 
@@ -142,4 +142,6 @@ class ModelConfig:
     delta_include: List[str] = field(default_factory=lambda: ["*"])
     delta_exclude: List[str] = field(default_factory=list)
     cosine_scale: float = 10.0
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16. bf16 covers the backbone only: the merge, gates,
+    # hypernetwork, prototypes and losses always run in fp32 (smat_dist.smat.precision).
+    precision: str = "auto"

@@ -13,7 +13,7 @@ memory-bound passes (seconds each on two cores), while a chunk stays in cache fo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,6 +22,7 @@ from torch import nn
 
 from smat_dist.smat.backbone import ParamSlot
 from smat_dist.smat.config import GateConfig
+from smat_dist.smat.precision import full_precision
 
 CHUNK_ELEMENTS = 1 << 18  # per chunk, all experts together (~1 MB of fp32)
 
@@ -29,8 +30,8 @@ CHUNK_ELEMENTS = 1 << 18  # per chunk, all experts together (~1 MB of fp32)
 class GateLayout:
     """Maps every scalar of the flat parameter vector to its gate group."""
 
-    def __init__(self, slots: Sequence[ParamSlot], structured: bool):
-        self.numel = sum(s.numel for s in slots)
+    def __init__(self, slots: Sequence[ParamSlot], *, structured: bool):
+        self.numel = sum(slot.numel for slot in slots)
         if not structured:
             self.num_groups = self.numel
             self.group_index: Optional[torch.Tensor] = None
@@ -38,24 +39,24 @@ class GateLayout:
             return
         index_parts, sizes = [], []
         next_group = 0
-        for s in slots:
-            shape = tuple(s.shape)
+        for slot in slots:
+            shape = tuple(slot.shape)
             if len(shape) == 2:  # (out, in): one gate per input column
-                out, inp = shape
-                idx = torch.arange(inp).repeat(out) + next_group
-                sizes.append(torch.full((inp,), float(out)))
-                next_group += inp
+                rows, columns = shape
+                index = torch.arange(columns).repeat(rows) + next_group
+                sizes.append(torch.full((columns,), float(rows)))
+                next_group += columns
             elif len(shape) == 4:  # conv (out, in, kh, kw): one gate per output channel
-                out = shape[0]
-                per = s.numel // out
-                idx = torch.arange(out).repeat_interleave(per) + next_group
-                sizes.append(torch.full((out,), float(per)))
-                next_group += out
+                channels = shape[0]
+                per_channel = slot.numel // channels
+                index = torch.arange(channels).repeat_interleave(per_channel) + next_group
+                sizes.append(torch.full((channels,), float(per_channel)))
+                next_group += channels
             else:  # norms, biases, cls token, position embedding: element-wise
-                idx = torch.arange(s.numel) + next_group
-                sizes.append(torch.ones(s.numel))
-                next_group += s.numel
-            index_parts.append(idx)
+                index = torch.arange(slot.numel) + next_group
+                sizes.append(torch.ones(slot.numel))
+                next_group += slot.numel
+            index_parts.append(index)
         self.num_groups = next_group
         self.group_index = torch.cat(index_parts)
         self.group_sizes = torch.cat(sizes)
@@ -66,16 +67,16 @@ class GateLayout:
             self.group_sizes = self.group_sizes.to(device)
         return self
 
-    def expand(self, g: torch.Tensor) -> torch.Tensor:
+    def expand(self, per_group: torch.Tensor) -> torch.Tensor:
         """Group values (..., G) -> per-scalar values (..., N)."""
-        return g if self.group_index is None else g.index_select(-1, self.group_index)
+        return per_group if self.group_index is None else per_group.index_select(-1, self.group_index)
 
-    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+    def reduce(self, per_scalar: torch.Tensor) -> torch.Tensor:
         """Per-scalar values (..., N) -> summed per group (..., G) (the adjoint of :meth:`expand`)."""
         if self.group_index is None:
-            return v
-        out = torch.zeros(*v.shape[:-1], self.num_groups, dtype=v.dtype, device=v.device)
-        return out.index_add_(v.dim() - 1, self.group_index, v)
+            return per_scalar
+        out = torch.zeros(*per_scalar.shape[:-1], self.num_groups, dtype=per_scalar.dtype, device=per_scalar.device)
+        return out.index_add_(per_scalar.dim() - 1, self.group_index, per_scalar)
 
     def sizes(self, start: int, stop: int) -> Optional[torch.Tensor]:
         return None if self.group_sizes is None else self.group_sizes[start:stop]
@@ -85,7 +86,8 @@ class GateLayout:
         sizes = self.sizes(start, start + per_group.shape[-1])
         if sizes is None:
             return per_group.sum(-1)
-        return per_group @ sizes.to(per_group.dtype)
+        with full_precision(per_group.device):  # a count: never in bf16
+            return per_group @ sizes.to(per_group.dtype)
 
 
 def column_chunks(num_groups: int, num_experts: int) -> Iterator[Tuple[int, int]]:
@@ -113,10 +115,10 @@ class UniformStream:
     def draw(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
         """(cols, rows) uniforms, from a (rows, cols) row-major draw, transposed and contiguous."""
         if self.device.type == "cpu":
-            u = torch.from_numpy(self._rng.random((rows, cols), dtype=np.float32))
+            uniform = torch.from_numpy(self._rng.random((rows, cols), dtype=np.float32))
         else:
-            u = torch.rand((rows, cols), generator=self._gen, device=self.device)
-        return u.t().to(dtype).contiguous()
+            uniform = torch.rand((rows, cols), generator=self._gen, device=self.device, dtype=torch.float32)
+        return uniform.t().to(dtype).contiguous()
 
 
 @dataclass
@@ -124,6 +126,7 @@ class GateSample:
     """One draw of all experts' gates."""
 
     z: torch.Tensor  # (M, G) in [0, 1]
+    _: KW_ONLY
     sparsity: Optional[torch.Tensor] = None  # (M,) fraction of parameters whose gate is exactly 0
     stochastic: bool = True  # training draw (has a derivative) or test-time gates
 
@@ -155,8 +158,8 @@ class HardConcreteGates(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        c = self.cfg.logit_clip
-        self.logits.clamp_(-c, c)
+        clip = self.cfg.logit_clip
+        self.logits.clamp_(-clip, clip)
 
     @torch.no_grad()
     def sample(self, seed: int) -> GateSample:
@@ -175,18 +178,18 @@ class HardConcreteGates(nn.Module):
         nonzero = torch.zeros(self.num_experts, dtype=torch.float64, device=phi.device)
         stretch = cfg.zeta - cfg.gamma
         inv_beta = 1.0 / cfg.beta
-        noise = UniformStream(seed, phi.device)
-        for a, b in self.chunks():
-            u = noise.draw(b - a, self.num_experts, phi.dtype).mul_(hi - lo).add_(lo)
-            r = u.reciprocal_().sub_(1.0)  # (1-u)/u
+        stream = UniformStream(seed, phi.device)
+        for start, stop in self.chunks():
+            uniform = stream.draw(stop - start, self.num_experts, phi.dtype).mul_(hi - lo).add_(lo)
+            odds = uniform.reciprocal_().sub_(1.0)  # (1-u)/u
             if abs(inv_beta - 1.5) < 1e-12:
-                r.mul_(r.sqrt())
+                odds.mul_(odds.sqrt())
             else:
-                r.pow_(inv_beta)
-            s = r.mul_(torch.exp(phi[:, a:b] * -inv_beta)).add_(1.0).reciprocal_()
-            zc = s.mul_(stretch).add_(cfg.gamma).clamp_(0.0, 1.0)
-            z[:, a:b] = zc
-            nonzero += self.layout.count((zc > 0).to(zc.dtype), a).double()
+                odds.pow_(inv_beta)
+            sig = odds.mul_(torch.exp(phi[:, start:stop] * -inv_beta)).add_(1.0).reciprocal_()
+            z_chunk = sig.mul_(stretch).add_(cfg.gamma).clamp_(0.0, 1.0)
+            z[:, start:stop] = z_chunk
+            nonzero += self.layout.count((z_chunk > 0).to(z_chunk.dtype), start).double()
         return GateSample(z=z, sparsity=(1.0 - nonzero / self.layout.numel).to(phi.dtype), stochastic=True)
 
     def dz_dphi_(self, z: torch.Tensor) -> torch.Tensor:
@@ -198,8 +201,8 @@ class HardConcreteGates(nn.Module):
         cfg = self.cfg
         stretch = cfg.zeta - cfg.gamma
         inside = (z > 0) & (z < 1)
-        s = z.sub_(cfg.gamma).div_(stretch)
-        return s.mul_(1.0 - s).mul_(stretch / cfg.beta).mul_(inside)
+        sig = z.sub_(cfg.gamma).div_(stretch)
+        return sig.mul_(1.0 - sig).mul_(stretch / cfg.beta).mul_(inside)
 
     @torch.no_grad()
     def deterministic(self) -> torch.Tensor:
@@ -219,16 +222,16 @@ class HardConcreteGates(nn.Module):
         threshold = cfg.test_beta * math.log(p0 / (1.0 - p0))
         phi = self.logits.detach()
         nonzero = torch.zeros(self.num_experts, dtype=torch.float64, device=phi.device)
-        for a, b in self.chunks():
-            nonzero += self.layout.count((phi[:, a:b] > threshold).to(phi.dtype), a).double()
+        for start, stop in self.chunks():
+            nonzero += self.layout.count((phi[:, start:stop] > threshold).to(phi.dtype), start).double()
         return (1.0 - nonzero / self.layout.numel).to(phi.dtype)
 
     @torch.no_grad()
     def sparsity(self, z: torch.Tensor) -> torch.Tensor:
         """Fraction of parameters whose gate is exactly zero, per expert: (M,)."""
         nonzero = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-        for a, b in column_chunks(z.shape[1], z.shape[0]):
-            nonzero += self.layout.count((z[:, a:b] > 0).to(z.dtype), a).double()
+        for start, stop in column_chunks(z.shape[1], z.shape[0]):
+            nonzero += self.layout.count((z[:, start:stop] > 0).to(z.dtype), start).double()
         return (1.0 - nonzero / self.layout.numel).to(z.dtype)
 
     @torch.no_grad()
@@ -237,21 +240,21 @@ class HardConcreteGates(nn.Module):
         eps = self.cfg.eps
         phi = self.logits.detach()
         total = torch.zeros(self.num_experts, dtype=torch.float64, device=phi.device)
-        for a, b in self.chunks():
-            q = torch.sigmoid(self.l0_shift - phi[:, a:b]).clamp_(eps, 1 - eps)
-            total += self.layout.count(q.neg_().add_(1.0), a).double()
+        for start, stop in self.chunks():
+            p_zero = torch.sigmoid(self.l0_shift - phi[:, start:stop]).clamp_(eps, 1 - eps)
+            total += self.layout.count(p_zero.neg_().add_(1.0), start).double()
         return (total / self.layout.numel).to(phi.dtype)
 
-    def density_grad_(self, out: torch.Tensor, coef: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """``out += coef[:, None] · ∂E/∂phi`` for columns a..b (``out`` is an (M, b-a) chunk)."""
+    def density_grad_(self, out: torch.Tensor, coef: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``out += coef[:, None] · ∂E/∂phi`` for columns start..stop (``out`` is an (M, stop-start) chunk)."""
         eps = self.cfg.eps
-        q = torch.sigmoid(self.l0_shift - self.logits.detach()[:, a:b])
-        inside = (q > eps) & (q < 1 - eps)
-        g = q.mul_(1.0 - q).mul_(inside)  # d(1-q)/dphi = q(1-q) inside the clamp
-        sizes = self.layout.sizes(a, b)
+        p_zero = torch.sigmoid(self.l0_shift - self.logits.detach()[:, start:stop])
+        inside = (p_zero > eps) & (p_zero < 1 - eps)
+        slope = p_zero.mul_(1.0 - p_zero).mul_(inside)  # d(1-q)/dphi = q(1-q) inside the clamp
+        sizes = self.layout.sizes(start, stop)
         if sizes is not None:
-            g.mul_(sizes)
-        return out.addcmul_(g, (coef / self.layout.numel).to(g.dtype)[:, None])
+            slope.mul_(sizes)
+        return out.addcmul_(slope, (coef / self.layout.numel).to(slope.dtype)[:, None])
 
     def expected_density(self) -> torch.Tensor:
         """Differentiable E_m (M,): the expected-L0 penalty's closed form."""
@@ -271,6 +274,6 @@ class _ExpectedL0(torch.autograd.Function):
     def backward(ctx, grad_out):
         gates: HardConcreteGates = ctx.gates
         grad = torch.zeros_like(gates.logits)
-        for a, b in gates.chunks():
-            gates.density_grad_(grad[:, a:b], grad_out, a, b)
+        for start, stop in gates.chunks():
+            gates.density_grad_(grad[:, start:stop], grad_out, start, stop)
         return grad, None

@@ -8,6 +8,10 @@ registered parameters: they are trained by the hypernetwork's AdamW and saved in
 Spectral normalisation wraps every linear layer, as in the reference, but its power iteration runs
 once per meta-step (:meth:`Hypernetwork.power_iteration_`) rather than once per forward, so the
 estimate does not depend on how a meta-batch is spread over workers.
+
+The whole network runs in fp32 with autocast off (:mod:`smat_dist.smat.precision`): it is a few
+(C+T, D) matmuls, and α, the selection logits and their relaxed-Bernoulli noise must not be bf16
+(the noise's log(u) - log(1-u) is the first thing bf16 truncates).
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from smat_dist.smat.config import HypernetConfig
+from smat_dist.smat.precision import full_precision
 
 
 class SpectralLinear(nn.Module):
     """Linear layer whose weight is divided by its largest singular value (power-iteration estimate)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, spectral: bool = True):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, spectral: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -40,28 +45,30 @@ class SpectralLinear(nn.Module):
             self.power_iteration_(15)  # as torch's spectral_norm does at registration
 
     @torch.no_grad()
-    def power_iteration_(self, n: int = 1) -> None:
+    def power_iteration_(self, iterations: int = 1) -> None:
         if not self.spectral:
             return
-        w = self.weight.detach()
-        for _ in range(n):
-            self.u.copy_(F.normalize(w @ self.v, dim=0, eps=1e-12))
-            self.v.copy_(F.normalize(w.t() @ self.u, dim=0, eps=1e-12))
+        weight = self.weight.detach()
+        with full_precision(weight.device):
+            for _ in range(iterations):
+                self.u.copy_(F.normalize(weight @ self.v, dim=0, eps=1e-12))
+                self.v.copy_(F.normalize(weight.t() @ self.u, dim=0, eps=1e-12))
 
     def effective_weight(self) -> torch.Tensor:
         if not self.spectral:
             return self.weight
-        sigma = torch.dot(self.u, self.weight @ self.v)
-        return self.weight / sigma
+        with full_precision(self.weight.device):  # σ = uᵀWv: under autocast W v would be bf16
+            sigma = torch.dot(self.u, self.weight @ self.v)
+            return self.weight / sigma
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, self.effective_weight(), self.bias)
 
 
 class HyperBlock(nn.Module):
     """Pre-norm transformer block: qkv without bias, MLP D -> r·D -> D with GELU, no dropout."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, spectral: bool):
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float, spectral: bool):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hypernet: feature dim {dim} is not divisible by num_heads={num_heads}")
@@ -74,14 +81,14 @@ class HyperBlock(nn.Module):
         self.fc1 = SpectralLinear(dim, hidden, spectral=spectral)
         self.fc2 = SpectralLinear(hidden, dim, spectral=spectral)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, D)
-        L, D = x.shape
-        h = self.num_heads
-        q, k, v = self.qkv(self.norm1(x)).view(L, 3, h, D // h).permute(1, 2, 0, 3)
-        att = (q @ k.transpose(-1, -2)) * (D // h) ** -0.5
-        y = (att.softmax(-1) @ v).transpose(0, 1).reshape(L, D)
-        x = x + self.proj(y)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (L, D)
+        L, D = tokens.shape
+        heads = self.num_heads
+        query, key, value = self.qkv(self.norm1(tokens)).view(L, 3, heads, D // heads).permute(1, 2, 0, 3)
+        attention = (query @ key.transpose(-1, -2)) * (D // heads) ** -0.5
+        mixed = (attention.softmax(-1) @ value).transpose(0, 1).reshape(L, D)
+        tokens = tokens + self.proj(mixed)
+        return tokens + self.fc2(F.gelu(self.fc1(self.norm2(tokens))))
 
 
 class Hypernetwork(nn.Module):
@@ -89,7 +96,7 @@ class Hypernetwork(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_experts = num_experts
-        self.block = HyperBlock(dim, cfg.num_heads, cfg.mlp_ratio, cfg.spectral_norm)
+        self.block = HyperBlock(dim, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, spectral=cfg.spectral_norm)
         self.tokens = nn.Parameter(torch.randn(cfg.num_tokens, dim) * cfg.token_init_std)
         keys = torch.empty(num_experts, dim)
         nn.init.kaiming_normal_(keys)  # fan_in = D, gain sqrt(2), as the reference
@@ -98,37 +105,47 @@ class Hypernetwork(nn.Module):
             raise ValueError(f"hypernet.pool must be class0, mean or tokens, got {cfg.pool!r}")
 
     def temperature(self, tasks_seen: int | float) -> float:
-        c = self.cfg
-        return max(c.temperature_min, c.temperature_start - float(tasks_seen) / c.temperature_decay_tasks)
+        cfg = self.cfg
+        return max(cfg.temperature_min, cfg.temperature_start - float(tasks_seen) / cfg.temperature_decay_tasks)
 
     @torch.no_grad()
     def power_iteration_(self) -> None:
-        for m in self.modules():
-            if isinstance(m, SpectralLinear):
-                m.power_iteration_(1)
+        for module in self.modules():
+            if isinstance(module, SpectralLinear):
+                module.power_iteration_(1)
 
     def forward(
         self,
         prototypes: torch.Tensor,
         temperature: float,
+        *,
         generator: Optional[torch.Generator] = None,
         stochastic: bool = True,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (α (M,), logits a (M,)) for class prototypes (C, D) computed under θ_pre."""
-        C = prototypes.shape[0]
-        x = torch.cat([prototypes.to(self.tokens.dtype), self.tokens], 0)
-        out = self.block(x)
+        """Returns (α (M,), logits a (M,)), both fp32, for class prototypes (C, D) computed under θ_pre."""
+        with full_precision(self.keys.device):
+            return self._select(prototypes.float(), temperature, generator, stochastic)
+
+    def _select(self, prototypes, temperature, generator, stochastic):
+        num_classes = prototypes.shape[0]
+        tokens = torch.cat([prototypes.to(self.tokens.dtype), self.tokens], 0)
+        out = self.block(tokens)
         pool = self.cfg.pool
-        e = out[0] if pool == "class0" else out[:C].mean(0) if pool == "mean" else out[C:].mean(0)
-        logits = self.keys @ e
-        if stochastic:  # RelaxedBernoulli(T, logits).rsample()
-            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-            u = u.clamp(torch.finfo(u.dtype).tiny, 1.0 - torch.finfo(u.dtype).eps)
-            s = torch.sigmoid((logits + u.log() - (-u).log1p()) / temperature)
+        if pool == "class0":
+            embedding = out[0]
+        elif pool == "mean":
+            embedding = out[:num_classes].mean(0)
         else:
-            s = torch.sigmoid(logits / temperature)
+            embedding = out[num_classes:].mean(0)
+        logits = self.keys @ embedding
+        if stochastic:  # RelaxedBernoulli(T, logits).rsample()
+            uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            uniform = uniform.clamp(torch.finfo(uniform.dtype).tiny, 1.0 - torch.finfo(uniform.dtype).eps)
+            selection = torch.sigmoid((logits + uniform.log() - (-uniform).log1p()) / temperature)
+        else:
+            selection = torch.sigmoid(logits / temperature)
         if self.num_experts > 1:
-            alpha = s / (s.sum() + 1e-8)
+            alpha = selection / (selection.sum() + 1e-8)
         else:  # the reference leaves a single expert's weight unnormalised
-            alpha = s
+            alpha = selection
         return alpha, logits

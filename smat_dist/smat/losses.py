@@ -12,13 +12,12 @@ def distill(student: torch.Tensor, target: torch.Tensor, temperature: float, dir
     ``direction="reverse"`` is KL(student ‖ target), what the reference code computes (D5);
     ``"forward"`` is KL(target ‖ student), Hinton's distillation. Gradients reach ``student`` only.
     """
-    t = temperature
-    log_s = F.log_softmax(student / t, dim=-1)
-    log_t = F.log_softmax(target.detach() / t, dim=-1)
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    log_target = F.log_softmax(target.detach() / temperature, dim=-1)
     if direction == "reverse":
-        kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+        kl = (log_student.exp() * (log_student - log_target)).sum(-1)
     elif direction == "forward":
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+        kl = (log_target.exp() * (log_target - log_student)).sum(-1)
     else:
         raise ValueError(f"teacher.kl_direction must be reverse or forward, got {direction!r}")
-    return kl.mean() * t * t
+    return kl.mean() * temperature * temperature

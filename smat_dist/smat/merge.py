@@ -6,109 +6,211 @@ Why a custom node: with ``G_t = ∂L_t/∂θ_t`` the gradients are closed-form,
 
 so a task never needs autograd's per-expert (M, |θ|) intermediates. Gates are drawn once per
 meta-step (``GateConfig.noise_scope = "step"``), so the gate-logit gradient
-∇φ = dz/dφ ⊙ (Aᵀ P) + ∇(L0 term) is formed once, at the step's last task ("flush"), in one
-chunked pass that also adds the expected-L0 gradient: a task costs two passes over the (M, G)
-gates (the merge and ∇α) and the step one more, instead of the ~10 per task a generic autograd
-graph takes; and only one (M, G) gradient buffer ever exists.
+∇φ = dz/dφ ⊙ (Aᵀ P) + ∇(L0 term) is formed once per step ("the flush"), in one chunked pass that
+also adds the expected-L0 gradient: a task costs two passes over the (M, G) gates (the merge and
+∇α) and the step one more, instead of the ~10 per task a generic autograd graph takes.
+
+Memory: only one (M, G) gradient buffer ever exists. The flush is the last use of the step's
+gate draw, so it writes ∇φ over z chunk by chunk (0.69 GB fewer at the step's peak for ViT-S,
+M=8). A task's backward only stores its reduced vector θδ⊙G_t (one row of a preallocated
+(tasks, G) block) and α_t until then.
+
+Backward order. Each task merged against a :class:`MergePlan` gets a slot in forward order; the
+merge called with ``flush=True`` is the step's last and closes the plan. The flush runs in the
+backward that completes the plan (every slot's backward has arrived), whichever task's that is,
+and reads the rows in slot order, so ∇φ does not depend on the order of the backwards at all.
+What the order does decide is which merge must be linked to φ in the graph, because a backward
+can only return ∇φ through a node that has φ as an input:
+
+* ``joint_backward=False`` (default; what :func:`smat_dist.smat.trainer.meta_step` does): only
+  the flushing task links φ, so φ's gradient hooks (ZeRO-2's reduction) run once per step, with
+  the whole ∇φ, in the flushing task's backward. Correct for any order in which that backward
+  comes last, e.g. one task at a time. If the flushing task's backward arrives while others are
+  missing (a summed backward over the step's tasks does that: autograd runs the most recently
+  created node first), it raises a RuntimeError: ∇φ cannot be returned later through a node
+  that has run, and the alternatives (linking every task, or returning a ∇φ per task) would run
+  φ's hooks once per task or need a second (M, G) buffer.
+* ``joint_backward=True``: every task links φ and the completing backward returns ∇φ; correct
+  for every order, e.g. one ``backward()`` of the summed losses of a batched step (φ's hooks then
+  also run once). Split into several backward calls, the earlier calls run φ's hooks with no
+  gradient: use it with one backward call per step.
+
+(docs/algorithm.md#backward-order has the table.)
+
+A backward against a plan that has already flushed (its z is gone) always raises.
+
+Precision: the merge, ∇α and ∇φ run in fp32 with autocast off (:mod:`smat_dist.smat.precision`);
+a bf16 Σ_m α_m z_m put a relative error of about 2.5e-3 on every merged weight m·θδ.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from smat_dist.smat.gates import GateLayout, GateSample, HardConcreteGates
+from smat_dist.smat.precision import full_precision
 
 
 class MergePlan:
-    """One gate draw, shared by the tasks merged against it, with their deferred gate gradients."""
+    """One gate draw, the tasks merged against it (by slot), and their deferred gate gradients.
+
+    Test-time and gate-free plans (no stochastic draw) keep no state: any number of merges, in
+    any order, each with plain gradients for θδ and α.
+    """
 
     def __init__(
         self,
         layout: GateLayout,
         sample: Optional[GateSample],
+        *,
         gates: Optional[HardConcreteGates] = None,
-        defer: bool = True,
         capacity: int = 0,
+        joint_backward: bool = False,
     ):
         self.layout = layout
         self.z = None if sample is None else sample.z
         self.gates = gates if (sample is not None and sample.stochastic) else None
-        self.defer = defer
-        self.capacity = capacity
-        self._alphas: List[torch.Tensor] = []
-        self._rows: List[torch.Tensor] = []
-        self._buffer: Optional[torch.Tensor] = None
+        self.capacity = capacity  # expected tasks: their rows go into one preallocated block
+        self.joint_backward = joint_backward
+        self.tasks = 0  # merges recorded against this draw (slots 0..tasks-1)
+        self.closed = False  # the flushing (last) task has been merged
+        self.flushed = False  # ∇φ has been formed over z
+        self._alphas: Dict[int, torch.Tensor] = {}
+        self._rows: Dict[int, torch.Tensor] = {}
+        self._row_block: Optional[torch.Tensor] = None
+        self._density_grad: Optional[torch.Tensor] = None  # ∂L/∂E, kept until the flush
         self.density: Optional[torch.Tensor] = None  # E_m of the last forward that asked for it
 
     @property
     def pending(self) -> int:
-        return len(self._alphas)
+        """Tasks whose backward has arrived and waits for the flush."""
+        return len(self._rows)
 
-    def _push(self, alpha: torch.Tensor, vec: torch.Tensor) -> None:
-        i = len(self._alphas)
-        if self.capacity > i:  # write straight into one (capacity, G) block: no stacking copy
-            if self._buffer is None:
-                self._buffer = torch.empty(self.capacity, vec.shape[0], dtype=vec.dtype, device=vec.device)
-            self._buffer[i].copy_(vec)
-            vec = self._buffer[i]
-        self._alphas.append(alpha)
-        self._rows.append(vec)
+    @property
+    def stochastic(self) -> bool:
+        return self.gates is not None
 
-    def _stacked(self) -> torch.Tensor:
-        n = len(self._rows)
-        if self._buffer is not None and n <= self.capacity and all(
-            r.data_ptr() == self._buffer[i].data_ptr() for i, r in enumerate(self._rows)
-        ):
-            return self._buffer[:n]
-        return torch.stack(self._rows)
+    def open_slot(self, *, flush: bool, records: bool) -> int:
+        """Register one task's merge (forward order); ``flush`` closes the plan."""
+        if self.closed:
+            raise RuntimeError(
+                "merge: this gate draw's last task (flush=True) has already been merged; "
+                "start a new MergePlan (SMAT.begin_step) for the next meta-step"
+            )
+        slot = -1
+        if records:
+            slot = self.tasks
+            self.tasks += 1
+        self.closed = flush
+        return slot
 
-    def gate_grad(self, alpha, vec, flush: bool, delta: torch.Tensor, grad_density) -> Optional[torch.Tensor]:
-        """∂L/∂φ, or None while deferred to the flush. ``vec`` is θδ⊙G reduced to groups
-        (interpolated experts) or G itself (independent experts)."""
+    def links_gates(self, *, flush: bool) -> bool:
+        """Whether this task's merge has φ as a graph input (see the module docstring)."""
+        return self.joint_backward or flush
+
+    def require_draw(self) -> None:
+        """Raise if the draw is gone: a backward after the flush cannot be correct."""
+        if self.flushed:
+            raise RuntimeError(
+                "merge: backward of a task after its step's gate gradient was formed (the gate "
+                "draw has been overwritten by it); each task of a MergePlan can be "
+                "backpropagated once, and all of them before the plan's last backward"
+            )
+
+    def _store(self, slot: int, alpha: torch.Tensor, row: torch.Tensor) -> None:
+        self.require_draw()
+        if slot in self._rows:
+            raise RuntimeError(f"merge: task slot {slot} of this gate draw was backpropagated twice")
+        if slot < self.capacity:  # straight into one (capacity, G) block: no stacking copy
+            if self._row_block is None:
+                self._row_block = torch.empty(self.capacity, row.shape[0], dtype=row.dtype, device=row.device)
+            self._row_block[slot].copy_(row)
+            row = self._row_block[slot]
+        self._alphas[slot] = alpha
+        self._rows[slot] = row
+
+    def _stacked_rows(self) -> torch.Tensor:
+        count = len(self._rows)
+        if self._row_block is not None and count <= self.capacity:
+            return self._row_block[:count]  # slots 0..count-1, written in place
+        return torch.stack([self._rows[slot] for slot in range(count)])
+
+    def gate_grad(
+        self,
+        slot: int,
+        alpha: torch.Tensor,
+        row: torch.Tensor,
+        *,
+        linked: bool,
+        delta: torch.Tensor,
+        density_grad: Optional[torch.Tensor],
+    ) -> Optional[torch.Tensor]:
+        """∂L/∂φ if this backward completes the plan, else None (deferred).
+
+        ``row`` is θδ⊙G reduced to groups (interpolated experts) or G itself (independent
+        experts); ``density_grad`` the gradient of the expected density E, if this task returned it.
+        """
+        self._store(slot, alpha, row)
+        if density_grad is not None:
+            self._density_grad = density_grad if self._density_grad is None else self._density_grad + density_grad
+        complete = self.closed and len(self._rows) == self.tasks
+        if complete and linked:
+            return self._flush(delta)
+        if not complete and (not linked or self.joint_backward):
+            return None  # a later backward completes the plan and returns ∇φ
+        waiting = sorted(set(range(self.tasks)) - set(self._rows))
+        raise RuntimeError(
+            "merge: the gate gradient of a meta-step is formed in the backward of its last task "
+            f"(flush=True), but task(s) {waiting} (by merge order) of the same gate draw have not "
+            "been backpropagated yet (e.g. one backward over the summed losses of the step). "
+            "Backpropagate each earlier task first, or create the plan with joint_backward=True "
+            "(SMAT.begin_step(..., joint_backward=True)) for any order."
+            if not complete
+            else "merge: the backward completing this gate draw belongs to a task not linked to "
+            "the gate logits; with joint_backward=False the last task (flush=True) must be "
+            "backpropagated last"
+        )
+
+    def _flush(self, delta: torch.Tensor) -> torch.Tensor:
         gates = self.gates
-        if gates is None:
-            return None
-        self._push(alpha, vec)
-        if self.defer and not flush:
-            return None
-        a = torch.stack(self._alphas).to(vec.dtype)  # (B, M)
-        v = self._stacked()  # (B, G) or (B, N)
+        row_stack = self._stacked_rows()  # (B, G) or (B, N)
+        alphas = torch.stack([self._alphas[slot] for slot in range(len(self._alphas))]).to(row_stack.dtype)  # (B, M)
         independent = delta.shape[0] > 1
-        full = None
+        per_expert = None
         if independent:  # ablation path: expert m sees θδ_m ⊙ G_t; unchunked is fine
-            full = self.layout.reduce((a.t() @ v).mul_(delta))
-        # The flush is the last use of this draw's gates, so ∇φ is written over z chunk by chunk:
-        # one (M, G) buffer fewer at the step's peak (0.69 GB for ViT-S, M=8).
-        out, self.z = self.z, None
-        for s, e in gates.chunks():
-            g = full[:, s:e] if full is not None else a.t() @ v[:, s:e]
-            g.mul_(gates.dz_dphi_(out[:, s:e].clone()))
-            if grad_density is not None:
-                gates.density_grad_(g, grad_density, s, e)
-            out[:, s:e] = g
+            per_expert = self.layout.reduce((alphas.t() @ row_stack).mul_(delta))
+        grad_phi, self.z = self.z, None  # ∇φ is written over the consumed draw
+        for start, stop in gates.chunks():
+            chunk = per_expert[:, start:stop] if per_expert is not None else alphas.t() @ row_stack[:, start:stop]
+            chunk.mul_(gates.dz_dphi_(grad_phi[:, start:stop].clone()))
+            if self._density_grad is not None:
+                gates.density_grad_(chunk, self._density_grad, start, stop)
+            grad_phi[:, start:stop] = chunk
+        self.flushed = True
         self._alphas.clear()
         self._rows.clear()
-        self._buffer = None
-        return out
+        self._row_block = None
+        self._density_grad = None
+        return grad_phi
 
 
 class _Merge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, delta, logits, alpha, pre, plan: MergePlan, flush: bool, with_density: bool):
-        ctx.plan, ctx.flush, ctx.with_density = plan, flush, with_density
+    def forward(ctx, delta, logits, alpha, pre, plan: MergePlan, slot: int, linked: bool, with_density: bool):
+        ctx.plan, ctx.slot, ctx.linked = plan, slot, linked
         z = plan.z
         if delta.shape[0] == 1:  # interpolated experts share θδ
             if z is None:
-                m = alpha.sum().expand(pre.shape[0])
+                mask = alpha.sum().expand(pre.shape[0])
             else:
-                m = plan.layout.expand(alpha.to(z.dtype) @ z)
-            theta = torch.addcmul(pre, m, delta[0])
-            ctx.save_for_backward(delta, alpha, m)
+                mask = plan.layout.expand(alpha.to(z.dtype) @ z)
+            theta = torch.addcmul(pre, mask, delta[0])
+            ctx.save_for_backward(delta, alpha, mask)
         else:  # independent experts θδ_m
-            w = delta if z is None else delta * plan.layout.expand(z)
-            theta = pre + alpha.to(w.dtype) @ w
+            weights = delta if z is None else delta * plan.layout.expand(z)
+            theta = pre + alpha.to(weights.dtype) @ weights
             ctx.save_for_backward(delta, alpha, None)
         if with_density:
             plan.density = plan.gates.density_value()
@@ -117,36 +219,45 @@ class _Merge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, grad_density=None):
-        delta, alpha, m = ctx.saved_tensors
+        with full_precision(grad.device):
+            return _Merge._backward(ctx, grad.float(), grad_density)
+
+    @staticmethod
+    def _backward(ctx, grad, grad_density):
+        delta, alpha, mask = ctx.saved_tensors
         plan: MergePlan = ctx.plan
+        if plan.stochastic:
+            plan.require_draw()
         z = plan.z
         need_delta, need_logits, need_alpha = ctx.needs_input_grad[:3]
-        g_delta = g_logits = g_alpha = None
+        grad_delta = grad_logits = grad_alpha = None
         if delta.shape[0] == 1:
             if need_delta:
-                g_delta = (m * grad).unsqueeze(0)
-            p = delta[0] * grad
+                grad_delta = (mask * grad).unsqueeze(0)
+            scaled = delta[0] * grad  # θδ ⊙ G_t
             if z is None:
-                g_alpha = p.sum().expand(alpha.shape[0]).to(alpha.dtype)
+                grad_alpha = scaled.sum().expand(alpha.shape[0]).to(alpha.dtype)
             else:
-                pg = plan.layout.reduce(p)
-                g_alpha = (z @ pg).to(alpha.dtype)
-                g_logits = plan.gate_grad(alpha.detach(), pg, ctx.flush, delta, grad_density)
+                per_group = plan.layout.reduce(scaled)
+                grad_alpha = (z @ per_group).to(alpha.dtype)
+                grad_logits = plan.gate_grad(ctx.slot, alpha.detach(), per_group, linked=ctx.linked,
+                                             delta=delta, density_grad=grad_density)
         else:
-            zn = None if z is None else plan.layout.expand(z)
+            expanded_z = None if z is None else plan.layout.expand(z)
             if need_delta:
-                g_delta = alpha[:, None].to(grad.dtype) * grad[None, :]
-                if zn is not None:
-                    g_delta = g_delta * zn
-            w = delta if zn is None else delta * zn
-            g_alpha = (w @ grad).to(alpha.dtype)
-            if zn is not None:
-                g_logits = plan.gate_grad(alpha.detach(), grad, ctx.flush, delta, grad_density)
+                grad_delta = alpha[:, None].to(grad.dtype) * grad[None, :]
+                if expanded_z is not None:
+                    grad_delta = grad_delta * expanded_z
+            weights = delta if expanded_z is None else delta * expanded_z
+            grad_alpha = (weights @ grad).to(alpha.dtype)
+            if expanded_z is not None:
+                grad_logits = plan.gate_grad(ctx.slot, alpha.detach(), grad, linked=ctx.linked,
+                                             delta=delta, density_grad=grad_density)
         if not need_alpha:
-            g_alpha = None
+            grad_alpha = None
         if not need_logits:
-            g_logits = None
-        return g_delta, g_logits, g_alpha, None, None, None, None
+            grad_logits = None
+        return grad_delta, grad_logits, grad_alpha, None, None, None, None, None
 
 
 def merge(
@@ -155,20 +266,29 @@ def merge(
     logits: Optional[torch.Tensor],
     alpha: torch.Tensor,
     plan: MergePlan,
-    flush: bool,
+    *,
+    flush: bool = True,
     with_density: bool = False,
 ):
-    """Flat task weights θ_t; with ``with_density`` also the experts' expected density E (M,).
+    """Flat task weights θ_t (fp32); with ``with_density`` also the experts' expected density E (M,).
 
-    ``flush`` marks the last task merged against ``plan`` (its backward forms ∇φ). A loss term
-    built from the returned E has its gradient folded into that same ∇φ.
+    ``flush`` marks the last task merged against a training ``plan`` (set it False for the
+    others); a single-task or test-time plan keeps the default. A loss term built from the
+    returned E has its gradient folded into the flush's ∇φ.
     """
-    if with_density and (plan.gates is None or (plan.defer and not flush)):
+    if with_density and (not plan.stochastic or not flush):
         raise ValueError("with_density needs a training gate draw and the flushing task")
+    device = pre.device
     if logits is None:
-        logits = torch.zeros((), device=pre.device)  # placeholder input, never gets a gradient
-    elif plan.defer and not flush:
-        # Only the flushing task links φ into the graph: the others' gate gradients are deferred,
-        # and hooks on φ (ZeRO-2's gradient reduction) must see one gradient per step, not None.
-        logits = logits.detach()
-    return _Merge.apply(delta, logits, alpha, pre, plan, flush, with_density)
+        logits = torch.zeros((), device=device)  # placeholder input, never gets a gradient
+    slot, linked = -1, False
+    if plan.stochastic:
+        records = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (delta, logits, alpha))
+        slot = plan.open_slot(flush=flush, records=records)
+        linked = plan.links_gates(flush=flush)
+        if not linked:
+            # Deferred tasks leave φ out of the graph: hooks on φ (ZeRO-2's gradient reduction)
+            # must see one gradient per step, not a None per task.
+            logits = logits.detach()
+    with full_precision(device):
+        return _Merge.apply(delta, logits, alpha.float(), pre, plan, slot, linked, with_density)

@@ -1,6 +1,6 @@
 """SMAT as one module: parameters, the per-task meta-training loss, and test-time merging.
 
-Per task (reference §7.8, first-order throughout):
+Per task (the authors' meta-training step, first-order throughout):
 
 1. θ_pre support features (no grad) -> prototypes, shared by the hypernetwork and the frozen
    pre-trained ProtoNet target (computed once).
@@ -12,6 +12,10 @@ Per task (reference §7.8, first-order throughout):
    query loss w.r.t. θ'_i, taken from the student's graph (no second forward); the teacher then
    predicts the query set once (no grad).
 5. Loss = (1-λ_kd)·CE + λ_kd·KD(teacher, pre-trained) + λ-terms + prior on the selection logits.
+
+Precision: only the backbone passes run under autocast (:meth:`SMAT.autocast`, bf16 for
+``precision=bf16`` or ``auto`` on CUDA); their features come back as fp32, and everything else
+(hypernetwork, merge, prototypes, logits, losses, SGD steps) is fp32 (:mod:`smat_dist.smat.precision`).
 
 Backbone passes: 6·S + 7·Q image-equivalents (a backward counted as two forwards) against ≈ 3·(S+Q)
 for a ProtoNet step; the reference runs ≈ 8·(S+Q).
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smat_dist.episode import Episode
+from smat_dist.episode import Episode, num_ways
 from smat_dist.smat.backbone import ParamSpace, backbone_dim, build_backbone, features
 from smat_dist.smat.config import ModelConfig
 from smat_dist.smat.gates import GateLayout, GateSample, HardConcreteGates
@@ -41,14 +45,15 @@ from smat_dist.smat.protonet import cosine_logits, prototypes
 
 def stream_seed(*keys: int | str) -> int:
     """A 63-bit seed for one named random stream, e.g. ("gates", seed, step)."""
-    ints = [k if isinstance(k, int) else int.from_bytes(str(k).encode()[:8].ljust(8, b"\0"), "little") for k in keys]
-    return int(np.random.SeedSequence(ints).generate_state(2, dtype=np.uint32).view(np.uint64)[0]) >> 1
+    parts = [key if isinstance(key, int) else int.from_bytes(str(key).encode()[:8].ljust(8, b"\0"), "little")
+             for key in keys]
+    return int(np.random.SeedSequence(parts).generate_state(2, dtype=np.uint32).view(np.uint64)[0]) >> 1
 
 
 def _generator(device: torch.device, *keys: int | str) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(stream_seed(*keys))
-    return g
+    generator = torch.Generator(device=device)
+    generator.manual_seed(stream_seed(*keys))
+    return generator
 
 
 @dataclass
@@ -92,7 +97,7 @@ class SMAT(nn.Module):
         self.num_experts = M
         n_delta = 1 if cfg.interpolated_experts else M
         self.delta = nn.Parameter(torch.zeros(n_delta, self.space.numel))
-        self.layout = GateLayout(self.space.slots, gcfg.structured)
+        self.layout = GateLayout(self.space.slots, structured=gcfg.structured)
         self.gates = HardConcreteGates(self.layout, gcfg) if gcfg.enabled else None
         self.hypernet = Hypernetwork(self.dim, M, cfg.hypernet) if cfg.hypernet.enabled else None
         self.lagrange = nn.Parameter(torch.zeros(M)) if gcfg.enabled else None
@@ -100,17 +105,17 @@ class SMAT(nn.Module):
         self._check()
 
     def _check(self) -> None:
-        c = self.cfg
-        if c.teacher.start not in ("adapted", "merged"):
-            raise ValueError(f"teacher.start must be adapted or merged, got {c.teacher.start!r}")
-        if c.teacher.data not in ("query", "support_query"):
-            raise ValueError(f"teacher.data must be query or support_query, got {c.teacher.data!r}")
-        if c.gates.noise_scope not in ("step", "task"):
-            raise ValueError(f"gates.noise_scope must be step or task, got {c.gates.noise_scope!r}")
-        if not 0.0 <= c.gates.target_sparsity < 1.0:
+        cfg = self.cfg
+        if cfg.teacher.start not in ("adapted", "merged"):
+            raise ValueError(f"teacher.start must be adapted or merged, got {cfg.teacher.start!r}")
+        if cfg.teacher.data not in ("query", "support_query"):
+            raise ValueError(f"teacher.data must be query or support_query, got {cfg.teacher.data!r}")
+        if cfg.gates.noise_scope not in ("step", "task"):
+            raise ValueError(f"gates.noise_scope must be step or task, got {cfg.gates.noise_scope!r}")
+        if not 0.0 <= cfg.gates.target_sparsity < 1.0:
             raise ValueError("gates.target_sparsity must be in [0, 1)")
-        if c.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {c.precision!r}")
+        if cfg.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
 
     # ------------------------------------------------------------------ plumbing
     def _apply(self, fn, recurse=True):
@@ -118,8 +123,8 @@ class SMAT(nn.Module):
         self.backbone._apply(fn)
         self.space.flat = fn(self.space.flat)
         params = dict(self.backbone.named_parameters())
-        for s in self.space.slots:  # keep the backbone's tensors views of the one θ_pre copy
-            params[s.name].data = self.space.flat[s.offset : s.offset + s.numel].view(s.shape)
+        for slot in self.space.slots:  # keep the backbone's tensors views of the one θ_pre copy
+            params[slot.name].data = self.space.flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
         self.layout.to(self.delta.device)
         return self
 
@@ -141,8 +146,7 @@ class SMAT(nn.Module):
     def temperature(self, tasks_seen: Optional[int] = None) -> float:
         if self.hypernet is None:
             return float("nan")
-        n = int(self.tasks_seen) if tasks_seen is None else tasks_seen
-        return self.hypernet.temperature(n)
+        return self.hypernet.temperature(int(self.tasks_seen) if tasks_seen is None else tasks_seen)
 
     def trainable_parameters(self) -> Dict[str, list]:
         """Parameter groups, as the reference's optimisers see them."""
@@ -151,15 +155,17 @@ class SMAT(nn.Module):
             groups["masks"].append(self.gates.logits)
             groups["lagrange"].append(self.lagrange)
         if self.hypernet is not None:
-            groups["hypernet"] = [p for p in self.hypernet.parameters() if p.requires_grad]
+            groups["hypernet"] = [param for param in self.hypernet.parameters() if param.requires_grad]
         return groups
 
     # ------------------------------------------------------------------ meta-step
-    def begin_step(self, step: int, seed: int, tasks: int = 0) -> StepContext:
+    def begin_step(self, step: int, seed: int, *, tasks: int = 0, joint_backward: bool = False) -> StepContext:
         """Clamp φ, draw this step's gates, measure sparsity, reset satisfied λ, power-iterate.
 
         ``tasks`` (this worker's tasks in the step) lets the merge keep their gate-gradient
-        vectors in one preallocated block.
+        vectors in one preallocated block. ``joint_backward`` allows any backward order of the
+        step's task losses (e.g. one backward of their sum) instead of one task at a time, last
+        task last (:mod:`smat_dist.smat.merge` explains the difference).
         """
         sample: Optional[GateSample] = None
         sparsity = violation = None
@@ -175,7 +181,7 @@ class SMAT(nn.Module):
                 sample = None  # each task draws its own gates
         if self.hypernet is not None:
             self.hypernet.power_iteration_()
-        plan = MergePlan(self.layout, sample, self.gates, defer=True, capacity=tasks)
+        plan = MergePlan(self.layout, sample, gates=self.gates, capacity=tasks, joint_backward=joint_backward)
         alpha_sum = torch.zeros(self.num_experts, device=self.device)
         return StepContext(step=step, seed=seed, plan=plan, sparsity=sparsity, violation=violation, alpha_sum=alpha_sum)
 
@@ -184,150 +190,167 @@ class SMAT(nn.Module):
         self.tasks_seen += int(tasks_in_step)
 
     def _task_plan(self, ctx: StepContext, task_index: int) -> MergePlan:
+        """The step's shared draw, or (``noise_scope="task"``) a draw of this task's own."""
         if self.gates is None or self.cfg.gates.noise_scope == "step":
             return ctx.plan
         sample = self.gates.sample(stream_seed("gates-task", ctx.seed, task_index))
-        return MergePlan(self.layout, sample, self.gates, defer=False)
+        return MergePlan(self.layout, sample, gates=self.gates)
 
-    def _alpha(self, proto_pre: Optional[torch.Tensor], temperature: float, stochastic: bool, gen=None):
+    def _alpha(self, proto_pre: Optional[torch.Tensor], temperature: float, *, stochastic: bool,
+               generator: Optional[torch.Generator] = None):
         if self.hypernet is None:
             M = self.num_experts
             return torch.full((M,), 1.0 / M, device=self.device), None
-        return self.hypernet(proto_pre, temperature, generator=gen, stochastic=stochastic)
+        return self.hypernet(proto_pre, temperature, generator=generator, stochastic=stochastic)
 
-    def forward(self, episode: Episode, ctx: StepContext, task_index: int, last: bool) -> TaskOutput:
-        """Meta-training loss of one task (already divided by nothing: the caller averages)."""
+    def _features(self, params: Optional[Dict[str, torch.Tensor]], images: torch.Tensor) -> torch.Tensor:
+        """Backbone CLS features under ``params`` (None = θ_pre): the one autocast region, fp32 out."""
+        with self.autocast():
+            return features(self.backbone, params, images).float()
+
+    def _logits(self, theta: torch.Tensor, head: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Cosine ProtoNet logits of ``images`` under flat weights ``theta`` and class head ``head``."""
+        return cosine_logits(self._features(self.space.views(theta), images), head, self.cfg.cosine_scale)
+
+    @staticmethod
+    def _descend(theta, head, grad_theta, grad_head, lr: float):
+        """One SGD update (θ - lr·g, W - lr·g_W). The gradients are constants (first order), so a
+        graph that ``theta``/``head`` carry passes through with an identity Jacobian."""
+        return torch.add(theta, grad_theta, alpha=-lr), head - lr * grad_head
+
+    def _sgd_step(self, theta, head, images, labels, lr: float):
+        """One first-order SGD step on the ProtoNet CE of (images, labels), with a fresh forward at
+        (θ, W); shared by the inner loop's later steps and the dense teacher."""
+        theta_leaf = theta.detach().requires_grad_(True)
+        head_leaf = head.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(self._logits(theta_leaf, head_leaf, images), labels)
+        grad_theta, grad_head = torch.autograd.grad(loss, [theta_leaf, head_leaf])
+        return self._descend(theta, head, grad_theta, grad_head, lr)
+
+    def forward(self, episode: Episode, ctx: StepContext, task_index: int, *, last: bool) -> TaskOutput:
+        """Meta-training loss of one task (not divided by anything: the caller averages).
+
+        ``last`` marks the step's last task on this worker: its merge forms the gate gradient.
+        """
         cfg = self.cfg
-        tc = cfg.teacher
-        ep = episode if cfg.meta_split else episode.merged()
-        xs, ys, xq, yq = ep.support_x, ep.support_y, ep.query_x, ep.query_y
-        ways = int(ys.max()) + 1
+        teacher_cfg = cfg.teacher
+        episode = episode if cfg.meta_split else episode.merged()
+        ways = episode.ways
         scale = cfg.cosine_scale
-        use_teacher = tc.enabled and tc.kd_weight > 0 and tc.teacher_weight > 0
-        use_pre_kd = tc.kd_weight > 0 and tc.pretrained_weight > 0
+        use_teacher = teacher_cfg.enabled and teacher_cfg.kd_weight > 0 and teacher_cfg.teacher_weight > 0
+        use_pre_kd = teacher_cfg.kd_weight > 0 and teacher_cfg.pretrained_weight > 0
         metrics: Dict[str, torch.Tensor] = {}
 
-        with self.autocast():
-            proto_pre = None
-            if self.hypernet is not None or use_pre_kd:
-                with torch.no_grad():
-                    proto_pre = prototypes(features(self.backbone, None, xs).float(), ys, ways)
-            temperature = self.temperature(task_index)
-            gen = _generator(self.device, "alpha", ctx.seed, task_index) if self.hypernet is not None else None
-            alpha, sel_logits = self._alpha(proto_pre, temperature, stochastic=True, gen=gen)
-            logits_param = self.gates.logits if self.gates is not None else None
-            density = None
-            if self.gates is not None and last:  # the L0 term rides on the step's last merge
-                theta, density = merge(self.theta_pre, self.delta, logits_param, alpha,
-                                       self._task_plan(ctx, task_index), True, with_density=True)
-            else:
-                theta = merge(self.theta_pre, self.delta, logits_param, alpha, self._task_plan(ctx, task_index), last)
+        proto_pre = None
+        if self.hypernet is not None or use_pre_kd:
+            with torch.no_grad():
+                proto_pre = prototypes(self._features(None, episode.support_x), episode.support_y, ways)
+        temperature = self.temperature(task_index)
+        generator = _generator(self.device, "alpha", ctx.seed, task_index) if self.hypernet is not None else None
+        alpha, selection_logits = self._alpha(proto_pre, temperature, stochastic=True, generator=generator)
+        plan = self._task_plan(ctx, task_index)
+        flush = last or plan is not ctx.plan  # a task's own draw (noise_scope="task") flushes with it
+        logits_param = self.gates.logits if self.gates is not None else None
+        density = None
+        if self.gates is not None and last:  # the L0 term rides on the step's last merge
+            theta, density = merge(self.theta_pre, self.delta, logits_param, alpha, plan,
+                                   flush=flush, with_density=True)
+        else:
+            theta = merge(self.theta_pre, self.delta, logits_param, alpha, plan, flush=flush)
 
-            # Support pass under θ_i: prototype head (with graph) and inner-loop gradient.
-            f_s = features(self.backbone, self.space.views(theta), xs)
-            head = prototypes(f_s.float(), ys, ways)
-            theta_q, head_q = theta, head
-            if cfg.inner.steps > 0:
-                theta_q, head_q, support_ce = self._inner_loop(theta, head, f_s, xs, ys, scale)
-                metrics["support_ce"] = support_ce
-            f_q = features(self.backbone, self.space.views(theta_q), xq)
-            logits = cosine_logits(f_q, head_q, scale)
-            ce = F.cross_entropy(logits, yq)
+        # Support pass under θ_i: prototype head (with graph) and inner-loop gradient.
+        support_features = self._features(self.space.views(theta), episode.support_x)
+        head = prototypes(support_features, episode.support_y, ways)
+        theta_q, head_q = theta, head
+        if cfg.inner.steps > 0:
+            theta_q, head_q, support_ce = self._inner_loop(theta, head, support_features, episode)
+            metrics["support_ce"] = support_ce
+        logits = cosine_logits(self._features(self.space.views(theta_q), episode.query_x), head_q, scale)
+        query_ce = F.cross_entropy(logits, episode.query_y)
 
-            kd = logits.new_zeros(())
-            if use_teacher:
-                t0 = self._clock()
-                t_logits = self._teacher(theta, head, theta_q, head_q, ce, ep, scale)
-                metrics["time_teacher"] = torch.tensor(self._clock() - t0)
-                kd = kd + tc.teacher_weight * distill(logits, t_logits, tc.temperature, tc.kl_direction)
-                with torch.no_grad():
-                    metrics["teacher_ce"] = F.cross_entropy(t_logits, yq)
-                    metrics["teacher_acc"] = (t_logits.argmax(-1) == yq).float().mean()
-            if use_pre_kd:
-                with torch.no_grad():
-                    p_logits = cosine_logits(features(self.backbone, None, xq).float(), proto_pre, scale)
-                kd = kd + tc.pretrained_weight * distill(logits, p_logits, tc.temperature, tc.kl_direction)
-                with torch.no_grad():
-                    metrics["pre_acc"] = (p_logits.argmax(-1) == yq).float().mean()
-        lam = tc.kd_weight if (use_teacher or use_pre_kd) else 0.0
-        loss = (1.0 - lam) * ce + lam * kd
+        kd_loss = logits.new_zeros(())
+        if use_teacher:
+            started = self._clock()
+            teacher_logits = self._teacher(theta, head, theta_q, head_q, query_ce, episode)
+            metrics["time_teacher"] = torch.tensor(self._clock() - started)
+            kd_loss = kd_loss + teacher_cfg.teacher_weight * distill(
+                logits, teacher_logits, teacher_cfg.temperature, teacher_cfg.kl_direction)
+            with torch.no_grad():
+                metrics["teacher_ce"] = F.cross_entropy(teacher_logits, episode.query_y)
+                metrics["teacher_acc"] = (teacher_logits.argmax(-1) == episode.query_y).float().mean()
+        if use_pre_kd:
+            with torch.no_grad():
+                pre_logits = cosine_logits(self._features(None, episode.query_x), proto_pre, scale)
+            kd_loss = kd_loss + teacher_cfg.pretrained_weight * distill(
+                logits, pre_logits, teacher_cfg.temperature, teacher_cfg.kl_direction)
+            with torch.no_grad():
+                metrics["pre_acc"] = (pre_logits.argmax(-1) == episode.query_y).float().mean()
+        kd_weight = teacher_cfg.kd_weight if (use_teacher or use_pre_kd) else 0.0
+        loss = (1.0 - kd_weight) * query_ce + kd_weight * kd_loss
 
-        if sel_logits is not None and cfg.hypernet.prior_l2 > 0:
-            loss = loss + cfg.hypernet.prior_l2 * sel_logits.pow(2).mean()
+        if selection_logits is not None and cfg.hypernet.prior_l2 > 0:
+            loss = loss + cfg.hypernet.prior_l2 * selection_logits.pow(2).mean()
         if self.gates is not None:
-            a_bar = alpha.detach().float()
-            ctx.alpha_sum += a_bar
+            alpha_value = alpha.detach().float()
+            ctx.alpha_sum += alpha_value
             # Only λ gets gradient: descending it raises λ_m while expert m is too dense.
-            lagr = (ctx.violation * self.lagrange * a_bar).sum()
-            loss = loss + lagr
-            metrics["lagrangian_term"] = lagr.detach()
+            lagrangian_term = (ctx.violation * self.lagrange * alpha_value).sum()
+            loss = loss + lagrangian_term
+            metrics["lagrangian_term"] = lagrangian_term.detach()
             if density is not None:  # the L0 term depends on the step's tasks only through Σ_t α_t
                 target_density = 1.0 - cfg.gates.target_sparsity
-                l_sp = (self.lagrange.detach() * ctx.alpha_sum * (density - target_density)).sum()
-                loss = loss + l_sp
-                metrics["sparsity_penalty"] = l_sp.detach()
+                sparsity_penalty = (self.lagrange.detach() * ctx.alpha_sum * (density - target_density)).sum()
+                loss = loss + sparsity_penalty
+                metrics["sparsity_penalty"] = sparsity_penalty.detach()
         ctx.tasks += 1
         with torch.no_grad():
             metrics.update(
-                query_ce=ce.detach(),
-                kd=kd.detach(),
+                query_ce=query_ce.detach(),
+                kd=kd_loss.detach(),
                 loss=loss.detach(),
-                query_acc=(logits.argmax(-1) == yq).float().mean(),
+                query_acc=(logits.argmax(-1) == episode.query_y).float().mean(),
                 ways=torch.tensor(float(ways)),
                 alpha_entropy=-(alpha.clamp_min(1e-12) * alpha.clamp_min(1e-12).log()).sum().detach(),
             )
             metrics["alpha"] = alpha.detach()
         return TaskOutput(loss=loss, metrics=metrics)
 
-    def _inner_loop(self, theta, head, f_s, xs, ys, scale):
+    def _inner_loop(self, theta, head, support_features, episode: Episode):
         """First-order SGD on the support CE; the first step reuses the support forward."""
         lr = self.cfg.inner.lr
         head_leaf = head.detach().requires_grad_(True)
-        support_ce = F.cross_entropy(cosine_logits(f_s, head_leaf, scale), ys)
-        g_theta, g_head = torch.autograd.grad(support_ce, [theta, head_leaf], retain_graph=True)
-        theta_q = torch.add(theta, g_theta, alpha=-lr)  # g is a constant: first order
-        head_val = head_leaf.detach() - lr * g_head
-        del g_theta  # |θ|-sized: free before the query pass
+        support_ce = F.cross_entropy(cosine_logits(support_features, head_leaf, self.cfg.cosine_scale), episode.support_y)
+        grad_theta, grad_head = torch.autograd.grad(support_ce, [theta, head_leaf], retain_graph=True)
+        theta_q, head_value = self._descend(theta, head_leaf.detach(), grad_theta, grad_head, lr)
+        del grad_theta  # |θ|-sized: free before the query pass
         for _ in range(self.cfg.inner.steps - 1):
-            th = theta_q.detach().requires_grad_(True)
-            hd = head_val.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss_k = F.cross_entropy(cosine_logits(features(self.backbone, self.space.views(th), xs), hd, scale), ys)
-            g_theta, g_head = torch.autograd.grad(loss_k, [th, hd])
-            theta_q = theta_q - lr * g_theta
-            head_val = head_val - lr * g_head
+            theta_q, head_value = self._sgd_step(theta_q, head_value, episode.support_x, episode.support_y, lr)
         # Value W', gradient into the prototype computation (the reference's re-attach trick).
-        head_q = head_val + head - head.detach()
+        head_q = head_value + head - head.detach()
         return theta_q, head_q, support_ce.detach()
 
-    def _teacher(self, theta, head, theta_q, head_q, ce_q, ep: Episode, scale):
+    def _teacher(self, theta, head, theta_q, head_q, query_ce, episode: Episode):
         """Dense teacher: K SGD steps from θ'_i (or θ_i), then its query logits (no grad)."""
-        tc = self.cfg.teacher
-        start_adapted = tc.start == "adapted"
-        remaining = tc.steps
-        if start_adapted and tc.data == "query" and tc.steps >= 1 and self._reuse_student_graph:
-            g_theta, g_head = torch.autograd.grad(ce_q, [theta_q, head_q], retain_graph=True)
-            th = torch.add(theta_q.detach(), g_theta, alpha=-tc.lr)
-            hd = head_q.detach() - tc.lr * g_head
-            del g_theta
+        teacher_cfg = self.cfg.teacher
+        start_adapted = teacher_cfg.start == "adapted"
+        remaining = teacher_cfg.steps
+        if start_adapted and teacher_cfg.data == "query" and teacher_cfg.steps >= 1 and self._reuse_student_graph:
+            grad_theta, grad_head = torch.autograd.grad(query_ce, [theta_q, head_q], retain_graph=True)
+            theta_t, head_t = self._descend(theta_q.detach(), head_q.detach(), grad_theta, grad_head, teacher_cfg.lr)
+            del grad_theta
             remaining -= 1
         else:
-            th = (theta_q if start_adapted else theta).detach()
-            hd = (head_q if start_adapted else head).detach()
-        if tc.data == "query":
-            x, y = ep.query_x, ep.query_y
+            theta_t = (theta_q if start_adapted else theta).detach()
+            head_t = (head_q if start_adapted else head).detach()
+        if teacher_cfg.data == "query":
+            images, labels = episode.query_x, episode.query_y
         else:
-            x, y = torch.cat([ep.support_x, ep.query_x]), torch.cat([ep.support_y, ep.query_y])
+            images, labels = torch.cat([episode.support_x, episode.query_x]), torch.cat([episode.support_y, episode.query_y])
         for _ in range(remaining):
-            th = th.detach().requires_grad_(True)
-            hd = hd.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss_t = F.cross_entropy(cosine_logits(features(self.backbone, self.space.views(th), x), hd, scale), y)
-            g_theta, g_head = torch.autograd.grad(loss_t, [th, hd])
-            th = torch.add(th.detach(), g_theta, alpha=-tc.lr)
-            hd = hd.detach() - tc.lr * g_head
+            theta_t, head_t = self._sgd_step(theta_t.detach(), head_t.detach(), images, labels, teacher_cfg.lr)
         with torch.no_grad():
-            return cosine_logits(features(self.backbone, self.space.views(th), ep.query_x), hd, scale)
+            return self._logits(theta_t, head_t, episode.query_x)
 
     def _clock(self) -> float:
         if self.device.type == "cuda":
@@ -375,8 +398,7 @@ class SMAT(nn.Module):
         if self.hypernet is not None and proto_pre is None:
             if support_x is None or support_y is None:
                 raise ValueError("task_alpha needs the support set or its θ_pre prototypes (proto_pre)")
-            ways = int(support_y.max()) + 1
-            proto_pre = prototypes(features(self.backbone, None, support_x).float(), support_y, ways)
+            proto_pre = prototypes(self._features(None, support_x), support_y, num_ways(support_y))
         alpha, _ = self._alpha(None if proto_pre is None else proto_pre.float(), self.temperature(), stochastic=False)
         return alpha.detach().float()
 
@@ -389,24 +411,20 @@ class SMAT(nn.Module):
         sample = None
         if self.gates is not None:
             sample = GateSample(z=self.test_gates() if gates is None else gates, stochastic=False)
-        return merge(self.theta_pre, self.delta, None, alpha.to(self.delta.dtype), MergePlan(self.layout, sample), True)
+        return merge(self.theta_pre, self.delta, None, alpha.to(self.delta.dtype), MergePlan(self.layout, sample),
+                     flush=True)
 
     @torch.no_grad()
     def task_weights(self, support_x: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
         """Deterministic merged weights θ_i (flat) of a task, as at meta-test."""
-        with self.autocast():
-            alpha = self.task_alpha(support_x, support_y)
-        return self.merged_weights(alpha)
+        return self.merged_weights(self.task_alpha(support_x, support_y))
 
     @torch.no_grad()
     def predict(self, support_x, support_y, query_x, theta: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ProtoNet logits of the query set under the task's merged weights."""
         theta = self.task_weights(support_x, support_y) if theta is None else theta
-        params = self.space.views(theta)
-        ways = int(support_y.max()) + 1
-        with self.autocast():
-            head = prototypes(features(self.backbone, params, support_x).float(), support_y, ways)
-            return cosine_logits(features(self.backbone, params, query_x), head, self.cfg.cosine_scale)
+        head = prototypes(self._features(self.space.views(theta), support_x), support_y, num_ways(support_y))
+        return self._logits(theta, head, query_x)
 
     def backbone_state(self, theta: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """A full backbone state dict with the gated tensors taken from ``theta`` (default θ_pre)."""

@@ -29,25 +29,25 @@ class SMATOptimizer(torch.optim.Optimizer):
             max_norm=None, nonneg=False, name="", base_lr=None,
         )
         super().__init__(groups, defaults)
-        for g in self.param_groups:
-            if g["base_lr"] is None:
-                g["base_lr"] = g["lr"]
+        for group in self.param_groups:
+            if group["base_lr"] is None:
+                group["base_lr"] = group["lr"]
         self.norm_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.last_grad_norms: Dict[str, float] = {}
 
     @torch.no_grad()
     def clip_group_(self, group: dict) -> Optional[float]:
-        grads = [p.grad for p in group["params"] if p.grad is not None]
+        grads = [param.grad for param in group["params"] if param.grad is not None]
         if not grads:
             return None
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        squared = torch.stack([grad.float().pow(2).sum() for grad in grads]).sum()
         if self.norm_reducer is not None:
-            sq = self.norm_reducer(sq)
-        norm = sq.sqrt()
+            squared = self.norm_reducer(squared)
+        norm = squared.sqrt()
         if group["max_norm"] is not None:
             coef = (group["max_norm"] / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coef.to(g.dtype))
+            for grad in grads:
+                grad.mul_(coef.to(grad.dtype))
         return float(norm)
 
     @torch.no_grad()
@@ -64,50 +64,51 @@ class SMATOptimizer(torch.optim.Optimizer):
             else:
                 raise ValueError(f"unknown update rule {group['rule']!r}")
             if group["nonneg"]:
-                for p in group["params"]:
-                    p.clamp_(min=0.0)
+                for param in group["params"]:
+                    param.clamp_(min=0.0)
         return loss
 
     def _sgd(self, group: dict) -> None:
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        for param in group["params"]:
+            if param.grad is None:
                 continue
-            d = p.grad
-            if wd:
-                d = d.add(p, alpha=wd)
-            if mom:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.detach().clone()
+            direction = param.grad
+            if weight_decay:
+                direction = direction.add(param, alpha=weight_decay)
+            if momentum:
+                state = self.state[param]
+                velocity = state.get("momentum_buffer")
+                if velocity is None:
+                    velocity = state["momentum_buffer"] = direction.detach().clone()
                 else:
-                    buf.mul_(mom).add_(d)
-                d = buf
-            p.add_(d, alpha=-lr)
+                    velocity.mul_(momentum).add_(direction)
+                direction = velocity
+            param.add_(direction, alpha=-lr)
 
     def _adamw(self, group: dict) -> None:
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        b1, b2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
+        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for param in group["params"]:
+            if param.grad is None:
                 continue
-            state = self.state[p]
+            state = self.state[param]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float64)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
             state["step"] += 1
-            t = float(state["step"])
-            p.mul_(1.0 - lr * wd)
-            state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
-            state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+            step_count = float(state["step"])
+            param.mul_(1.0 - lr * weight_decay)
+            state["exp_avg"].mul_(beta1).add_(param.grad, alpha=1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"] / (1 - beta2**step_count)).sqrt_().add_(eps)
+            param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step_count))
 
 
 def build_optimizer(groups: Dict[str, list], cfg: OptimConfig, lagrange_lr: float, project_lambda: bool) -> SMATOptimizer:
-    """Reference §7.2–7.4 param groups from :meth:`SMAT.trainable_parameters`."""
+    """The reference's parameter groups from :meth:`SMAT.trainable_parameters`: SGD for θδ (momentum,
+    coupled weight decay), the gate logits and λ; AdamW for the hypernetwork."""
     spec = []
     if groups.get("delta"):
         spec.append(dict(params=groups["delta"], name="delta", rule="sgd", lr=cfg.delta_lr,
@@ -124,20 +125,20 @@ def build_optimizer(groups: Dict[str, list], cfg: OptimConfig, lagrange_lr: floa
 
 def lr_multiplier(epoch: int, cfg: OptimConfig) -> float:
     """Cosine schedule with linear warm-up, in epochs (HF ``get_cosine_schedule_with_warmup``)."""
-    w, total = cfg.warmup_epochs, cfg.total_epochs
-    if epoch < w:
-        return epoch / max(1, w)
-    progress = (epoch - w) / max(1, total - w)
+    warmup, total = cfg.warmup_epochs, cfg.total_epochs
+    if epoch < warmup:
+        return epoch / max(1, warmup)
+    progress = (epoch - warmup) / max(1, total - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def apply_schedule(opt: torch.optim.Optimizer, epoch: int, cfg: OptimConfig) -> float:
     """Set every group's lr for ``epoch``; returns the multiplier."""
     mult = lr_multiplier(epoch, cfg)
-    for g in opt.param_groups:
-        g["lr"] = g["base_lr"] * mult
-        if epoch == 0 and cfg.first_epoch_abs_lr is not None and g.get("rule") == "sgd":
-            g["lr"] = cfg.first_epoch_abs_lr  # D7: the reference's epoch-0 override
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * mult
+        if epoch == 0 and cfg.first_epoch_abs_lr is not None and group.get("rule") == "sgd":
+            group["lr"] = cfg.first_epoch_abs_lr  # D7: the reference's epoch-0 override
     return mult
 
 

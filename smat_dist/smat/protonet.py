@@ -1,23 +1,35 @@
-"""ProtoNet pieces: class prototypes and the scaled cosine classifier."""
+"""ProtoNet pieces: class prototypes and the scaled cosine classifier, both in fp32.
+
+Both are reductions over the feature dimension or the support set, so they run with autocast
+off whatever region their caller is in; bf16 backbone features are cast up first.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from smat_dist.episode import num_ways
+from smat_dist.smat.precision import full_precision
+
+__all__ = ["cosine_logits", "num_ways", "prototypes"]
+
 
 def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
-    """Class means (ways, D) of ``features`` (S, D); every class must have >= 1 example."""
-    onehot = F.one_hot(labels, ways).to(features.dtype)  # (S, C)
-    counts = onehot.sum(0)
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"support set has no example of class(es) {missing}")
-    return (onehot.t() @ features) / counts[:, None]
+    """Class means (ways, D) of ``features`` (S, D), fp32; every class must have >= 1 example."""
+    with full_precision(features.device):
+        features = features.float()
+        onehot = F.one_hot(labels, ways).to(features.dtype)  # (S, C)
+        counts = onehot.sum(0)
+        if bool((counts == 0).any()):
+            missing = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(f"support set has no example of class(es) {missing}")
+        return (onehot.t() @ features) / counts[:, None]
 
 
 def cosine_logits(features: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · cos(f, w)`` for every (example, class) pair: (Q, C)."""
-    f = F.normalize(features.float(), dim=-1, eps=1e-12)
-    w = F.normalize(weights.float(), dim=-1, eps=1e-12)
-    return scale * f @ w.t()
+    """``scale · cos(f, w)`` for every (example, class) pair: (Q, C), fp32."""
+    with full_precision(features.device):
+        normed_features = F.normalize(features.float(), dim=-1, eps=1e-12)
+        normed_weights = F.normalize(weights.float(), dim=-1, eps=1e-12)
+        return scale * normed_features @ normed_weights.t()

@@ -20,27 +20,27 @@ class ToyEpisodes:
                  queries: int = 5, noise: float = 0.6, seed: int = 0):
         if ways > num_classes:
             raise ValueError("ways > num_classes")
-        g = torch.Generator().manual_seed(seed)
-        coarse = torch.randn(num_classes, 3, 4, 4, generator=g)
+        generator = torch.Generator().manual_seed(seed)
+        coarse = torch.randn(num_classes, 3, 4, 4, generator=generator)
         self.patterns = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
         self.ways, self.shots, self.queries, self.noise, self.seed = ways, shots, queries, noise, seed
         self.num_classes = num_classes
 
     def episode(self, index: int) -> Episode:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        classes = torch.randperm(self.num_classes, generator=g)[: self.ways]
-        per = self.shots + self.queries
-        pats = self.patterns[classes].repeat_interleave(per, 0)
-        gain = 0.7 + 0.6 * torch.rand(pats.shape[0], 1, 1, 1, generator=g)
-        x = gain * pats + self.noise * torch.randn(pats.shape, generator=g)
-        y = torch.arange(self.ways).repeat_interleave(per)
-        is_support = (torch.arange(per) < self.shots).repeat(self.ways)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        classes = torch.randperm(self.num_classes, generator=generator)[: self.ways]
+        per_class = self.shots + self.queries
+        patterns = self.patterns[classes].repeat_interleave(per_class, 0)
+        gain = 0.7 + 0.6 * torch.rand(patterns.shape[0], 1, 1, 1, generator=generator)
+        images = gain * patterns + self.noise * torch.randn(patterns.shape, generator=generator)
+        labels = torch.arange(self.ways).repeat_interleave(per_class)
+        is_support = (torch.arange(per_class) < self.shots).repeat(self.ways)
         return Episode(
-            support_x=x[is_support].contiguous(), support_y=y[is_support].contiguous(),
-            query_x=x[~is_support].contiguous(), query_y=y[~is_support].contiguous(),
+            support_x=images[is_support].contiguous(), support_y=labels[is_support].contiguous(),
+            query_x=images[~is_support].contiguous(), query_y=labels[~is_support].contiguous(),
             index=index, source="toy", classes=tuple(int(c) for c in classes),
         )
 
     def iterate(self, indices: Iterable[int]) -> Iterator[Episode]:
-        for i in indices:
-            yield self.episode(int(i))
+        for index in indices:
+            yield self.episode(int(index))

@@ -50,3 +50,36 @@ def test_config_runs_a_meta_step_with_the_expected_trainable_set(name, toy):
     assert not torch.equal(before["delta"], model.delta.detach())  # θδ trained in every method
     if hyper:
         assert not torch.equal(before["hypernet.keys"], model.hypernet.keys.detach())
+
+
+SHIPPED = sorted(str(p.relative_to(CONFIGS)) for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("ablations/*.yaml")])
+
+
+def test_every_shipped_method_config_is_covered():
+    assert SHIPPED == sorted(EXPECTED)
+
+
+# bf16 has 8 significant bits (unit roundoff 2^-9 ≈ 2e-3). Only the backbone runs in it, so a
+# task loss carries the rounding of a few backbone layers' features (the merge, hypernetwork and
+# losses are fp32, pinned bit-exactly under autocast by test_merge/test_hypernet): measured at
+# most 7.5e-4 relative over these 3 steps for every config. 1e-2 (5 unit roundoffs, 13x the
+# measurement) leaves room for the trajectories to drift apart, and still fails a step that
+# goes wrong in bf16 only (a loss term lost or scaled, a NaN, an fp32/bf16 mismatch).
+BF16_LOSS_RTOL = 1e-2
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_bf16_training_is_finite_and_close_to_fp32(name, toy):
+    """What a GPU run does differently: bf16 autocast (CPU autocast behaves alike for matmuls)."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(RunConfig, [CONFIGS / name], TINY_OVERRIDES + [f"model.precision={precision}"])
+        torch.manual_seed(0)
+        model = SMAT(cfg.model)
+        trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=1))
+        losses[precision] = torch.tensor([trainer.train_step(list(toy.iterate(range(2 * s, 2 * s + 2))))["loss"]
+                                          for s in range(3)], dtype=torch.float64)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert bool(torch.isfinite(losses["bf16"]).all())
+    assert not torch.equal(losses["bf16"], losses["fp32"])  # the backbone really ran in bf16
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=BF16_LOSS_RTOL, atol=0)

@@ -24,7 +24,7 @@ def chunk_size(request, monkeypatch):
 
 
 def _gates(structured=False, **kw):
-    return HardConcreteGates(GateLayout(SLOTS, structured), GateConfig(num_experts=3, **kw))
+    return HardConcreteGates(GateLayout(SLOTS, structured=structured), GateConfig(num_experts=3, **kw))
 
 
 def test_expected_l0_equals_closed_form_and_its_gradient():

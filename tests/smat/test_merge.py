@@ -32,35 +32,64 @@ def _reference(pre, delta, phi, u, alphas, structured, layout):
     return thetas
 
 
+def _noise(gates, seed):
+    """The uniforms of ``gates.sample(seed)``, as the hard-concrete formula uses them."""
+    u = torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(gates.logits.shape[::-1], dtype=np.float32)).t()
+    return u * (1 - 2e-6) + 1e-6
+
+
+# How the step's three task losses are backpropagated:
+#   one_at_a_time  forward+backward per task, the flushing task last (meta_step; default plan)
+#   own_draw       every task has its own gate draw and flushes it (noise_scope="task")
+#   summed         all forwards, then one backward of the summed losses (joint_backward plan)
+#   reversed       all forwards, then one backward per task, last task first (joint_backward plan)
+ORDERS = ["one_at_a_time", "own_draw", "summed", "reversed"]
+
+
+def _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w, sample_seed=5):
+    """Merge and backpropagate the tasks' losses <w_t, θ_t> (+ <density_w, E> on the last) in ``order``."""
+    joint = order in ("summed", "reversed")
+    shared = MergePlan(layout, gates.sample(sample_seed), gates=gates, capacity=2, joint_backward=joint)
+    z0 = gates.sample(sample_seed).z
+    losses = []
+    for t, (a, w) in enumerate(zip(alphas, weights)):
+        last = t == len(alphas) - 1
+        # an own draw is flushed (consumed) by its task: give each task a copy
+        plan = MergePlan(layout, GateSample(z0.clone(), stochastic=True), gates=gates) if order == "own_draw" else shared
+        flush = last or order == "own_draw"
+        if last:
+            theta, density = merge(pre, delta, gates.logits, a, plan, flush=flush, with_density=True)
+            loss = (theta * w).sum() + (density * density_w).sum()
+        else:
+            theta = merge(pre, delta, gates.logits, a, plan, flush=flush)
+            loss = (theta * w).sum()
+        if order in ("one_at_a_time", "own_draw"):
+            loss.backward()
+        else:
+            losses.append(loss)
+    if order == "summed":
+        sum(losses).backward()
+    elif order == "reversed":
+        for loss in reversed(losses):
+            loss.backward()
+    return density
+
+
 @pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("interpolated", [True, False])
-@pytest.mark.parametrize("defer", [True, False])
-def test_merge_gradients_match_autograd(structured, interpolated, defer):
+@pytest.mark.parametrize("order", ORDERS)
+def test_merge_gradients_match_autograd(structured, interpolated, order):
     torch.manual_seed(0)
-    layout = GateLayout(SLOTS, structured)
+    layout = GateLayout(SLOTS, structured=structured)
     gates = HardConcreteGates(layout, GateConfig(num_experts=M))
     pre = torch.randn(N)
     delta = torch.randn(1 if interpolated else M, N, requires_grad=True)
     alphas = [torch.softmax(torch.randn(M), 0).requires_grad_(True) for _ in range(3)]
     weights = [torch.randn(N) for _ in alphas]  # task t's loss = <w_t, θ_t>
-
     density_w = torch.tensor([0.5, -2.0, 1.5])  # a loss term on the expected density, folded into ∇φ
-    sample = gates.sample(5)
-    z0 = sample.z.clone()  # the flush reuses the draw's memory for ∇φ
-    shared = MergePlan(layout, sample, gates, defer=True, capacity=2)  # one plan for the step's tasks
-    for t, (a, w) in enumerate(zip(alphas, weights)):
-        # without deferral every task flushes (and consumes) its own draw: give each a copy
-        plan = shared if defer else MergePlan(layout, GateSample(z0.clone(), stochastic=True), gates, defer=False)
-        last = t == len(alphas) - 1
-        if last:
-            theta, density = merge(pre, delta, gates.logits, a, plan, flush=True, with_density=True)
-            ((theta * w).sum() + (density * density_w).sum()).backward()
-        else:
-            theta = merge(pre, delta, gates.logits, a, plan, flush=not defer)
-            (theta * w).sum().backward()
+    density = _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w)
 
-    u = torch.from_numpy(np.random.Generator(np.random.PCG64(5)).random(gates.logits.shape[::-1], dtype=np.float32)).t()
-    u = u * (1 - 2e-6) + 1e-6
+    u = _noise(gates, 5)
     phi = gates.logits.detach().clone().requires_grad_(True)
     d2 = delta.detach().clone().requires_grad_(True)
     a2 = [a.detach().clone().requires_grad_(True) for a in alphas]
@@ -71,9 +100,10 @@ def test_merge_gradients_match_autograd(structured, interpolated, defer):
     (sum((th * w).sum() for th, w in zip(ref, weights)) + (ref_density * density_w).sum()).backward()
     torch.testing.assert_close(density.detach(), ref_density.detach())
 
+    z0 = gates.sample(5).z
     for th_ref, a in zip(ref, alphas):  # forward values
         with torch.no_grad():
-            th = merge(pre, delta, None, a, MergePlan(layout, GateSample(z0, stochastic=False)), True)
+            th = merge(pre, delta, None, a, MergePlan(layout, GateSample(z0, stochastic=False)))
         torch.testing.assert_close(th, th_ref.detach())
     torch.testing.assert_close(delta.grad, d2.grad)
     torch.testing.assert_close(gates.logits.grad, phi.grad)
@@ -81,10 +111,120 @@ def test_merge_gradients_match_autograd(structured, interpolated, defer):
         torch.testing.assert_close(a.grad, ar.grad)
 
 
-def test_deferred_gate_gradient_arrives_only_with_the_last_task():
-    layout = GateLayout(SLOTS, False)
+@pytest.mark.parametrize("interpolated", [True, False])
+def test_every_backward_order_gives_the_one_at_a_time_gradients(interpolated):
+    """∇φ and ∇α are bit-identical (the flush reads the tasks in forward order whatever the
+    backward order); ∇θδ sums the tasks in another order, so it agrees to fp32 rounding."""
+    torch.manual_seed(1)
+    layout = GateLayout(SLOTS, structured=False)
     gates = HardConcreteGates(layout, GateConfig(num_experts=M))
-    plan = MergePlan(layout, gates.sample(0), gates, defer=True)
+    pre = torch.randn(N)
+    delta = torch.randn(1 if interpolated else M, N, requires_grad=True)
+    alphas = [torch.softmax(torch.randn(M), 0).requires_grad_(True) for _ in range(3)]
+    weights = [torch.randn(N) for _ in alphas]
+    density_w = torch.tensor([1.0, 0.5, -0.5])
+    grads = {}
+    for order in ("one_at_a_time", "summed", "reversed"):
+        for p in (delta, gates.logits, *alphas):
+            p.grad = None
+        _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w)
+        grads[order] = [p.grad.clone() for p in (delta, gates.logits, *alphas)]
+    base = grads["one_at_a_time"]
+    assert float(base[1].abs().sum()) > 0
+    for order in ("summed", "reversed"):
+        torch.testing.assert_close(grads[order][0], base[0], rtol=1e-6, atol=1e-6)
+        for got, want in zip(grads[order][1:], base[1:]):
+            assert torch.equal(got, want), order
+
+
+@pytest.mark.parametrize("order", ["one_at_a_time", "summed"])
+def test_the_flush_writes_the_gate_gradient_over_the_consumed_draw(order):
+    """One (M, G) buffer: φ.grad is the memory the step's gate draw z occupied."""
+    layout = GateLayout(SLOTS, structured=False)
+    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
+    plan = MergePlan(layout, gates.sample(0), gates=gates, capacity=3, joint_backward=order == "summed")
+    draw = plan.z.data_ptr()
+    delta = torch.randn(1, N, requires_grad=True)
+    losses = []
+    for t in range(3):
+        theta = merge(torch.zeros(N), delta, gates.logits, torch.full((M,), 1 / M), plan, flush=t == 2)
+        losses.append(theta.pow(2).sum())
+        if order == "one_at_a_time":
+            losses.pop().backward()
+    if losses:
+        sum(losses).backward()
+    assert plan.z is None and plan.flushed
+    assert gates.logits.grad.data_ptr() == draw
+
+
+def _three_task_plan(joint_backward=False):
+    layout = GateLayout(SLOTS, structured=False)
+    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
+    plan = MergePlan(layout, gates.sample(0), gates=gates, joint_backward=joint_backward)
+    delta = torch.randn(1, N, requires_grad=True)
+    alpha = torch.full((M,), 1 / M)
+    losses = [merge(torch.zeros(N), delta, gates.logits, alpha, plan, flush=t == 2).sum() for t in range(3)]
+    return plan, gates, losses
+
+
+def test_a_summed_backward_without_joint_backward_raises_instead_of_dropping_gradients():
+    plan, gates, losses = _three_task_plan()
+    # autograd reaches the last-created merge (the flushing task, the only one linked to φ) first
+    with pytest.raises(RuntimeError, match=r"have not been backpropagated yet.*joint_backward=True"):
+        sum(losses).backward()
+    assert gates.logits.grad is None
+
+
+def test_the_last_task_backpropagated_first_raises_without_joint_backward():
+    plan, gates, losses = _three_task_plan()
+    losses[0].backward()
+    with pytest.raises(RuntimeError, match=r"task\(s\) \[1\] \(by merge order\) of the same gate draw have not been backpropagated"):
+        losses[2].backward()
+
+
+def test_a_backward_after_the_flush_raises():
+    plan, gates, losses = _three_task_plan(joint_backward=True)
+    losses[1].backward()
+    losses[2].backward(retain_graph=True)
+    losses[0].backward()  # completes the draw: ∇φ formed over z
+    assert gates.logits.grad is not None and plan.flushed
+    with pytest.raises(RuntimeError, match="after its step's gate gradient was formed"):
+        losses[2].backward()
+
+
+def test_merging_after_the_last_task_raises():
+    plan, gates, losses = _three_task_plan()
+    with pytest.raises(RuntimeError, match="last task .* already been merged"):
+        merge(torch.zeros(N), torch.zeros(1, N), gates.logits, torch.full((M,), 1 / M), plan, flush=False)
+
+
+def test_merge_is_fp32_and_unchanged_under_bf16_autocast():
+    """Σ_m α_m z_m is one fp32 dot product per parameter whatever autocast region the caller is in."""
+    layout = GateLayout(SLOTS, structured=True)
+    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
+    pre = torch.randn(N)
+    results = []
+    for autocast in (False, True):
+        torch.manual_seed(3)
+        delta = torch.randn(1, N, requires_grad=True)
+        alpha = torch.softmax(torch.randn(M), 0).requires_grad_(True)
+        gates.logits.grad = None
+        plan = MergePlan(layout, gates.sample(2), gates=gates)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            theta, density = merge(pre, delta, gates.logits, alpha, plan, with_density=True)
+            assert theta.dtype == torch.float32 and density.dtype == torch.float32
+            loss = (theta * torch.linspace(-1, 1, N)).sum() + density.sum()
+        loss.backward()
+        results.append([theta.detach(), delta.grad, alpha.grad, gates.logits.grad.clone()])
+    for plain, autocast in zip(*results):
+        assert autocast.dtype == torch.float32
+        assert torch.equal(plain, autocast)
+
+
+def test_deferred_gate_gradient_arrives_only_with_the_last_task():
+    layout = GateLayout(SLOTS, structured=False)
+    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
+    plan = MergePlan(layout, gates.sample(0), gates=gates)
     delta = torch.randn(1, N, requires_grad=True)
     a = torch.full((M,), 1 / M)
     merge(torch.zeros(N), delta, gates.logits, a, plan, flush=False).sum().backward()
@@ -94,13 +234,13 @@ def test_deferred_gate_gradient_arrives_only_with_the_last_task():
 
 
 def test_all_gates_zero_gives_theta_pre_exactly_and_ones_with_one_hot_alpha_gives_pre_plus_delta():
-    layout = GateLayout(SLOTS, False)
+    layout = GateLayout(SLOTS, structured=False)
     pre = torch.randn(N)
     delta = torch.randn(1, N)
     zeros = MergePlan(layout, GateSample(torch.zeros(M, N), stochastic=False))
     for a in (torch.tensor([0.2, 0.3, 0.5]), torch.tensor([1.0, 0.0, 0.0])):
-        assert torch.equal(merge(pre, delta, None, a, zeros, True), pre)
+        assert torch.equal(merge(pre, delta, None, a, zeros), pre)
     ones = MergePlan(layout, GateSample(torch.ones(M, N), stochastic=False))
     for m in range(M):
         onehot = torch.nn.functional.one_hot(torch.tensor(m), M).float()
-        assert torch.equal(merge(pre, delta, None, onehot, ones, True), pre + delta[0])
+        assert torch.equal(merge(pre, delta, None, onehot, ones), pre + delta[0])

@@ -156,9 +156,83 @@ def test_teacher_shortcut_equals_a_separate_teacher_forward(tiny_cfg, toy):
         model.delta.normal_(0, 1e-2)
     ep = toy.episode(7)
     ctx = model.begin_step(0, 0)  # once: begin_step advances the spectral-norm power iteration
-    shared = model(ep, ctx, 7, False).metrics
+    shared = model(ep, ctx, 7, last=False).metrics
     model._reuse_student_graph = False
-    separate = model(ep, ctx, 7, False).metrics
+    separate = model(ep, ctx, 7, last=False).metrics
     assert float(shared["teacher_ce"]) == pytest.approx(float(separate["teacher_ce"]), rel=1e-5)
     assert float(shared["kd"]) == pytest.approx(float(separate["kd"]), rel=1e-5)
     assert float(shared["teacher_ce"]) != pytest.approx(float(shared["query_ce"]), rel=1e-3)
+
+
+def _grads(model):
+    named = {"delta": model.delta, "logits": model.gates.logits, "lambda": model.lagrange,
+             **{f"hypernet.{k}": v for k, v in model.hypernet.named_parameters()}}
+    return {k: v.grad.clone() for k, v in named.items()}
+
+
+def test_a_summed_backward_of_a_steps_tasks_gives_the_one_at_a_time_gradients(tiny_cfg, toy):
+    """A batched step (one backward of the summed task losses, or the tasks last-first) against
+    meta_step's order; without ``joint_backward`` a summed backward refuses instead of dropping
+    ∇φ and ∇α."""
+    model = SMAT(_with(tiny_cfg, gates=dict(num_experts=3)))
+    with torch.no_grad():
+        model.delta.normal_(0, 1e-2)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    episodes = list(toy.iterate(range(3)))
+
+    def step_losses(*, joint_backward, backward_each=False):
+        model.load_state_dict(initial)  # begin_step power-iterates and resets λ: same start each time
+        model.zero_grad(set_to_none=True)
+        ctx = model.begin_step(0, 0, tasks=3, joint_backward=joint_backward)
+        model.lagrange.data.fill_(0.5)  # keep every expert's λ term active
+        losses = []
+        for j, ep in enumerate(episodes):
+            losses.append(model(ep, ctx, task_index=ep.index, last=j == 2).loss)
+            if backward_each:
+                losses[-1].backward()
+        return losses
+
+    step_losses(joint_backward=False, backward_each=True)
+    base = _grads(model)
+    assert float(base["logits"].abs().sum()) > 0 and float(base["hypernet.keys"].abs().sum()) > 0
+    for order in ("summed", "reversed"):
+        losses = step_losses(joint_backward=True)
+        if order == "summed":
+            sum(losses).backward()
+        else:
+            for loss in reversed(losses):
+                loss.backward()
+        got = _grads(model)
+        for k in base:
+            torch.testing.assert_close(got[k], base[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{order} {k}: {m}")
+    losses = step_losses(joint_backward=False)
+    with pytest.raises(RuntimeError, match="joint_backward=True"):
+        sum(losses).backward()
+
+
+def test_bf16_model_feeds_the_merge_fp32_and_gets_fp32_back(tiny_cfg, toy, monkeypatch):
+    """Under precision=bf16 the backbone is the only bf16 region: α reaches the merge in fp32,
+    θ_i comes back fp32 and equals an fp32 merge of the same inputs outside any autocast."""
+    import smat_dist.smat.meta_arch as meta_arch
+    from smat_dist.smat.merge import MergePlan, merge as real_merge
+
+    calls = []
+
+    def recording_merge(pre, delta, logits, alpha, plan, **flags):
+        out = real_merge(pre, delta, logits, alpha, plan, **flags)
+        calls.append((alpha.detach().clone(), plan.z.clone(), out[0] if isinstance(out, tuple) else out))
+        return out
+
+    monkeypatch.setattr(meta_arch, "merge", recording_merge)
+    model = SMAT(dataclasses.replace(tiny_cfg, precision="bf16"))
+    with torch.no_grad():
+        model.delta.normal_(0, 1e-2)
+    ctx = model.begin_step(0, 0)
+    out = model(toy.episode(0), ctx, task_index=0, last=False)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    (alpha, z, theta), = calls
+    assert alpha.dtype == torch.float32 and theta.dtype == torch.float32
+    with torch.no_grad():
+        expected = real_merge(model.theta_pre, model.delta, None, alpha,
+                              MergePlan(model.layout, meta_arch.GateSample(z, stochastic=False)))
+    assert torch.equal(theta.detach(), expected)
