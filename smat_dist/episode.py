@@ -34,14 +34,20 @@ class Episode:
     def ways(self) -> int:
         return num_ways(self.support_y)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Episode":
-        return replace(
-            self,
-            support_x=self.support_x.to(device, non_blocking=non_blocking),
-            support_y=self.support_y.to(device, non_blocking=non_blocking),
-            query_x=self.query_x.to(device, non_blocking=non_blocking),
-            query_y=self.query_y.to(device, non_blocking=non_blocking),
-        )
+    def to(self, device: torch.device | str) -> "Episode":
+        """This episode on ``device``: tensors already there are kept; CPU tensors bound for a GPU go
+        through pinned memory without blocking (the data plane's loader normalises on the device itself)."""
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.device == device or (device.type == "cuda" and device.index is None and t.device.type == "cuda"):
+                return t
+            if device.type == "cuda" and t.device.type == "cpu":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+
+        return replace(self, support_x=move(self.support_x), support_y=move(self.support_y),
+                       query_x=move(self.query_x), query_y=move(self.query_y))
 
     def merged(self) -> "Episode":
         """Support and query as one set (Table 2's "no support/query split" ablation)."""

@@ -134,16 +134,20 @@ class RawEpisode:
     query_keys: List[str] = field(default_factory=list)
     stats: Dict[str, float] = field(default_factory=dict)  # counter increments of this episode
 
-    def to_episode(self, mean: Sequence[float], std: Sequence[float]) -> "Episode":
+    def to_episode(self, mean: Sequence[float], std: Sequence[float], device=None) -> "Episode":
+        """Tensors on ``device`` (pixels normalised there, see :func:`to_tensor`)."""
         import torch
 
         from smat_dist.episode import Episode
 
+        def labels(ys):
+            return torch.from_numpy(np.array(ys, dtype=np.int64)).to(device or "cpu")
+
         return Episode(
-            support_x=to_tensor(self.support, mean, std),
-            support_y=torch.from_numpy(np.array(self.support_y, dtype=np.int64)),
-            query_x=to_tensor(self.query, mean, std),
-            query_y=torch.from_numpy(np.array(self.query_y, dtype=np.int64)),
+            support_x=to_tensor(self.support, mean, std, device),
+            support_y=labels(self.support_y),
+            query_x=to_tensor(self.query, mean, std, device),
+            query_y=labels(self.query_y),
             index=int(self.index), source=self.source, classes=tuple(int(c) for c in self.classes),
         )
 

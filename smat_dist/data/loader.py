@@ -110,11 +110,15 @@ class EpisodeLoader:
     """Ordered, deterministic episodes from the shards; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0, sources: Optional[Sequence[str]] = None,
-                 use_ray: bool = True, augment: Optional[bool] = None, num_actors: Optional[int] = None):
+                 use_ray: bool = True, augment: Optional[bool] = None, num_actors: Optional[int] = None,
+                 device=None):
         self.cfg = cfg
         self.split = split
         self.seed = int(seed)
         self.use_ray = bool(use_ray)
+        # Where episodes are handed out: actors send uint8 pixels, which become float32 on this
+        # device (a GPU rank's: a quarter of the bytes cross PCIe, normalised there).
+        self.device = device
         self._counters: Dict[str, float] = {k: 0 for k in COUNTERS}
         self.in_flight = 0
         self.max_in_flight_seen = 0
@@ -183,7 +187,7 @@ class EpisodeLoader:
                 raw = self._local.build(job[1], warm) if job[0] == "build" else \
                     self._local.materialise(job[1], job[2], warm)
                 self._merge(raw.stats)
-                yield raw.to_episode(mean, std)
+                yield raw.to_episode(mean, std, self.device)
         import ray
 
         pending: Deque[Any] = collections.deque()
@@ -215,7 +219,7 @@ class EpisodeLoader:
                 del ref
                 self.in_flight = len(pending)
                 self._merge(raw.stats)
-                yield raw.to_episode(mean, std)
+                yield raw.to_episode(mean, std, self.device)
         finally:
             for ref in pending:  # abandoned generator: drop (and cancel) queued work
                 try:

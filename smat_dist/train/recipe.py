@@ -59,8 +59,8 @@ class CheckpointSink(Protocol):
     def save(self, recipe: "MetaTrainRecipe", step: int, metrics: StepMetrics, final: bool) -> None: ...
 
 
-def open_episodes(cfg: RunConfig, indices: Iterable[int], *, use_ray: bool):
-    """(episode iterator, loader or None) for the run's training stream."""
+def open_episodes(cfg: RunConfig, indices: Iterable[int], *, use_ray: bool, device: Optional[torch.device] = None):
+    """(episode iterator, loader or None) for the run's training stream, with tensors on ``device``."""
     if cfg.data.episodes == "toy":
         from smat_dist.smat.toy import ToyEpisodes
 
@@ -69,7 +69,7 @@ def open_episodes(cfg: RunConfig, indices: Iterable[int], *, use_ray: bool):
         return toy.iterate(indices), None
     from smat_dist.data.loader import EpisodeLoader
 
-    loader = EpisodeLoader(cfg.data, split="train", seed=cfg.train.seed, use_ray=use_ray)
+    loader = EpisodeLoader(cfg.data, split="train", seed=cfg.train.seed, use_ray=use_ray, device=device)
     return loader.iterate(indices), loader
 
 
@@ -223,7 +223,7 @@ class MetaTrainRecipe:
             self._stream = iter(self._provider.iterate(indices))
             self.loader = self._provider if hasattr(self._provider, "stats") else None
         else:
-            self._stream, self.loader = open_episodes(self.cfg, indices, use_ray=rt.launcher == "ray")
+            self._stream, self.loader = open_episodes(self.cfg, indices, use_ray=rt.launcher == "ray", device=rt.device)
 
     # ------------------------------------------------------------------------------ training
     def train(self, steps: Optional[int] = None) -> None:

@@ -33,17 +33,12 @@ ATOL = {"none": 0.05, "full": 0.15, "lora": 0.15}
 ALPHA_ATOL = 0.02
 RUNS = [("full", 1e-4), ("lora", 1e-3)]
 
-needs_hypernet_bf16_fix = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="needs the smat-branch bf16 fix: the hypernetwork's spectral norm dots an fp32 with a bf16 vector")
-
-
 def _evaluator(eval_root, spec, precision: str) -> EpisodeEvaluator:
     cfg = load_eval_config(eval_overrides(eval_root, f"precision={precision}"))
     return EpisodeEvaluator(spec, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16)))
 
 
-@pytest.mark.parametrize("method", ["pre", pytest.param("model", marks=needs_hypernet_bf16_fix)])
+@pytest.mark.parametrize("method", ["pre", "model"])
 def test_bf16_logits_stay_close_to_fp32_in_every_mode(eval_root, tiny_run, tmp_path, method):
     spec = describe_pre(str(tiny_run), BackboneConfig()) if method == "pre" else describe_checkpoint(tiny_run)
     evs = {p: _evaluator(eval_root, spec, p) for p in ("fp32", "bf16")}

@@ -356,7 +356,7 @@ def test_tiny_sweep_on_a_ray_head_resumes_a_crash_exactly(ray_head, prometheus, 
     states = _states(out)
     assert len(states) == 2 and all(s["status"] == "running" for s in states)
     for s in states:  # steps 1-3 logged, the checkpoint of step 2 is the last one
-        assert [json.loads(x)["step"] for x in (out / "runs" / s["id"] / "metrics.jsonl").read_text().split()] == [1, 2, 3]
+        assert [json.loads(x)["step"] for x in (out / "runs" / s["id"] / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
     second = subprocess.run(_sweep_cmd(out, synth_small, prometheus.targets_dir), env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=1200)

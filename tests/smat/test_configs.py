@@ -77,7 +77,7 @@ def test_bf16_training_is_finite_and_close_to_fp32(name, toy):
         torch.manual_seed(0)
         model = SMAT(cfg.model)
         trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=1))
-        losses[precision] = torch.tensor([trainer.train_step(list(toy.iterate(range(2 * s, 2 * s + 2))))["loss"]
+        losses[precision] = torch.tensor([trainer.train_step(list(toy.iterate(range(2 * s, 2 * s + 2)))).loss
                                           for s in range(3)], dtype=torch.float64)
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert bool(torch.isfinite(losses["bf16"]).all())

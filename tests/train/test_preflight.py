@@ -157,3 +157,13 @@ def test_inspect_names_a_missing_engine_file(local_run, tmp_path):
     (ckpt / meta.tag / "state.pt").unlink()
     with pytest.raises(CheckpointError, match=f"{ckpt / meta.tag / 'state.pt'}: missing"):
         inspect(ckpt)
+
+
+@pytest.mark.parametrize("module", ["smat_dist.train.cli", "smat_dist.train"])
+def test_a_missing_data_root_is_one_line_before_anything_starts(module, tmp_path):
+    t0 = time.perf_counter()
+    proc = smat_train(tmp_path, "data.episodes=shards", "data.image_size=16", f"data.root={tmp_path / 'md'}",
+                      module=module)
+    assert_one_line_error(proc, str(tmp_path / "md"))
+    assert time.perf_counter() - t0 < 5.0
+    assert not (tmp_path / "r" / "train.log").exists()
