@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Cost of one SMAT meta-training task against a plain ProtoNet meta-training step.
 
-For each backbone (tiny ViT D=64/depth 2, ViT-S/16; random init, 84 px, fp32) on a 10-way 5-shot
-10-query episode, with M=1 and M=8 experts: seconds per SMAT task (a meta-step of
-``--tasks-per-step`` tasks divided by its size), seconds per ProtoNet step on the same backbone and
-episode, their ratio, and peak RSS. Every configuration runs in its own subprocess so peak RSS is
-its own and all see the same thread count.
+For each backbone (tiny ViT D=64/depth 2, ViT-S/16; random init) on an episode (default 10-way 5-shot
+10-query; ``--episode md``: the Meta-Dataset protocol's largest, 50-way with 500 support and 500 query
+images), with M=1 and M=8 experts: seconds per SMAT task (a meta-step of ``--tasks-per-step`` tasks
+divided by its size), seconds per ProtoNet step on the same backbone and episode, their ratio, peak RSS
+and, on a GPU, peak GPU memory. Every configuration runs in its own subprocess so its peaks are its own.
 
-    python tools/bench_step.py                    # both backbones
+    python tools/bench_step.py                    # CPU, 84 px, fp32, both backbones
     python tools/bench_step.py --backbones tiny   # seconds
+    python tools/bench_step.py --device cuda --precision bf16 --image-size 128 --episode md --json out.json
 """
 
 from __future__ import annotations
@@ -28,40 +29,47 @@ BACKBONES = {
 }
 
 
-def _episode(ways=10, shots=5, queries=10, size=84):
+EPISODES = {"10w5s10q": (10, 5, 10), "md": (50, 10, 10)}  # ways, shots, queries per class
+
+
+def _episode(ways: int, shots: int, queries: int, size: int, device):
     import torch
 
     from smat_dist.episode import Episode
 
     g = torch.Generator().manual_seed(0)
-    base = Episode(  # made once: image synthesis must not be timed
+    base = Episode(  # made once, on the device: image synthesis and transfer are not timed
         support_x=torch.randn(ways * shots, 3, size, size, generator=g),
         support_y=torch.arange(ways).repeat_interleave(shots),
         query_x=torch.randn(ways * queries, 3, size, size, generator=g),
         query_y=torch.arange(ways).repeat_interleave(queries),
-    )
+    ).to(device)
     return lambda i: dataclasses.replace(base, index=i)
 
 
-def run_one(kind: str, backbone: str, experts: int, repeats: int, tasks_per_step: int) -> dict:
+def run_one(kind: str, backbone: str, experts: int, args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    make = _episode()
+    ways, shots, queries = EPISODES[args.episode]
+    make = _episode(ways, shots, queries, args.image_size, device)
+    spec = dict(BACKBONES[backbone], img_size=args.image_size)
+    bf16 = args.precision == "bf16"
     if kind == "protonet":
         import timm
 
         from smat_dist.smat.protonet import cosine_logits, prototypes
 
-        spec = dict(BACKBONES[backbone])
-        model = timm.create_model(spec.pop("name"), num_classes=0, global_pool="token", **spec)
+        model = timm.create_model(spec.pop("name"), num_classes=0, global_pool="token", **spec).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
         def step(i):
             ep = make(i)
-            head = prototypes(model(ep.support_x), ep.support_y, 10)
-            loss = F.cross_entropy(cosine_logits(model(ep.query_x), head, 10.0), ep.query_y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                head = prototypes(model(ep.support_x).float(), ep.support_y, ways)
+                loss = F.cross_entropy(cosine_logits(model(ep.query_x), head, 10.0), ep.query_y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -73,22 +81,35 @@ def run_one(kind: str, backbone: str, experts: int, repeats: int, tasks_per_step
         from smat_dist.smat.config import BackboneConfig, GateConfig
         from smat_dist.train.launch import Trainer
 
-        cfg = ModelConfig(backbone=BackboneConfig(**BACKBONES[backbone]), gates=GateConfig(num_experts=experts))
-        trainer = Trainer(SMAT(cfg), TrainConfig(tasks_per_step=tasks_per_step, tasks_per_epoch=1))
+        cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=experts),
+                          precision=args.precision)
+        tasks = args.tasks_per_step
+        trainer = Trainer(SMAT(cfg).to(device), TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1))
 
         def step(i):
-            trainer.train_step([make(i * tasks_per_step + j) for j in range(tasks_per_step)])
+            trainer.train_step([make(i * tasks + j) for j in range(tasks)])
 
-        per_call = tasks_per_step
-    step(0)  # warm-up (allocator, lazy init)
+        per_call = tasks
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step(0)  # warm-up (allocator, lazy init, kernel selection)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for r in range(repeats):
+    for r in range(args.repeats):
         t0 = time.perf_counter()
         step(r + 1)
+        sync()
         times.append((time.perf_counter() - t0) / per_call)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    return dict(kind=kind, backbone=backbone, experts=experts, sec_per_task=min(times), peak_rss_gb=rss_gb,
-                threads=torch.get_num_threads())
+    gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+    return dict(kind=kind, backbone=backbone, experts=experts, sec_per_task=min(times), tasks_per_s=1 / min(times),
+                peak_rss_gb=rss_gb, peak_gpu_gb=gpu_gb, threads=torch.get_num_threads(), device=args.device,
+                precision=args.precision, image_size=args.image_size, episode=args.episode)
 
 
 def main() -> None:
@@ -97,6 +118,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tasks-per-step", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--image-size", type=int, default=84)
+    ap.add_argument("--episode", default="10w5s10q", choices=list(EPISODES))
+    ap.add_argument("--json", help="also write the measured rows to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -104,20 +130,28 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(run_one(kind, backbone, int(experts), args.repeats, args.tasks_per_step)))
+        print(json.dumps(run_one(kind, backbone, int(experts), args)))
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows = {}
+    passthrough = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--tasks-per-step",
+                   str(args.tasks_per_step), "--device", args.device, "--precision", args.precision, "--image-size",
+                   str(args.image_size), "--episode", args.episode]
     for backbone in args.backbones:
         for kind, experts in (("protonet", 0), ("smat", 1), ("smat", 8)):
-            cmd = [sys.executable, __file__, "--child", f"{kind}:{backbone}:{experts}", "--threads", str(args.threads),
-                   "--repeats", str(args.repeats), "--tasks-per-step", str(args.tasks_per_step)]
+            cmd = [sys.executable, __file__, "--child", f"{kind}:{backbone}:{experts}", *passthrough]
             res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             rows[(backbone, kind, experts)] = res
-            print(f"  measured {backbone:8s} {kind:8s} M={experts}: {res['sec_per_task']:.3f} s/task, "
-                  f"peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
+            gpu = f", peak GPU {res['peak_gpu_gb']:.2f} GB" if res.get("peak_gpu_gb") is not None else ""
+            print(f"  measured {backbone:8s} {kind:8s} M={experts}: {res['sec_per_task']:.4f} s/task "
+                  f"({res['tasks_per_s']:.2f}/s), peak RSS {res['peak_rss_gb']:.2f} GB{gpu}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(list(rows.values()), f, indent=1)
+    ways, shots, queries = EPISODES[args.episode]
     print()
-    print(f"10-way 5-shot 10-query, 84 px, fp32, {args.threads} threads, {args.tasks_per_step} tasks per meta-step")
+    print(f"{ways}-way {shots}-shot {queries}-query, {args.image_size} px, {args.precision}, {args.device}, "
+          f"{args.threads} threads, {args.tasks_per_step} tasks per meta-step")
     print(f"{'backbone':9s} {'M':>2s} {'SMAT s/task':>12s} {'ProtoNet s':>11s} {'SMAT/ProtoNet':>14s} "
           f"{'M8/M1':>6s} {'peak RSS GB':>12s}")
     for backbone in args.backbones:

@@ -316,7 +316,7 @@ def _states(out: Path) -> List[dict]:
 def _sweep_cmd(out: Path, data: Path, targets: Path, *extra: str) -> List[str]:
     return [sys.executable, "-m", "smat_dist.sweep.cli", "--config", str(TINY), "--out", str(out),
             "--only", "model.gates.target_sparsity=0.5",
-            "--set", f"data.root={data}", "--set", f"monitor.targets_dir={targets}", *extra]
+            "--set", f"data.root={data}", f"monitor.targets_dir={targets}", *extra]
 
 
 # Columns of sweep.csv that describe where and how long a cell ran, not what it computed.

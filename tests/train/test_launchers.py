@@ -23,9 +23,11 @@ pytestmark = pytest.mark.timeout(900)
 RUN = ["train.tasks_per_step=2", "train.max_steps=4", "train.checkpoint_every=2"]
 
 
-def torchrun(out: Path, name: str, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(out: Path, name: str, *extra: str, nproc: int = 2, config: str = "smat.yaml",
+             steps=RUN) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node N -m smat_dist.train --config configs/<config> TINY ...`` in ``out``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "smat_dist.train", "--config", str(REPO / "configs" / "smat.yaml"), *TINY, *RUN,
+           "-m", "smat_dist.train", "--config", str(REPO / "configs" / config), *TINY, *steps,
            f"train.output_dir={out}", f"train.run_name={name}", *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
