@@ -121,7 +121,7 @@ def demo_setting(root: Path, episodes: int, steps: int) -> None:
     from smat_dist.config import RunConfig, load_config
     from smat_dist.data.loader import EpisodeLoader
     from smat_dist.smat import SMAT
-    from smat_dist.smat.trainer import Trainer
+    from smat_dist.train.launch import Trainer
 
     cfg = load_config(RunConfig, [REPO / "configs" / "demo" / "smat.yaml"],
                       [f"data.root={root}", "model.backbone.checkpoint=null"])
@@ -143,7 +143,7 @@ def demo_setting(root: Path, episodes: int, steps: int) -> None:
     times = []
     for s in range(steps):
         t0 = time.perf_counter()
-        trainer.train_step(iter(eps[s * B:(s + 1) * B]), B)
+        trainer.train_step(eps[s * B:(s + 1) * B])
         times.append(time.perf_counter() - t0)
     consume = B / statistics.median(times[1:])
     print(f"{'pipeline':<44} {'episodes/s':>10} {'images/s':>9} {'MiB fetched':>11} {'x trainer':>9}")

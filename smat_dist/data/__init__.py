@@ -16,8 +16,7 @@ Public API (imported lazily so that converter worker processes stay light):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from smat_dist._lazy import lazy_exports
 
 _EXPORTS = {
     "DataConfig": "config", "EpisodeConfig": "config", "AugmentConfig": "config",
@@ -28,11 +27,4 @@ _EXPORTS = {
     "DataRoot": "location", "is_url": "location", "resolve_root": "location", "ShardCache": "cache",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'smat_dist.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"smat_dist.data.{mod}"), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

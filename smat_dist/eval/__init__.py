@@ -10,8 +10,7 @@ Public API (imported lazily, so ``import smat_dist.eval`` stays light):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from smat_dist._lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate": "runner", "EvalReport": "runner",
@@ -20,11 +19,4 @@ _EXPORTS = {
     "analyse": "analyse", "mean_ci95": "stats",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'smat_dist.eval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"smat_dist.eval.{mod}"), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

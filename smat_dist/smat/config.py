@@ -1,8 +1,8 @@
 """Typed defaults of the SMAT algorithm (the single source of every constant).
 
-Each field's default is what the authors' released code does, unless the field's comment names a
-divergence (``Dn``) and says why we chose otherwise. The YAML files under
-``configs/`` only hold what differs from these defaults.
+Each field's default is what the authors' released code does, unless the field's comment cites a
+divergence (an anchor of docs/algorithm.md, where each is explained) and says why we chose otherwise. The
+YAML files under ``configs/`` only hold what differs from these defaults.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ class GateConfig:
     zeta: float = 1.1
     gamma: float = -0.1
     eps: float = 1e-6
-    logit_init_mean: float = 0.0  # D15: the reference's init_dropout_rate is dead code
+    # docs/algorithm.md#d15-logit-init: the authors' init_dropout_rate argument is dead code
+    logit_init_mean: float = 0.0
     logit_init_std: float = 0.5
     logit_clip: float = 4.605170185988091  # ln(100): logits are clamped to +-clip every step
-    # D1: the reference draws u ~ U(0.5-eps, 0.5+eps), i.e. no noise at all. We default to real
+    # docs/algorithm.md#d1-gate-noise: the authors' code draws u ~ U(0.5-eps, 0.5+eps), i.e. no noise. We use real
     # hard-concrete noise u ~ U(eps, 1-eps) (the paper's L0 relaxation); "reference" reproduces
     # the authors' deterministic training gates.
     noise: str = "hard_concrete"  # hard_concrete | reference
@@ -62,11 +63,12 @@ class HypernetConfig:
     mlp_ratio: float = 2.0
     token_init_std: float = 1e-3
     spectral_norm: bool = True
-    # D3: the reference takes the block output at class 0's prototype (an arbitrary class).
+    # docs/algorithm.md#d3-task-embedding: the authors take the block output at class 0's prototype.
     pool: str = "class0"  # class0 | mean | tokens
     temperature_start: float = 5.0
     temperature_min: float = 0.5
-    temperature_decay_tasks: float = 4000.0  # T = max(min, start - n / decay), n = tasks seen (D14)
+    # T = max(min, start - n / decay), n = tasks seen by the whole run (docs/algorithm.md#d14-temperature)
+    temperature_decay_tasks: float = 4000.0
     prior_l2: float = 1e-4  # weight of mean(logits^2)
 
 
@@ -79,15 +81,16 @@ class InnerConfig:
 @dataclass
 class TeacherConfig:
     enabled: bool = True  # Table 2 "DT"
-    steps: int = 1  # D4: the reference hard-codes 1
+    steps: int = 1  # the authors hard-code 1 (docs/algorithm.md#d4-teacher)
     lr: float = 5e-3
     start: str = "adapted"  # adapted (theta'_i, reference) | merged (theta_i, paper figure)
     data: str = "query"  # query (reference) | support_query
     kd_weight: float = 0.25  # lambda_kd: L = (1-lambda_kd) CE + lambda_kd KD
     teacher_weight: float = 0.5  # share of the dense-teacher target inside KD
-    pretrained_weight: float = 0.5  # share of the frozen pre-trained ProtoNet target (D5)
+    # share of the frozen pre-trained ProtoNet target (docs/algorithm.md#d5-distillation)
+    pretrained_weight: float = 0.5
     temperature: float = 2.0
-    # D5: the reference computes KL(student || teacher) ("reverse"); we keep it by default
+    # docs/algorithm.md#d5-distillation: the authors compute KL(student || teacher) ("reverse"); we keep it
     # because it is what produced the published numbers. "forward" is Hinton's KL(teacher || student).
     kl_direction: str = "reverse"
 
@@ -95,7 +98,8 @@ class TeacherConfig:
 @dataclass
 class LagrangianConfig:
     lr: float = 2e-3
-    # D10: the reference only zeroes lambda when the expert is sparser than tau; we also project
+    # docs/algorithm.md#d10-lagrange-multiplier: the authors only zero lambda when the expert is sparser than
+    # tau; we also project
     # lambda to >= 0 after each step so it is a proper multiplier.
     project_nonneg: bool = True
     reset_when_satisfied: bool = True
@@ -106,18 +110,19 @@ class OptimConfig:
     delta_lr: float = 1e-4
     delta_momentum: float = 0.9
     delta_weight_decay: float = 1e-4  # coupled L2 on theta_delta (pulls towards theta_pre)
-    mask_lr: float = 1e6  # D12: compensates the 1/|theta| normalisation of the L0 term
+    mask_lr: float = 1e6  # compensates the 1/|theta| of the L0 term (docs/algorithm.md#d12-mask-lr)
     hypernet_lr: float = 1e-4
     hypernet_weight_decay: float = 1e-2
     hypernet_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    # Per-group gradient-norm clipping; null = none (D13: theta_delta and lambda are not clipped).
+    # Per-group gradient-norm clipping; null = none (docs/algorithm.md#d13-clipping: θδ and λ are not clipped).
     delta_clip: Optional[float] = None
     mask_clip: Optional[float] = 5.0
     hypernet_clip: Optional[float] = 1.0
-    # Schedule (D7): the reference's cosine-with-warmup multiplier, stepped once per epoch.
+    # Schedule: the authors' cosine-with-warmup multiplier, stepped once per epoch
+    # (docs/algorithm.md#d7-first-epoch-lr).
     warmup_epochs: int = 5
     total_epochs: int = 50
-    # D7: the reference sets every SGD group to an absolute 1e-6 in epoch 0; null = off.
+    # The authors set every SGD group to an absolute 1e-6 in epoch 0; null = off.
     first_epoch_abs_lr: Optional[float] = None
 
 

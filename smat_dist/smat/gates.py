@@ -171,7 +171,7 @@ class HardConcreteGates(nn.Module):
         cfg = self.cfg
         if cfg.noise == "hard_concrete":
             lo, hi = cfg.eps, 1.0 - cfg.eps
-        else:  # D1: the authors' U(0.5-eps, 0.5+eps), i.e. practically no noise
+        else:  # the authors' U(0.5-eps, 0.5+eps), i.e. practically no noise (docs/algorithm.md#d1-gate-noise)
             lo, hi = 0.5 - cfg.eps, 0.5 + cfg.eps
         phi = self.logits.detach()
         z = torch.empty_like(phi)

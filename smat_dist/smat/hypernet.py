@@ -2,8 +2,9 @@
 
 Tokens ``[μ_0..μ_{C-1}, k_1..k_T]`` go through one pre-norm transformer block; the pooled output
 ``e_i`` scores the M expert keys; a relaxed-Bernoulli draw at temperature ``T_sel`` (deterministic
-sigmoid at test) is normalised to α_i. Unlike the reference (D2) the keys and skill tokens are
-registered parameters: they are trained by the hypernetwork's AdamW and saved in checkpoints.
+sigmoid at test) is normalised to α_i. Unlike the authors' code (docs/algorithm.md#d2-keys-tokens) the
+keys and skill tokens are registered parameters: they are trained by the hypernetwork's AdamW and saved
+in checkpoints.
 
 Spectral normalisation wraps every linear layer, as in the reference, but its power iteration runs
 once per meta-step (:meth:`Hypernetwork.power_iteration_`) rather than once per forward, so the

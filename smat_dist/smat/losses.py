@@ -9,7 +9,8 @@ import torch.nn.functional as F
 def distill(student: torch.Tensor, target: torch.Tensor, temperature: float, direction: str) -> torch.Tensor:
     """``T² · KL`` between softened distributions, averaged over examples ("batchmean").
 
-    ``direction="reverse"`` is KL(student ‖ target), what the reference code computes (D5);
+    ``direction="reverse"`` is KL(student ‖ target), what the authors' code computes
+    (docs/algorithm.md#d5-distillation);
     ``"forward"`` is KL(target ‖ student), Hinton's distillation. Gradients reach ``student`` only.
     """
     log_student = F.log_softmax(student / temperature, dim=-1)

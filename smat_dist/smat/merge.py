@@ -22,7 +22,7 @@ and reads the rows in slot order, so ∇φ does not depend on the order of the b
 What the order does decide is which merge must be linked to φ in the graph, because a backward
 can only return ∇φ through a node that has φ as an input:
 
-* ``joint_backward=False`` (default; what :func:`smat_dist.smat.trainer.meta_step` does): only
+* ``joint_backward=False`` (default; what :func:`smat_dist.train.recipe.meta_step` does): only
   the flushing task links φ, so φ's gradient hooks (ZeRO-2's reduction) run once per step, with
   the whole ∇φ, in the flushing task's backward. Correct for any order in which that backward
   comes last, e.g. one task at a time. If the flushing task's backward arrives while others are

@@ -186,7 +186,7 @@ class SMAT(nn.Module):
         return StepContext(step=step, seed=seed, plan=plan, sparsity=sparsity, violation=violation, alpha_sum=alpha_sum)
 
     def end_step(self, tasks_in_step: int) -> None:
-        """Advance the global task counter (drives the selection temperature, D14)."""
+        """Advance the global task counter (drives the selection temperature, docs/algorithm.md#d14-temperature)."""
         self.tasks_seen += int(tasks_in_step)
 
     def _task_plan(self, ctx: StepContext, task_index: int) -> MergePlan:

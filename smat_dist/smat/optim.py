@@ -3,7 +3,8 @@
 The reference steps SGD (θδ with momentum and coupled weight decay; gate logits at lr 1e6; λ) and
 AdamW (hypernetwork) together after every meta-batch. One optimiser with a per-group update rule
 is equivalent and is what DeepSpeed accepts as a client optimiser. Each group clips its own
-gradient norm before its update (D13: gate logits at 5, hypernetwork at 1, θδ and λ not at all).
+gradient norm before its update: gate logits at 5, hypernetwork at 1, θδ and λ not at all
+(docs/algorithm.md#d13-clipping).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def apply_schedule(opt: torch.optim.Optimizer, epoch: int, cfg: OptimConfig) -> 
     for group in opt.param_groups:
         group["lr"] = group["base_lr"] * mult
         if epoch == 0 and cfg.first_epoch_abs_lr is not None and group.get("rule") == "sgd":
-            group["lr"] = cfg.first_epoch_abs_lr  # D7: the reference's epoch-0 override
+            group["lr"] = cfg.first_epoch_abs_lr  # the authors' epoch-0 override (docs/algorithm.md#d7-first-epoch-lr)
     return mult
 
 

@@ -68,7 +68,7 @@ def test_short_training_over_http_matches_local(synth_root, synth_url, make_cfg,
     from smat_dist.config import TrainConfig
     from smat_dist.smat import SMAT
     from smat_dist.smat.config import BackboneConfig, ModelConfig
-    from smat_dist.smat.trainer import Trainer
+    from smat_dist.train.launch import Trainer
 
     def run(root):
         cfg = make_cfg(root, image_size=16, train_sources=["glyphs", "textures"], cache_dir=str(tmp_path / "cache"),
@@ -85,7 +85,7 @@ def test_short_training_over_http_matches_local(synth_root, synth_url, make_cfg,
     remote, state_remote, stats = run(synth_url)
     assert len(local) == len(remote) == 3 and stats["cache_downloads"] > 0 and stats["episodes"] == 6
     for a, b in zip(local, remote):
-        assert a["loss"] == b["loss"] and a["step"] == b["step"]
+        assert a.loss == b.loss and a.step == b.step
     for k in state_local:
         assert torch.equal(state_local[k], state_remote[k]), k
 
