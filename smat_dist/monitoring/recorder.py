@@ -92,7 +92,9 @@ class StepMonitor:
         self.backend.close()
 
     # -- the mapping (pure apart from the data-counter memory) ---------------------------------
-    def samples(self, m: StepMetrics, rank: int = 0) -> List[Sample]:
+    def samples(self, m: Union[StepMetrics, Mapping[str, Any]], rank: int = 0) -> List[Sample]:
+        if not isinstance(m, StepMetrics):
+            m = StepMetrics.from_row(m)
         out: List[Sample] = []
         if int(rank) == 0:
             out += self._run_samples(m)

@@ -16,6 +16,7 @@ from typing import List
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from smat_dist.errors import ConfigError
 from smat_dist.sweep.config import load_sweep_config
@@ -149,7 +150,7 @@ class FakeCluster(Sweep):
         if phase == "train":
             run = self.run_dir(cell)
             run.mkdir(parents=True, exist_ok=True)
-            (run / "model.safetensors").write_bytes(b"x")
+            save_file({"delta": torch.zeros(2)}, str(run / "model.safetensors"))  # a whole (tiny) export
             (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "sparsity_test": [0.5, 0.7]}) + "\n")
         else:
             write_eval_results(self.eval_dir(cell) / "results.csv",
@@ -432,3 +433,18 @@ def test_corrupt_cell_state_is_one_error_naming_the_file(tmp_path, text):
     store.path("c").write_text(text)
     with pytest.raises(SweepStateError, match=str(store.path("c")) + ": corrupt cell state"):
         store.load("c")
+
+
+def test_a_cell_with_a_damaged_export_is_trained_again(tmp_path):
+    """A truncated model.safetensors (a crash while it was written by an older version, a full disk) sends the
+    cell back to training, which resumes at its last checkpoint and rewrites it, instead of failing
+    evaluation on it forever."""
+    sweep = _fake(tmp_path)
+    assert sweep.run()["done"] == 4
+    cell = sweep.cells[0]
+    export = sweep.run_dir(cell) / "model.safetensors"
+    export.write_bytes(export.read_bytes()[:20])
+    (sweep.eval_dir(cell) / "results.csv").unlink()  # so the cell is due again
+    sweep2 = _fake(tmp_path)
+    assert sweep2.run()["done"] == 4
+    assert sweep2.calls == [(0, "train"), (0, "eval")]
