@@ -2,7 +2,8 @@
 
 * ``sweep.csv``: one row per cell: axis values, derived columns (method, experts, tau, sources, seed),
   ID/OOD averages with 95 % CIs, sparsity reached, wall time, GPU-hours, status.
-* ``tradeoff.png``: ID avg vs OOD avg, colour = tau, marker = number of experts (the paper's Fig. (a)).
+* ``tradeoff.png``: ID avg vs OOD avg, colour = tau, marker = number of experts (the paper's Fig. (a));
+  cells without a colour value (PMF and other methods without experts) are drawn as reference stars.
 * ``scaling.png``: ID and OOD avg vs number of meta-training sources, one line per method (the
   paper's "scales less well" comparison).
 
@@ -114,6 +115,18 @@ def _mean_std(values: List[float]):
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 
 
+def reference_points(rows: Sequence[Dict[str, Any]], color: str = "tau") -> Dict[str, tuple]:
+    """method -> (ID mean, ID std, OOD mean, OOD std) over the finished cells that have no ``color`` value
+    (e.g. PMF in a tau sweep): the reference the trade-off is read against."""
+    refs = [r for r in rows if r.get("id_avg") is not None and r.get("ood_avg") is not None
+            and r.get(color) in (None, "")]
+    out = {}
+    for (method,), members in sorted(_groups(refs, ["method"]).items()):
+        out[str(json.loads(method))] = (*_mean_std([float(r["id_avg"]) for r in members]),
+                                        *_mean_std([float(r["ood_avg"]) for r in members]))
+    return out
+
+
 def plot_tradeoff(rows: Sequence[Dict[str, Any]], path: Path, color: str = "tau", marker: str = "num_experts",
                   title: Optional[str] = None) -> Optional[Path]:
     """ID vs OOD average per (colour, marker, other axes) group, mean ± std over seeds."""
@@ -143,6 +156,9 @@ def plot_tradeoff(rows: Sequence[Dict[str, Any]], path: Path, color: str = "tau"
     for mv in mvals:
         ax.scatter([], [], marker=MARKERS[mvals.index(mv) % len(MARKERS)], color="grey", edgecolors="black",
                    label=f"{marker} = {mv}")
+    for method, (xi, xs, yo, ys) in reference_points(rows, color).items():
+        ax.errorbar(xi, yo, xerr=xs or None, yerr=ys or None, fmt="*", color="red", ms=14, mec="black", capsize=3,
+                    label=f"{method} (reference)")
     ax.legend(loc="best", fontsize=8)
     sm = cm.ScalarMappable(norm=norm, cmap=cmap)
     fig.colorbar(sm, ax=ax, label=color)
@@ -197,4 +213,4 @@ def plot_scaling(rows: Sequence[Dict[str, Any]], path: Path, x: str = "num_train
 
 
 __all__ = ["FIXED_COLUMNS", "ResultsError", "read_eval_results", "read_training", "write_csv", "plot_tradeoff",
-           "plot_scaling"]
+           "plot_scaling", "reference_points"]

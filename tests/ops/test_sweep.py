@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from smat_dist.errors import ConfigError
 from smat_dist.sweep.config import load_sweep_config
 from smat_dist.sweep.grid import dotlist_value, expand
-from smat_dist.sweep.report import plot_scaling, plot_tradeoff, read_eval_results, read_training
+from smat_dist.sweep.report import plot_scaling, plot_tradeoff, read_eval_results, read_training, reference_points
 from smat_dist.sweep.runner import Sweep
 from smat_dist.sweep.state import SweepLock, SweepLocked
 
@@ -112,6 +112,10 @@ def test_plots_are_drawn(tmp_path):
                              "id_avg": 60 + 10 * tau + m + seed, "ood_avg": 50 - 5 * tau + seed, "train.seed": seed,
                              "_axes": ["tau", "num_experts", "train.seed"]})
     rows += [dict(r, method="PMF", tau=None) for r in rows[:4]]
+    # PMF (no tau) is the reference of the trade-off plot: mean and std over its 4 cells (seeds 0, 1 twice)
+    (pmf,) = reference_points(rows).items()
+    assert pmf[0] == "PMF" and pmf[1] == pytest.approx((68.5, 1.290994, 48.0, 0.57735), rel=1e-5)
+    assert reference_points([r for r in rows if r["method"] == "SMAT"]) == {}
     assert plot_tradeoff(rows, tmp_path / "t.png").stat().st_size > 10_000
     assert plot_scaling(rows, tmp_path / "s.png").stat().st_size > 10_000
     assert plot_tradeoff([], tmp_path / "none.png") is None
