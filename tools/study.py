@@ -1,0 +1,400 @@
+#!/usr/bin/env python
+"""The CPU-scale study behind docs/results.md: one command per study reproduces docs/results/<study>/.
+
+    python tools/study.py select     # the demo's SMAT settings, chosen on the VALID split (toy_select.yaml)
+    python tools/study.py tradeoff   # tau x number of experts, PMF as the reference (toy_tradeoff.yaml)
+    python tools/study.py sources    # number of training sources x {SMAT, PMF} (toy_sources.yaml)
+    python tools/study.py tradeoff --fresh      # from scratch: drop the sweep's earlier cells first
+
+Each study:
+
+1. the demo's stages 1-2 (``smat_dist.demo``: the synthetic benchmark and θ_pre in ``runs/demo``; reused
+   when their settings did not change);
+2. ``smat-sweep --config configs/sweeps/toy_<study>.yaml`` exactly as a user runs it (resumable: a second
+   call skips finished cells), with the benchmark and θ_pre as absolute paths;
+3. tradeoff only: every cell evaluated on the valid split as well (``valid.csv``), and ``smat-eval analyse``
+   of the best SMAT cell by valid ID average (test episodes choose nothing);
+4. ``summary.md``: per setting, mean over seeds, and the paired difference to PMF of the same seed and
+   training sources over the shared frozen episodes (every cell is evaluated on the same episode lists,
+   so per-episode differences cancel most of the episode-to-episode variance);
+5. copies sweep.csv, the figures and summary.md to ``docs/results/<study>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEMO_OUT = REPO / "runs" / "demo"
+SWEEPS = REPO / "configs" / "sweeps"
+DOCS = REPO / "docs" / "results"
+VALID_EVAL = ["split=valid", "episodes=100"]
+# Columns that describe a cell's setting besides its axes (sweep.csv); the seed is what is averaged over.
+SETTING_COLUMNS = ("method", "num_experts", "tau", "train_sources")
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    e.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return e
+
+
+def say(msg: str) -> None:
+    print(f"[study] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def demo_inputs() -> Dict[str, Path]:
+    """The demo's benchmark and θ_pre (its stages 1-2, same settings, reused when unchanged)."""
+    from smat_dist.demo import PRETRAIN_DEFAULTS, build_backbone, build_data
+
+    DEMO_OUT.mkdir(parents=True, exist_ok=True)
+    data = build_data(DEMO_OUT, 1.0)
+    backbone = build_backbone(DEMO_OUT, data, [])
+    say(f"benchmark {data}; θ_pre {backbone} ({' '.join(PRETRAIN_DEFAULTS)})")
+    return {"data": data.resolve(), "backbone": backbone.resolve()}
+
+
+def run_sweep(config: Path, inputs: Dict[str, Path], *, num_cpus: int) -> float:
+    cmd = [sys.executable, "-m", "smat_dist.sweep.cli", "--config", str(config), "--num-cpus", str(num_cpus),
+           "--set", f"data.root={inputs['data']}", "--set", f"model.backbone.checkpoint={inputs['backbone']}"]
+    say("smat-sweep " + " ".join(cmd[3:]))
+    t0 = time.time()
+    rc = subprocess.call(cmd, env=env(), cwd=REPO)
+    if rc != 0:
+        raise SystemExit(f"study: smat-sweep exited {rc}; re-run the same command to resume")
+    return time.time() - t0
+
+
+def sweep_dir(config: Path) -> Path:
+    from smat_dist.sweep.config import load_sweep_config
+
+    cfg = load_sweep_config(config)
+    return (REPO / cfg.out).resolve() if cfg.out else REPO / "runs" / "sweeps" / cfg.name
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def read_csv(path: Path) -> List[Dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(v) -> Optional[float]:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def episode_acc(eval_dir: Path) -> Dict[tuple, float]:
+    """(source, episode index) -> accuracy (%) of one smat-eval output (mode none)."""
+    return {(r["source"], int(r["index"])): float(r["accuracy"]) for r in read_csv(eval_dir / "episodes.csv")}
+
+
+def per_source(eval_dir: Path) -> Dict[str, Dict[str, str]]:
+    return {r["source"]: r for r in read_csv(eval_dir / "results.csv") if r.get("mode", "none") == "none"}
+
+
+def paired(a: Dict[tuple, float], b: Dict[tuple, float], sources: Sequence[str]):
+    """Mean over ``sources`` of the per-source mean difference a - b on the same episodes, and its 95 %
+    CI half-width sqrt(sum ci_s^2)/k with ci_s = 1.96 sd_s / sqrt(n_s) of the per-episode differences."""
+    means, cis = [], []
+    for s in sources:
+        d = [a[k] - b[k] for k in a if k[0] == s and k in b]
+        if len(d) < 2:
+            return None, None
+        m = sum(d) / len(d)
+        sd = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
+        means.append(m)
+        cis.append(1.96 * sd / math.sqrt(len(d)))
+    if not means:
+        return None, None
+    return sum(means) / len(means), math.sqrt(sum(c * c for c in cis)) / len(cis)
+
+
+def mean_episodes(dicts: List[Dict[tuple, float]]) -> Dict[tuple, float]:
+    """Per-episode mean over seeds (the seeds share the frozen episode lists)."""
+    keys = set.intersection(*(set(d) for d in dicts))
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
+
+
+def _ms(vals: List[float]) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.2f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def _pm(m, ci) -> str:
+    return "-" if m is None else f"{m:+.2f} ± {ci:.2f}"
+
+
+def setting_key(row: Dict[str, str], axes: Sequence[str]) -> tuple:
+    return tuple(row.get(k, "") for k in axes if k != "train.seed") + tuple(row.get(c, "") for c in SETTING_COLUMNS)
+
+
+def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid: Dict[str, dict]) -> str:
+    """summary.md: one line per setting (seeds pooled) with paired differences to PMF."""
+    done = [r for r in rows if r["status"] == "done"]
+    eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
+    src = {r["cell"]: per_source(Path(r["eval_dir"])) for r in done}
+    # sources that are OOD in every cell (never trained on, whatever the cell's training sources)
+    always_ood = sorted(set.intersection(*(set(s for s, x in src[r["cell"]].items() if x["kind"] == "OOD")
+                                           for r in done))) if done else []
+    refs = defaultdict(list)  # (train_sources, seed) -> PMF cells
+    for r in done:
+        if r["method"].lower() == "pmf":
+            refs[(r["train_sources"], r["seed"])].append(r)
+    groups = defaultdict(list)
+    for r in done:
+        groups[setting_key(r, axes)].append(r)
+
+    lines = [f"# {out.name}: summary", "",
+             "Generated by `python tools/study.py` from the sweep's cells. Per setting: mean ± std over seeds "
+             "of the ID / OOD averages (smat-eval's grouping: ID = the cell's training sources), the mean of the "
+             "cells' own 95 % CIs (episode sampling), the test-gate sparsity reached, and the **paired** "
+             "difference to PMF with the same seed and training sources on the same frozen episodes "
+             "(Δ ± 95 % CI over episodes, seeds averaged per episode). "
+             f"'Test-only OOD' = the sources no cell trains on ({', '.join(always_ood)}).", ""]
+    has_valid = bool(valid)
+    head = ["setting", "seeds", "ID avg", "ID CI", "OOD avg", "OOD CI", "test-only OOD", "sparsity",
+            "Δ ID vs PMF", "Δ OOD vs PMF", "Δ test-only OOD vs PMF"] + (["valid ID avg"] if has_valid else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, members in sorted(groups.items(), key=lambda kv: _order(kv[1][0])):
+        r0 = members[0]
+        label = _label(r0, axes)
+        ids = [s for s, x in src[r0["cell"]].items() if x["kind"] == "ID"]
+        oods = [s for s, x in src[r0["cell"]].items() if x["kind"] == "OOD"]
+        fixed_avg = [sum(float(src[m["cell"]][s]["accuracy"]) for s in always_ood) / len(always_ood)
+                     for m in members] if always_ood else []
+        cells = [m for m in members if refs.get((m["train_sources"], m["seed"]))]
+        d_id = d_ood = d_fix = (None, None)
+        if r0["method"].lower() != "pmf" and cells:
+            mine = mean_episodes([eps[m["cell"]] for m in cells])
+            ref = mean_episodes([eps[reference(m, refs[(m["train_sources"], m["seed"])], axes)["cell"]] for m in cells])
+            d_id, d_ood = paired(mine, ref, ids), paired(mine, ref, oods)
+            d_fix = paired(mine, ref, always_ood)
+        cols = [label, str(len(members)), _ms([num(m["id_avg"]) for m in members]),
+                _ms([num(m["id_ci95"]) for m in members]).split(" ± ")[0],
+                _ms([num(m["ood_avg"]) for m in members]), _ms([num(m["ood_ci95"]) for m in members]).split(" ± ")[0],
+                _ms(fixed_avg), _ms([num(m["sparsity_reached"]) for m in members]),
+                _pm(*d_id), _pm(*d_ood), _pm(*d_fix)]
+        if has_valid:
+            cols.append(_ms([valid.get(m["cell"], {}).get("id_avg") for m in members]))
+        lines.append("| " + " | ".join(cols) + " |")
+    lines += ["", "Per source (mean over seeds, %):", ""]
+    sources = sorted({s for c in src.values() for s in c})
+    lines += ["| setting | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    for key, members in sorted(groups.items(), key=lambda kv: _order(kv[1][0])):
+        vals = []
+        for s in sources:
+            v = [float(src[m["cell"]][s]["accuracy"]) for m in members if s in src[m["cell"]]]
+            vals.append(f"{sum(v) / len(v):.2f}" if v else "-")
+        lines.append(f"| {_label(members[0], axes)} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reference(row: Dict[str, str], candidates: List[Dict[str, str]], axes: Sequence[str]) -> Dict[str, str]:
+    """The PMF cell to compare with: same seed and sources, then the one agreeing on most other axes
+    (e.g. the same offset learning rate)."""
+    return max(candidates, key=lambda c: sum(c.get(k) == row.get(k) for k in axes if k != "config"))
+
+
+def _order(r: Dict[str, str]):
+    return (r["method"].lower() != "pmf", len(r["train_sources"].split("+")), r["train_sources"], num(r.get("num_experts")) or 0,
+            num(r.get("tau")) or 0, json.dumps({k: v for k, v in r.items() if k.startswith("model.")}))
+
+
+def _label(r: Dict[str, str], axes: Sequence[str]) -> str:
+    parts = [r["method"].upper()]
+    if r["method"].lower() != "pmf":
+        parts.append(f"M={r['num_experts']} τ={num(r['tau']):g}")
+    for k in axes:
+        if k in ("config", "train.seed", "model.gates.num_experts", "model.gates.target_sparsity",
+                 "data.train_sources"):
+            continue
+        v = r.get(k, "")
+        parts.append(f"{k.rsplit('.', 1)[-1]}={num(v):g}" if num(v) is not None else f"{k.rsplit('.', 1)[-1]}={v}")
+    if "data.train_sources" in axes:
+        parts.append(f"[{r['train_sources']}]")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- diagnostics
+def diagnose(rows: List[Dict[str, str]], axes: Sequence[str]) -> str:
+    """Do the masks learn, does α specialise, what does λ do, how far does the model move from θ_pre?
+    From each finished cell's metrics.jsonl and exported model (no evaluation)."""
+    import torch
+
+    from smat_dist.export import load_model
+    from smat_dist.train.metrics import read_rows
+
+    head = ["setting", "seed", "step τ reached", "test sparsity", "max λ", "α entropy / ln M",
+            "α spread over sources", "‖θ_i − θ_pre‖ (uniform α)", "train acc − θ_pre acc (last 40 steps)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted((r for r in rows if r["status"] == "done"), key=lambda r: (_order(r), r["seed"])):
+        run = Path(r["run_dir"])
+        m = load_model(run / "model.safetensors")
+        M = m.num_experts
+        alpha = torch.full((M,), 1.0 / M) if m.gates is not None else torch.ones(1)
+        moved = float((m.merged_weights(alpha) - m.theta_pre).norm())
+        mr = read_rows(run / "metrics.jsonl")
+        tail = mr[-max(1, len(mr) // 4):]
+        gain = 100 * sum(x["query_acc"] - x["pre_acc"] for x in tail if x.get("pre_acc") is not None) / len(tail) \
+            if any(x.get("pre_acc") is not None for x in tail) else None
+        cols = [_label(r, axes), r["seed"]]
+        if m.gates is not None:
+            tau = m.cfg.gates.target_sparsity
+            reached = next((x["step"] for x in mr if min(x.get("sparsity") or [0]) >= tau - 0.01), None)
+            last = mr[-1]
+            # α per source: the mean over the run's last quarter, then max - min over sources per expert
+            acc = defaultdict(list)
+            for x in tail:
+                for src, v in (x.get("alpha_by_source") or {}).items():
+                    acc[src].append(v)
+            means = [[sum(c) / len(c) for c in zip(*v)] for v in acc.values()]
+            spread = max(max(col) - min(col) for col in zip(*means)) if len(means) > 1 else None
+            ent = sum(x["alpha_entropy"] for x in tail) / len(tail) / math.log(M) if M > 1 else None
+            cols += [str(reached) if reached is not None else "never", f"{sum(last['sparsity_test']) / M:.3f}",
+                     f"{max(max(x['lambda']) for x in mr):.3f}", "-" if ent is None else f"{ent:.3f}",
+                     "-" if spread is None else f"{spread:.3f}"]
+        else:
+            cols += ["-"] * 5
+        cols += [f"{moved:.3f}", "-" if gain is None else f"{gain:+.2f} points"]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- valid
+def valid_eval(rows: List[Dict[str, str]], out: Path, data: Path, *, jobs: int) -> Dict[str, dict]:
+    """smat-eval split=valid of every finished cell (skipped when its results exist) -> valid.csv."""
+    from smat_dist.sweep.report import read_eval_results
+
+    todo = [r for r in rows if r["status"] == "done"]
+
+    def one(r):
+        dest = out / "valid" / r["cell"]
+        if not (dest / "results.csv").exists():
+            cmd = [sys.executable, "-m", "smat_dist.eval.cli", "--checkpoint", r["run_dir"], "--data", str(data),
+                   "--out", str(dest), "-q", *VALID_EVAL]
+            with (out / "logs" / f"{r['cell']}.valid.log").open("w") as f:
+                if subprocess.call(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT) != 0:
+                    raise SystemExit(f"study: valid evaluation of {r['cell']} failed (see {f.name})")
+        return r["cell"], read_eval_results(dest / "results.csv")
+
+    with ThreadPoolExecutor(jobs) as pool:
+        res = dict(pool.map(one, todo))
+    with (out / "valid.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["cell", "method", "valid_id_avg", "valid_id_ci95", "valid_sources", "episodes"])
+        for r in todo:
+            v = res[r["cell"]]
+            w.writerow([r["cell"], r["method"], f"{v['id_avg']:.4f}", f"{v['id_ci95']:.4f}", v["id_sources"],
+                        v["episodes"]])
+    return res
+
+
+def analyse_best(rows, valid, out: Path, data: Path) -> Optional[str]:
+    smat = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf" and r["cell"] in valid]
+    if not smat:
+        return None
+    best = max(smat, key=lambda r: valid[r["cell"]]["id_avg"])
+    dest = out / "analysis"
+    cmd = [sys.executable, "-m", "smat_dist.eval.cli", "analyse", best["run_dir"], "--data", str(data), "--out", str(dest)]
+    say("smat-eval " + " ".join(cmd[3:]))
+    if subprocess.call(cmd, env=env()) != 0:
+        raise SystemExit("study: smat-eval analyse failed")
+    (dest / "cell.txt").write_text(best["cell"] + "\n")
+    return best["cell"]
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python tools/study.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", choices=["select", "tradeoff", "sources"])
+    ap.add_argument("--fresh", action="store_true", help="delete the sweep's directory first (from scratch)")
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep's local Ray")
+    ap.add_argument("--docs", type=Path, default=DOCS, help="where the published results go")
+    a = ap.parse_args(argv)
+    from smat_dist.sweep.config import load_sweep_config
+
+    config = SWEEPS / f"toy_{a.study}.yaml"
+    axes = list(load_sweep_config(config).axes)
+    out = sweep_dir(config)
+    if a.fresh and out.exists():
+        shutil.rmtree(out)
+    timing: Dict[str, float] = {}
+    t0 = time.time()
+    inputs = demo_inputs()
+    timing["inputs_s"] = time.time() - t0
+    timing["sweep_s"] = run_sweep(config, inputs, num_cpus=a.num_cpus)
+    rows = read_csv(out / "sweep.csv")
+    valid: Dict[str, dict] = {}
+    best = None
+    if a.study == "tradeoff":
+        t1 = time.time()
+        valid = valid_eval(rows, out, inputs["data"], jobs=a.num_cpus)
+        timing["valid_s"] = time.time() - t1
+        t1 = time.time()
+        best = analyse_best(rows, valid, out, inputs["data"])
+        timing["analyse_s"] = time.time() - t1
+    elif a.study == "select":
+        valid = {r["cell"]: {"id_avg": num(r["id_avg"])} for r in rows if r["status"] == "done"}
+    text = summarise(out, rows, axes, valid if a.study == "tradeoff" else {})
+    if a.study in ("select", "tradeoff"):
+        text += ("\n## Diagnostics\n\nPer cell, from metrics.jsonl and the exported model: the first step whose "
+                 "training gates of every expert reach τ (within 0.01), the test-gate sparsity at the end, the largest λ, the mean "
+                 "α entropy over the last quarter of the run relative to uniform (1 = no selection), the largest "
+                 "difference between two sources' mean α for one expert over that quarter, how far the merged "
+                 "weights are from θ_pre (L2, uniform α; PMF: its offset), and the training-task query accuracy "
+                 "minus θ_pre's ProtoNet accuracy on the same tasks over the last quarter.\n\n")
+        text += diagnose(rows, axes)
+    (out / "summary.md").write_text(text)
+    timing["total_s"] = time.time() - t0
+
+    dest = a.docs / a.study
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png",)}[a.study]
+    for name in ("sweep.csv", "valid.csv", "summary.md", *figures):
+        if (out / name).exists():
+            shutil.copy2(out / name, dest / name)
+    if best:
+        (dest / "analysis").mkdir()
+        for p in sorted((out / "analysis").iterdir()):
+            if p.suffix in (".png", ".json", ".txt"):
+                shutil.copy2(p, dest / "analysis" / p.name)
+    cells = [json.loads((out / "cells" / f"{r['cell']}.json").read_text()) for r in rows
+             if (out / "cells" / f"{r['cell']}.json").exists()]
+    timing["cell_train_s"] = sum(c.get("train_s") or 0 for c in cells)
+    timing["cell_eval_s"] = sum(c.get("eval_s") or 0 for c in cells)
+    (dest / "timing.json").write_text(json.dumps({k: round(v, 1) for k, v in timing.items()}, indent=1) + "\n")
+    say(f"{a.study}: {len(rows)} cells in {timing['total_s'] / 60:.1f} min (sweep {timing['sweep_s'] / 60:.1f} min); "
+        f"published to {dest}")
+    print((out / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
