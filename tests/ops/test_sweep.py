@@ -452,3 +452,37 @@ def test_a_cell_with_a_damaged_export_is_trained_again(tmp_path):
     sweep2 = _fake(tmp_path)
     assert sweep2.run()["done"] == 4
     assert sweep2.calls == [(0, "train"), (0, "eval")]
+
+
+def test_shipped_toy_sweeps_are_the_study_on_the_demo_settings():
+    """The CPU study (tools/study.py): the demo's runs per cell, >= 2 seeds, PMF as reference, on 2 cores,
+    and settings chosen on the valid split only."""
+    from smat_dist.config import RunConfig, load_config
+
+    sweeps = REPO / "configs" / "sweeps"
+    demo = {m: load_config(RunConfig, [REPO / "configs" / "demo" / f"{m}.yaml"]) for m in ("smat", "pmf")}
+    cells = {}
+    for name in ("toy_tradeoff", "toy_sources", "toy_select"):
+        cfg = load_sweep_config(sweeps / f"{name}.yaml")
+        assert cfg.concurrency * cfg.resources.num_workers * cfg.resources.cpus_per_worker <= 2
+        cells[name] = (cfg, expand(cfg, sweeps / f"{name}.yaml"))
+    trade_cfg, trade = cells["toy_tradeoff"]
+    smat = [c for c in trade if c.run.model.method == "smat"]
+    pmf = [c for c in trade if c.run.model.method == "pmf"]
+    assert len({c.run.model.gates.target_sparsity for c in smat}) >= 3 and len({c.run.model.gates.num_experts for c in smat}) >= 3
+    assert sorted(c.run.train.seed for c in pmf) == sorted({c.run.train.seed for c in smat}) and len(pmf) >= 2
+    src_cfg, src = cells["toy_sources"]
+    assert {c.run.model.method for c in src} == {"smat", "pmf"}
+    assert {len(c.run.data.train_sources) for c in src} == {1, 2, 3, 4} and len({c.run.train.seed for c in src}) >= 2
+    for c in trade + src:  # apart from its axes, a cell is the demo's run of its method
+        ref = demo[c.run.model.method]
+        assert c.run.model.optim == ref.model.optim and c.run.model.hypernet == ref.model.hypernet
+        assert c.run.train.max_steps == ref.train.max_steps and c.run.train.epochs == ref.train.epochs
+        assert c.run.model.backbone.checkpoint.endswith("runs/demo/backbone.safetensors")
+        if c.run.model.method == "smat" and c in src:
+            assert c.run.model.gates == ref.model.gates
+    for cfg in (trade_cfg, src_cfg):
+        assert "split=valid" not in cfg.eval.overrides and "episodes=100" in cfg.eval.overrides
+    select_cfg, select = cells["toy_select"]
+    assert "split=valid" in select_cfg.eval.overrides  # settings are chosen on valid episodes, never test ones
+    assert {c.run.model.method for c in select} == {"smat", "pmf"}
