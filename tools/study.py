@@ -12,12 +12,14 @@ Each study:
    when their settings did not change);
 2. ``smat-sweep --config configs/sweeps/toy_<study>.yaml`` exactly as a user runs it (resumable: a second
    call skips finished cells), with the benchmark and θ_pre as absolute paths;
-3. tradeoff only: every cell evaluated on the valid split as well (``valid.csv``), and ``smat-eval analyse``
-   of the best SMAT cell by valid ID average (test episodes choose nothing);
+3. Pre (θ_pre as a ProtoNet) on the same episodes; tradeoff only: every cell evaluated on the valid split
+   as well (``valid.csv``), the SMAT setting chosen on it (:func:`choose`; test episodes choose nothing)
+   and ``smat-eval analyse`` of that setting's seed-0 cell, plus paired contrasts between τ and M values;
 4. ``summary.md``: per setting, mean over seeds, and the paired difference to PMF of the same seed and
    training sources over the shared frozen episodes (every cell is evaluated on the same episode lists,
    so per-episode differences cancel most of the episode-to-episode variance);
-5. copies sweep.csv, the figures and summary.md to ``docs/results/<study>/``.
+5. copies sweep.csv, the figures, summary.md and the wall times of every invocation (timing.jsonl) to
+   ``docs/results/<study>/``.
 """
 
 from __future__ import annotations
@@ -152,7 +154,47 @@ def setting_key(row: Dict[str, str], axes: Sequence[str]) -> tuple:
     return tuple(row.get(k, "") for k in axes if k != "train.seed") + tuple(row.get(c, "") for c in SETTING_COLUMNS)
 
 
-def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid: Dict[str, dict]) -> str:
+deltas: List[dict] = []  # summarise's paired SMAT - PMF differences per setting, for plot_source_deltas
+
+
+def plot_source_deltas(path: Path) -> Optional[Path]:
+    """SMAT − PMF (paired, 95 % CI) vs the number of training sources: ID, OOD and the test-only sources,
+    one point per choice of sources. Unlike scaling.png, the test-only panel compares like with like."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [d for d in deltas if d["id"][0] is not None]
+    if not pts:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for ax, key, title in zip(axes, ("id", "ood", "fixed"), ("ID (the cell's training sources)",
+                                                              "OOD (every other source)", "test-only OOD (signs, digits, patterns)")):
+        for i, d in enumerate(sorted(pts, key=lambda d: (len(d["row"]["train_sources"].split("+")), d["row"]["train_sources"]))):
+            n = len(d["row"]["train_sources"].split("+"))
+            m, ci = d[key]
+            if m is None:
+                continue
+            x = n + (i % 2) * 0.12 - 0.06
+            ax.errorbar([x], [m], yerr=[ci], fmt="o", capsize=3, color="C1")
+            ax.annotate(d["row"]["train_sources"].replace("+", "+\n") if n < 4 else "all 4", (x, m), fontsize=6,
+                        xytext=(4, 2), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("number of training sources")
+        ax.set_xticks([1, 2, 3, 4])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("SMAT − PMF, paired (points)")
+    fig.suptitle("SMAT − PMF on the same test episodes (mean of seeds, 95 % CI over episodes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid: Dict[str, dict], *,
+              split: str = "test", pre: Optional[Dict[str, Path]] = None) -> str:
     """summary.md: one line per setting (seeds pooled) with paired differences to PMF."""
     done = [r for r in rows if r["status"] == "done"]
     eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
@@ -173,12 +215,16 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
              "of the ID / OOD averages (smat-eval's grouping: ID = the cell's training sources), the mean of the "
              "cells' own 95 % CIs (episode sampling), the test-gate sparsity reached, and the **paired** "
              "difference to PMF with the same seed and training sources on the same frozen episodes "
-             "(Δ ± 95 % CI over episodes, seeds averaged per episode). "
-             f"'Test-only OOD' = the sources no cell trains on ({', '.join(always_ood)}).", ""]
+             "(Δ ± 95 % CI over episodes, seeds averaged per episode; this CI covers episode sampling, not "
+             "training randomness, which the per-seed differences show). "
+             f"'Test-only OOD' = the sources no cell trains on ({', '.join(always_ood) or 'none'}).", "",
+             f"Split: **{split}** episodes (100 per source).", ""]
     has_valid = bool(valid)
     head = ["setting", "seeds", "ID avg", "ID CI", "OOD avg", "OOD CI", "test-only OOD", "sparsity",
-            "Δ ID vs PMF", "Δ OOD vs PMF", "Δ test-only OOD vs PMF"] + (["valid ID avg"] if has_valid else [])
+            "Δ ID vs PMF", "Δ OOD vs PMF", "Δ test-only OOD vs PMF", "Δ ID / Δ OOD per seed"] + \
+        (["valid ID avg"] if has_valid else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    deltas.clear()
     for key, members in sorted(groups.items(), key=lambda kv: _order(kv[1][0])):
         r0 = members[0]
         label = _label(r0, axes)
@@ -193,13 +239,26 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
             ref = mean_episodes([eps[reference(m, refs[(m["train_sources"], m["seed"])], axes)["cell"]] for m in cells])
             d_id, d_ood = paired(mine, ref, ids), paired(mine, ref, oods)
             d_fix = paired(mine, ref, always_ood)
+            deltas.append(dict(row=r0, id=d_id, ood=d_ood, fixed=d_fix))
         cols = [label, str(len(members)), _ms([num(m["id_avg"]) for m in members]),
                 _ms([num(m["id_ci95"]) for m in members]).split(" ± ")[0],
                 _ms([num(m["ood_avg"]) for m in members]), _ms([num(m["ood_ci95"]) for m in members]).split(" ± ")[0],
                 _ms(fixed_avg), _ms([num(m["sparsity_reached"]) for m in members]),
-                _pm(*d_id), _pm(*d_ood), _pm(*d_fix)]
+                _pm(*d_id), _pm(*d_ood), _pm(*d_fix), per_seed(cells, refs, axes)]
         if has_valid:
             cols.append(_ms([valid.get(m["cell"], {}).get("id_avg") for m in members]))
+        lines.append("| " + " | ".join(cols) + " |")
+    pre_src = per_source(pre["test"]) if pre else {}
+    if pre_src:  # θ_pre as a ProtoNet, grouped as the 4-source cells (all ID sources trained on)
+        acc = {s: float(x["accuracy"]) for s, x in pre_src.items()}
+        ids = [s for s, x in pre_src.items() if x["kind"] == "ID"]
+        oods = [s for s, x in pre_src.items() if x["kind"] == "OOD"]
+        ci = lambda group: math.sqrt(sum(float(pre_src[s]["ci95"]) ** 2 for s in group)) / len(group)
+        cols = ["Pre (θ_pre ProtoNet, all 4 ID sources as ID)", "-", f"{sum(acc[s] for s in ids) / len(ids):.2f}",
+                f"{ci(ids):.2f}", f"{sum(acc[s] for s in oods) / len(oods):.2f}", f"{ci(oods):.2f}",
+                f"{sum(acc[s] for s in always_ood) / len(always_ood):.2f}" if always_ood else "-"] + ["-"] * 5
+        if has_valid:
+            cols.append(f"{per_source_avg(pre['valid']):.2f}" if pre.get("valid") else "-")
         lines.append("| " + " | ".join(cols) + " |")
     lines += ["", "Per source (mean over seeds, %):", ""]
     sources = sorted({s for c in src.values() for s in c})
@@ -210,7 +269,44 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
             v = [float(src[m["cell"]][s]["accuracy"]) for m in members if s in src[m["cell"]]]
             vals.append(f"{sum(v) / len(v):.2f}" if v else "-")
         lines.append(f"| {_label(members[0], axes)} | " + " | ".join(vals) + " |")
+    if pre_src:
+        lines.append("| Pre | " + " | ".join(f"{float(pre_src[s]['accuracy']):.2f}" if s in pre_src else "-"
+                                             for s in sources) + " |")
     return "\n".join(lines) + "\n"
+
+
+def per_source_avg(eval_dir: Path) -> float:
+    vals = [float(x["accuracy"]) for x in per_source(eval_dir).values()]
+    return sum(vals) / len(vals)
+
+
+def pre_eval(rows: List[Dict[str, str]], out: Path, data: Path, splits: Sequence[str]) -> Dict[str, Path]:
+    """smat-eval --method pre (θ_pre of a cell trained on every ID source) on the study's episodes."""
+    cells = [r for r in rows if r["status"] == "done"]
+    run = max(cells, key=lambda r: len(r["train_sources"].split("+")))["run_dir"]
+    res = {}
+    for split in splits:
+        dest = out / "pre" / split
+        if not (dest / "results.csv").exists():
+            cmd = [sys.executable, "-m", "smat_dist.eval.cli", "--method", "pre", "--checkpoint", run, "--data",
+                   str(data), "--out", str(dest), "-q", "episodes=100"] + ([f"split={split}"] if split != "test" else [])
+            if subprocess.call(cmd, env=env(), stdout=subprocess.DEVNULL) != 0:
+                raise SystemExit(f"study: smat-eval --method pre ({split}) failed")
+        res[split] = dest
+    return res
+
+
+def per_seed(cells: List[Dict[str, str]], refs, axes: Sequence[str]) -> str:
+    """Each seed's own ID and OOD differences to its PMF (averages of the two cells; no pairing)."""
+    out = []
+    for m in sorted(cells, key=lambda m: int(m["seed"])):
+        if m["method"].lower() == "pmf" or num(m["ood_avg"]) is None and num(m["id_avg"]) is None:
+            continue
+        ref = reference(m, refs[(m["train_sources"], m["seed"])], axes)
+        d = [num(m[c]) - num(ref[c]) if num(m[c]) is not None and num(ref[c]) is not None else None
+             for c in ("id_avg", "ood_avg")]
+        out.append(f"s{m['seed']}: " + " / ".join("-" if x is None else f"{x:+.2f}" for x in d))
+    return ", ".join(out) or "-"
 
 
 def reference(row: Dict[str, str], candidates: List[Dict[str, str]], axes: Sequence[str]) -> Dict[str, str]:
@@ -313,18 +409,95 @@ def valid_eval(rows: List[Dict[str, str]], out: Path, data: Path, *, jobs: int) 
     return res
 
 
-def analyse_best(rows, valid, out: Path, data: Path) -> Optional[str]:
-    smat = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf" and r["cell"] in valid]
-    if not smat:
-        return None
-    best = max(smat, key=lambda r: valid[r["cell"]]["id_avg"])
+SPARSITY_SLACK = 0.05  # a setting meets its target when every cell's test-gate sparsity is >= tau - this
+
+
+def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path) -> tuple:
+    """The SMAT setting chosen on the valid split, and the table that shows the choice.
+
+    Rule (fixed before the paired valid differences were computed): among the SMAT settings whose cells all meet their
+    sparsity target at test time, the highest mean valid ID average over seeds; if the demo's setting
+    (configs/demo/smat.yaml) is within the paired 95 % CI of that best one, the demo's setting is kept,
+    so a default does not move on episode noise.
+    """
+    from smat_dist.config import RunConfig, load_config
+
+    demo = load_config(RunConfig, [REPO / "configs" / "demo" / "smat.yaml"]).model.gates
+    done = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf"]
+    groups = defaultdict(list)
+    for r in done:
+        groups[setting_key(r, axes)].append(r)
+    veps = {r["cell"]: episode_acc(out / "valid" / r["cell"]) for r in done}
+    stats = {}
+    for key, members in groups.items():
+        tau = num(members[0]["tau"])
+        meets = all(num(m["sparsity_reached"]) is not None and num(m["sparsity_reached"]) >= tau - SPARSITY_SLACK
+                    for m in members)
+        v = [valid_eval_avg(out / "valid" / m["cell"]) for m in members]
+        stats[key] = dict(members=sorted(members, key=lambda m: int(m["seed"])), meets=meets, valid=sum(v) / len(v),
+                          is_demo=(int(members[0]["num_experts"]) == demo.num_experts and tau == demo.target_sparsity))
+    eligible = [k for k, st in stats.items() if st["meets"]]
+    if not eligible:
+        return None, ""
+    best = max(eligible, key=lambda k: stats[k]["valid"])
+    demo_key = next((k for k in eligible if stats[k]["is_demo"]), None)
+    lines = ["| setting | meets τ at test | valid ID avg (mean over seeds) | Δ valid ID vs best (paired) |",
+             "|---|---|---|---|"]
+    ids = None
+    chosen = best
+    for key in sorted(stats, key=lambda k: _order(stats[k]["members"][0])):
+        st = stats[key]
+        d = (None, None)
+        if key != best:
+            mine = mean_episodes([veps[m["cell"]] for m in st["members"]])
+            ref = mean_episodes([veps[m["cell"]] for m in stats[best]["members"]])
+            ids = sorted({k[0] for k in ref})
+            d = paired(mine, ref, ids)
+            if key == demo_key and d[0] is not None and d[0] + d[1] >= 0:
+                chosen = demo_key  # the demo's setting is not worse than the best beyond the CI: keep it
+        mark = " **(best)**" if key == best else ""
+        lines.append(f"| {_label(st['members'][0], axes)}{mark} | {'yes' if st['meets'] else 'no'} | "
+                     f"{st['valid']:.2f} | {'-' if key == best else _pm(*d)} |")
+    text = "\n".join(lines) + "\n\n" + (
+        f"Chosen: **{_label(stats[chosen]['members'][0], axes)}** "
+        + ("(the demo's setting, within the CI of the best)" if chosen != best else "(the best)") + ".\n")
+    return stats[chosen]["members"][0], text
+
+
+def valid_eval_avg(dest: Path) -> float:
+    from smat_dist.sweep.report import read_eval_results
+
+    return read_eval_results(dest / "results.csv")["id_avg"]
+
+
+def analyse_cell(cell: Dict[str, str], out: Path, data: Path) -> str:
     dest = out / "analysis"
-    cmd = [sys.executable, "-m", "smat_dist.eval.cli", "analyse", best["run_dir"], "--data", str(data), "--out", str(dest)]
+    if dest.exists():
+        shutil.rmtree(dest)
+    cmd = [sys.executable, "-m", "smat_dist.eval.cli", "analyse", cell["run_dir"], "--data", str(data), "--out", str(dest)]
     say("smat-eval " + " ".join(cmd[3:]))
     if subprocess.call(cmd, env=env()) != 0:
         raise SystemExit("study: smat-eval analyse failed")
-    (dest / "cell.txt").write_text(best["cell"] + "\n")
-    return best["cell"]
+    (dest / "cell.txt").write_text(cell["cell"] + "\n")
+    return cell["cell"]
+
+
+def contrasts(rows: List[Dict[str, str]], axis: str, within: str) -> str:
+    """Paired test-episode differences between the largest and smallest value of ``axis`` (sweep.csv column)
+    at each value of ``within``, seeds matched: does tau trade ID for OOD, do more experts help?"""
+    done = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf"]
+    eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
+    kinds = per_source(Path(done[0]["eval_dir"]))
+    ids = [s for s, x in kinds.items() if x["kind"] == "ID"]
+    oods = [s for s, x in kinds.items() if x["kind"] == "OOD"]
+    lines = [f"| {within} | {axis}: high − low | Δ ID | Δ OOD |", "|---|---|---|---|"]
+    for w in sorted({num(r[within]) for r in done}):
+        at = [r for r in done if num(r[within]) == w]
+        lo, hi = min(num(r[axis]) for r in at), max(num(r[axis]) for r in at)
+        a = mean_episodes([eps[r["cell"]] for r in at if num(r[axis]) == hi])
+        b = mean_episodes([eps[r["cell"]] for r in at if num(r[axis]) == lo])
+        lines.append(f"| {w:g} | {hi:g} − {lo:g} | {_pm(*paired(a, b, ids))} | {_pm(*paired(a, b, oods))} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -351,16 +524,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = read_csv(out / "sweep.csv")
     valid: Dict[str, dict] = {}
     best = None
+    choice = ""
     if a.study == "tradeoff":
         t1 = time.time()
         valid = valid_eval(rows, out, inputs["data"], jobs=a.num_cpus)
         timing["valid_s"] = time.time() - t1
         t1 = time.time()
-        best = analyse_best(rows, valid, out, inputs["data"])
+        chosen, choice = choose(rows, axes, out)
+        if chosen is not None:
+            best = analyse_cell(chosen, out, inputs["data"])
         timing["analyse_s"] = time.time() - t1
     elif a.study == "select":
         valid = {r["cell"]: {"id_avg": num(r["id_avg"])} for r in rows if r["status"] == "done"}
-    text = summarise(out, rows, axes, valid if a.study == "tradeoff" else {})
+    t1 = time.time()
+    pre = None if a.study == "select" else \
+        pre_eval(rows, out, inputs["data"], ["test", "valid"] if a.study == "tradeoff" else ["test"])
+    timing["pre_s"] = time.time() - t1
+    text = summarise(out, rows, axes, valid if a.study == "tradeoff" else {},
+                     split="valid (the ID sources' valid classes; no OOD source has one)" if a.study == "select" else "test",
+                     pre=pre)
+    if a.study == "tradeoff":
+        text += ("\n## Paired contrasts\n\nSame seeds, same test episodes; Δ ± 95 % CI over episodes (seeds "
+                 "averaged per episode).\n\n" + contrasts(rows, "tau", "num_experts") + "\n"
+                 + contrasts(rows, "num_experts", "tau"))
+        text += ("\n## The SMAT setting chosen on the valid split\n\n" + (choose.__doc__ or "").split("\n\n")[1]
+                 .replace("\n    ", " ").strip() + f" Sparsity target met: test sparsity >= τ − {SPARSITY_SLACK}.\n\n"
+                 + choice + (f"\nAnalysed (`smat-eval analyse`, figures in analysis/): `{best}`.\n" if best else ""))
     if a.study in ("select", "tradeoff"):
         text += ("\n## Diagnostics\n\nPer cell, from metrics.jsonl and the exported model: the first step whose "
                  "training gates of every expert reach τ (within 0.01), the test-gate sparsity at the end, the largest λ, the mean "
@@ -370,13 +559,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "minus θ_pre's ProtoNet accuracy on the same tasks over the last quarter.\n\n")
         text += diagnose(rows, axes)
     (out / "summary.md").write_text(text)
+    if a.study == "sources":
+        plot_source_deltas(out / "sources_delta.png")
     timing["total_s"] = time.time() - t0
 
     dest = a.docs / a.study
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png",)}[a.study]
+    figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png", "sources_delta.png")}[a.study]
     for name in ("sweep.csv", "valid.csv", "summary.md", *figures):
         if (out / name).exists():
             shutil.copy2(out / name, dest / name)
@@ -389,7 +580,21 @@ def main(argv: Optional[List[str]] = None) -> int:
              if (out / "cells" / f"{r['cell']}.json").exists()]
     timing["cell_train_s"] = sum(c.get("train_s") or 0 for c in cells)
     timing["cell_eval_s"] = sum(c.get("eval_s") or 0 for c in cells)
-    (dest / "timing.json").write_text(json.dumps({k: round(v, 1) for k, v in timing.items()}, indent=1) + "\n")
+    # wall time with at least one cell running, over every invocation of the sweep (a resumed or extended
+    # sweep's cells were run by earlier calls, whose own sweep_s this call does not see)
+    spans = sorted((x["started"], x["ended"]) for c in cells for x in c.get("attempts", []) if x.get("ended"))
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    timing["cells_wall_s"] = busy
+    # every invocation's timing, oldest first (a re-run that finds the cells done takes a minute, the first one
+    # an hour: both are kept)
+    history = out / "study_runs.jsonl"
+    with history.open("a") as f:
+        f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S"), **{k: round(v, 1) for k, v in timing.items()}})
+                + "\n")
+    shutil.copy2(history, dest / "timing.jsonl")
     say(f"{a.study}: {len(rows)} cells in {timing['total_s'] / 60:.1f} min (sweep {timing['sweep_s'] / 60:.1f} min); "
         f"published to {dest}")
     print((out / "summary.md").read_text())
