@@ -80,4 +80,16 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "publish", "fsync_dir", "tmp_path_for"]
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this machine) still runs: files it left (a lock, a download, an
+    announcement) are someone's as long as it does."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = ["pid_alive", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "publish", "fsync_dir", "tmp_path_for"]

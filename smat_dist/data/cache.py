@@ -38,6 +38,7 @@ from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, NamedTupl
 
 from smat_dist.data.format import DataError
 from smat_dist.data.location import failure, openers
+from smat_dist.fsutil import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ class ShardCache:
                 age = now - p.stat().st_mtime
             except (IndexError, ValueError, FileNotFoundError):
                 continue
-            dead = age > STALE_PARTIAL_S or (host == self._host and not _alive(pid))
+            dead = age > STALE_PARTIAL_S or (host == self._host and not pid_alive(pid))
             if dead:
                 p.unlink(missing_ok=True)
             else:
@@ -270,16 +271,6 @@ def copy_checked(src: BinaryIO, out: BinaryIO, size: int, progress: Optional[Cal
     if n == size and src.read(1):
         n += 1
     return h.hexdigest(), n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Prefetcher:

@@ -23,6 +23,7 @@ from smat_dist.data.format import (CLASSES_PATTERN, FORMAT, FORMAT_VERSION, MANI
                                    DataError, check_rel_path, sha256_file)
 from smat_dist.data.location import DataRoot, failure
 from smat_dist.data.store import Catalog
+from smat_dist.fsutil import atomic_write_bytes, publish
 
 Root = Union[str, Path, DataRoot]
 
@@ -76,10 +77,8 @@ def stage(src_root: Root, dest_root: str | Path, sources: Optional[Sequence[str]
             if rec and (n != rec["bytes"] or sha != rec["sha256"]):
                 tmp.unlink(missing_ok=True)
                 raise DataError(f"{url}: copied {n} bytes that do not match the manifest (size {rec['bytes']}, sha256)")
-            os.replace(tmp, t)
-        tmp = d / f"{MANIFEST}.part"
-        tmp.write_bytes(mraw)
-        os.replace(tmp, d / MANIFEST)
+            publish(tmp, t)
+        atomic_write_bytes(d / MANIFEST, mraw)  # last, synced: the staged source is complete
     if names:
         from smat_dist.data.writer import write_sources_index
 

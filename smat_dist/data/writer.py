@@ -48,6 +48,7 @@ from smat_dist.data.format import (BLOCK_EXT, CLASSES_PATTERN, FORMAT, FORMAT_VE
                                    ROW_DTYPE, SHARD_PATTERN, SOURCES_FILE, block_key, sha256_file)
 from smat_dist.data.spec import SPLITS, SourceSpec, save_spec, with_counts
 from smat_dist.data.tario import EOF_BLOCKS, NAME_RE, encode_sample, sample_key
+from smat_dist.fsutil import atomic_write_text, publish
 
 log = logging.getLogger(__name__)
 PACK_GREY_TOLERANCE = 8  # max channel spread (JPEG rounding) of an RGB image accepted as grey when packing
@@ -322,7 +323,7 @@ def _write_shard(path: Path, shard: _Shard, side_by_class: Dict[int, dict], work
         out.write(EOF_BLOCKS)
         h.update(EOF_BLOCKS)
         total += len(EOF_BLOCKS)
-    os.replace(tmp, path)
+    publish(tmp, path)  # synced before the manifest that lists it
     return h.hexdigest(), total
 
 
@@ -438,7 +439,7 @@ def write_sources_index(root: str | Path) -> Path:
         names = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))
         tmp = root / f".sources.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "sources": names}, indent=1) + "\n")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         os.close(fd)
     return path
@@ -551,7 +552,7 @@ def _finalize(job: _Job, opts: WriteOptions) -> Path:
         rows = np.zeros(nrows, dtype=ROW_DTYPE)
         rows["shard"], rows["offset"], rows["size"] = row_shard, row_offset, row_size
         np.save(idx_tmp, rows, allow_pickle=False)
-        os.replace(idx_tmp, out / idx_rel)
+        publish(idx_tmp, out / idx_rel)
         classes_doc = [{"id": s["class"], "name": s["name"], "n_images": s["n"], "first_row": int(image_ptr[i]),
                         "last_row": int(image_ptr[i]) + s["n"] - 1,
                         **({"blocks": len(s["samples"]), "first_block": first_row[s["class"]]} if opts.pack else {})}
@@ -569,9 +570,7 @@ def _finalize(job: _Job, opts: WriteOptions) -> Path:
             manifest["splits"][split]["packed"] = {"images_per_block": opts.pack, "height": opts.pack_side,
                                                    "width": opts.pack_side, "dtype": "uint8"}
     save_spec(spec, out / "dataset_spec.json", file_pattern=SHARD_PATTERN, rel_path=".")
-    tmp = out / "manifest.tmp.json"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, mpath)
+    atomic_write_text(mpath, json.dumps(manifest, indent=1) + "\n")  # last, synced: the source is complete
     if not opts.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     total = sum(sp["num_images"] for sp in manifest["splits"].values())

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from smat_dist.fsutil import atomic_write_text
+from smat_dist.fsutil import atomic_write_text, pid_alive
 from smat_dist.monitoring.config import MonitorConfig
 from smat_dist.monitoring.names import (ACCURACY_KEYS, BY_NAME, DATA_COUNTERS, LOSS_KEYS, PHASE_KEYS, Metric,
                                         metric)
@@ -283,22 +283,12 @@ def announce_target(directory: Path, target: str, name: str) -> Path:
     host = socket.gethostname()
     for old in directory.glob(f"*@{host}-*.json"):  # this host's leftovers of killed processes
         pid = old.stem.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             old.unlink(missing_ok=True)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
     path = directory / f"{safe}@{host}-{os.getpid()}.json"
     atomic_write_text(path, json.dumps([{"targets": [target], "labels": {}}]))  # never read half-written
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------ factories

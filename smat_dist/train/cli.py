@@ -71,9 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = train(cfg, verbose=verbose)
     except Exception as exc:
         return _fail(prog, exc, run_dir)
-    print(f"[smat-train] done: run directory {result.run_dir}")
-    print(f"[smat-train] exported model {result.export}")
-    return 0
+    return _done(result.run_dir)
 
 
 def main_local(argv: Optional[List[str]] = None) -> int:
@@ -86,16 +84,18 @@ def main_local(argv: Optional[List[str]] = None) -> int:
         return rc
     import os
 
-    from smat_dist.train import distributed
-    from smat_dist.train.launch import run
     from smat_dist.train.preflight import preflight
 
     run_dir = cfg.run_dir()
-    torchrun = distributed.under_torchrun()
+    # torchrun describes every rank in the environment; torch itself is imported after the checks
+    torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
     try:
         preflight(cfg, run_dir, engine="deepspeed" if torchrun else "local",
                   world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
+        from smat_dist.train import distributed
+        from smat_dist.train.launch import run
+
         if torchrun:
             runtime = distributed.init_torchrun(cfg.dist.use_gpu)
         else:
@@ -104,9 +104,12 @@ def main_local(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:
         return _fail(prog, exc, run_dir, rank=rank if torchrun else None)
     distributed.shutdown()
-    if runtime.is_main:
-        print(f"[smat-train] done: run directory {run_dir}")
-        print(f"[smat-train] exported model {run_dir / 'model.safetensors'}")
+    return _done(run_dir) if runtime.is_main else 0
+
+
+def _done(run_dir) -> int:
+    print(f"[smat-train] done: run directory {run_dir}")
+    print(f"[smat-train] exported model {run_dir / 'model.safetensors'}")
     return 0
 
 

@@ -72,11 +72,6 @@ def rank_device(use_gpu: bool, local_rank: int) -> torch.device:
     return device
 
 
-def under_torchrun() -> bool:
-    """True in a process started by torchrun (it sets these for every rank)."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
-
-
 def init_torchrun(use_gpu: bool, timeout_s: float = 1800.0) -> Runtime:
     """Join the process group torchrun describes in the environment (``env://`` rendezvous)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -186,6 +181,6 @@ def mean_over_ranks(values: List[float]) -> List[float]:
     return all_reduce_mean(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
-__all__ = ["Runtime", "backend_for", "served_devices", "rank_device", "under_torchrun", "init_torchrun", "shutdown",
+__all__ = ["Runtime", "backend_for", "served_devices", "rank_device", "init_torchrun", "shutdown",
            "is_initialized", "rank", "world_size", "all_reduce_sum", "all_reduce_mean", "all_gather_rows",
            "broadcast_string", "check_same_everywhere", "any_rank", "barrier", "rank_zero_first", "mean_over_ranks"]

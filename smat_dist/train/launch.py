@@ -11,6 +11,7 @@ every rank writes its part into a ``.partial`` directory, rank 0 adds the sideca
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -19,7 +20,7 @@ from smat_dist.episode import Episode
 from smat_dist.fsutil import atomic_write_text, publish
 from smat_dist.smat import SMAT
 from smat_dist.train import checkpoint as ckpt
-from smat_dist.train import distributed, runlog
+from smat_dist.train import distributed
 from smat_dist.train.distributed import Runtime
 from smat_dist.train.metrics import StepMetrics
 from smat_dist.train.recipe import EpisodeProvider, MetaTrainRecipe
@@ -64,18 +65,8 @@ def run(cfg: RunConfig, runtime: Runtime) -> Path:
         atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
     distributed.barrier()
     monitor = worker_monitor(cfg, runtime.rank, default_backend="prometheus")
-    try:
-        recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=LocalCheckpoints(), monitor=monitor)
-        recipe.setup(agreed_resume_point(run_dir, cfg.dist.resume_from))
-        recipe.train()
-        if runtime.is_main:
-            recipe.export()
-        distributed.barrier()
-    except Exception as exc:
-        runlog.log_exception(run_dir, exc, f"rank {runtime.rank}")
-        raise
-    finally:
-        monitor.close()
+    recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=LocalCheckpoints(), monitor=monitor)
+    recipe.run(nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from)))
     return run_dir
 
 

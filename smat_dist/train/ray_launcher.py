@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -20,8 +21,7 @@ import torch
 
 from smat_dist.config import RunConfig, from_dict, to_dict, to_yaml
 from smat_dist.fsutil import atomic_write_text
-from smat_dist.train import checkpoint as ckpt
-from smat_dist.train import distributed, runlog
+from smat_dist.train import distributed
 from smat_dist.train.distributed import Runtime, backend_for
 from smat_dist.train.launch import agreed_resume_point
 from smat_dist.train.metrics import StepMetrics
@@ -88,21 +88,8 @@ def train_loop(config: Dict[str, Any]) -> None:
     monitor = worker_monitor(cfg, runtime.rank, default_backend="ray")
     recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=RayCheckpoints(), monitor=monitor)
     own = ray.train.get_checkpoint()  # this run's latest (a restart after a failure, or a re-run)
-    try:
-        if own is not None:
-            with own.as_directory() as d:
-                recipe.setup(Path(d))
-        else:
-            recipe.setup(agreed_resume_point(run_dir, cfg.dist.resume_from))
-        recipe.train()
-        if runtime.is_main:
-            recipe.export()
-        distributed.barrier()
-    except Exception as exc:
-        runlog.log_exception(run_dir, exc, f"rank {runtime.rank}")
-        raise
-    finally:
-        monitor.close()
+    resume = own.as_directory() if own is not None else nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from))
+    recipe.run(resume)
 
 
 def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
@@ -149,4 +136,4 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
         ray_session.shutdown(started)
 
 
-__all__ = ["train", "train_loop", "RunResult", "RayCheckpoints", "ckpt"]
+__all__ = ["train", "train_loop", "RunResult", "RayCheckpoints"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Protocol
+from typing import Callable, ContextManager, Iterable, Iterator, List, Optional, Protocol
 
 import torch
 
@@ -224,6 +224,24 @@ class MetaTrainRecipe:
             self.loader = self._provider if hasattr(self._provider, "stats") else None
         else:
             self._stream, self.loader = open_episodes(self.cfg, indices, use_ray=rt.launcher == "ray", device=rt.device)
+
+    def run(self, resume: ContextManager[Optional[str | Path]]) -> None:
+        """What every launcher does on every rank: set up (resuming from the directory ``resume`` yields,
+        open only while the state is loaded), train to the end, write the export (rank 0). A failure's
+        traceback goes to the run's log file; the monitor is closed either way."""
+        try:
+            with resume as directory:
+                self.setup(Path(directory) if directory else None)
+            self.train()
+            if self.runtime.is_main:
+                self.export()
+            distributed.barrier()
+        except Exception as exc:
+            runlog.log_exception(self.run_dir, exc, f"rank {self.runtime.rank}")
+            raise
+        finally:
+            if self.monitor is not None:
+                self.monitor.close()
 
     # ------------------------------------------------------------------------------ training
     def train(self, steps: Optional[int] = None) -> None:

@@ -98,3 +98,18 @@ def test_episode_augmentation_depends_only_on_seed_and_index(synth_root, make_cf
     aug = a.build(1)
     assert plain.support_keys == aug.support_keys and not np.array_equal(plain.support, aug.support)
 
+
+
+def test_pixels_are_normalised_on_the_target_device():
+    """uint8 pixels travel to the device, and the float32 conversion and normalisation happen there: the
+    CPU result is the reference arithmetic, and a non-CPU device (meta, as a stand-in for a GPU) gets a
+    float32 NCHW tensor on that device without any float32 copy on the CPU."""
+    batch = np.random.default_rng(0).integers(0, 256, size=(3, 5, 4, 3), dtype=np.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    cpu = to_tensor(batch, mean, std)
+    ref = (torch.from_numpy(batch).permute(0, 3, 1, 2).double() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
+        / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(cpu.double(), ref, rtol=0, atol=1e-5)
+    assert torch.equal(to_tensor(batch, mean, std, device="cpu"), cpu)
+    meta = to_tensor(batch, mean, std, device="meta")
+    assert meta.device.type == "meta" and meta.dtype == torch.float32 and tuple(meta.shape) == (3, 3, 5, 4)

@@ -17,6 +17,7 @@ features are nearly tied, so plain accuracy agreement would measure ties, not pr
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from smat_dist.eval.episodes import frozen_list
 from smat_dist.eval.models import describe_checkpoint, describe_pre
 from smat_dist.eval.worker import EpisodeEvaluator
 from smat_dist.smat.config import BackboneConfig
-from tests.eval.conftest import eval_overrides
+from tests.eval.conftest import eval_overrides, make_tiny_export
 
 ATOL = {"none": 0.05, "full": 0.15, "lora": 0.15}
 ALPHA_ATOL = 0.02
@@ -38,9 +39,37 @@ def _evaluator(eval_root, spec, precision: str) -> EpisodeEvaluator:
     return EpisodeEvaluator(spec, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16)))
 
 
-@pytest.mark.parametrize("method", ["pre", "model"])
-def test_bf16_logits_stay_close_to_fp32_in_every_mode(eval_root, tiny_run, tmp_path, method):
-    spec = describe_pre(str(tiny_run), BackboneConfig()) if method == "pre" else describe_checkpoint(tiny_run)
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").glob("*.yaml")) + \
+    sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs" / "ablations").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def shipped_runs(tmp_path_factory):
+    """A tiny export of every shipped training config (its method's parameters: gates, hypernetwork,
+    experts with their own offsets, ...), built lazily."""
+    from smat_dist.config import RunConfig, load_config
+
+    cache = {}
+
+    def get(config: str) -> Path:
+        if config not in cache:
+            model = load_config(RunConfig, [REPO / "configs" / config]).model
+            changes = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "backbone"}
+            run = tmp_path_factory.mktemp(Path(config).stem)
+            make_tiny_export(run, **changes)
+            cache[config] = run
+        return cache[config]
+
+    return get
+
+
+@pytest.mark.parametrize("method", ["pre"] + SHIPPED)
+def test_bf16_logits_stay_close_to_fp32_in_every_mode(eval_root, tiny_run, shipped_runs, tmp_path, method):
+    """Pre (ProtoNet on θ_pre) and every shipped training config's model (SMAT, PMF, SoftMerge, the
+    ablations), in the three modes."""
+    run = tiny_run if method == "pre" else shipped_runs(method)
+    spec = describe_pre(str(run), BackboneConfig()) if method == "pre" else describe_checkpoint(run)
     evs = {p: _evaluator(eval_root, spec, p) for p in ("fp32", "bf16")}
     data = evs["fp32"].cfg.data
     specs = [sp for s in ("textures", "digits") for sp in frozen_list(data, s, "test", 3, 0, tmp_path).specs]
@@ -52,7 +81,7 @@ def test_bf16_logits_stay_close_to_fp32_in_every_mode(eval_root, tiny_run, tmp_p
             outs = ev.score(sp, RUNS)[2]
             logits[p] = {"none": ev.protonet_logits(weights, ep), "full": outs[0].query_logits,
                          "lora": outs[1].query_logits}
-        if method == "model":
+        if alphas["fp32"] is not None:
             torch.testing.assert_close(alphas["bf16"], alphas["fp32"], rtol=0, atol=ALPHA_ATOL)
         for mode, atol in ATOL.items():
             ref, low = logits["fp32"][mode], logits["bf16"][mode]
