@@ -198,27 +198,38 @@ def plot_selection(sources: List[str], mean_alpha: np.ndarray, kinds: Dict[str, 
     from scipy.cluster.hierarchy import dendrogram, linkage
 
     n, M = mean_alpha.shape
-    fig = plt.figure(figsize=(4 + 0.6 * M, 1.2 + 0.45 * n))
+    # Laid out in inches so the row labels (right of the heatmap) and the colour bar never overlap,
+    # whatever M and the number of sources: dendrogram | heatmap | labels | colour bar.
+    dend_w, cell_w, label_w, bar_w, gap = (1.3 if n >= 2 else 0.0), 0.5, 1.7, 0.2, 0.15
+    heat_w, top, bottom = max(1.2, cell_w * M), 0.55, 0.5
+    height = max(2.0, 0.4 * n) + top + bottom
+    width = 0.2 + dend_w + gap + heat_w + label_w + bar_w + 0.6
+    fig = plt.figure(figsize=(width, height))
+
+    def box(x, w):  # inches -> figure fraction, same vertical extent for every panel
+        return [x / width, bottom / height, w / width, (height - top - bottom) / height]
+
     order = list(range(n))
     if n >= 2:
-        ax_d = fig.add_axes([0.05, 0.12, 0.2, 0.76])
+        ax_d = fig.add_axes(box(0.2, dend_w))
         Z = linkage(mean_alpha, method=method, metric=metric)
-        labels = [f"{s} ({kinds.get(s, '?')})" for s in sources]
-        dn = dendrogram(Z, orientation="left", labels=labels, ax=ax_d, no_labels=True, color_threshold=None)
+        dn = dendrogram(Z, orientation="left", no_labels=True, ax=ax_d, color_threshold=None)
         order = list(dn["leaves"])[::-1]  # top-to-bottom, matching the heatmap's rows
         ax_d.set_xticks([])
         for sp in ax_d.spines.values():
             sp.set_visible(False)
-        ax_d.set_title("task similarity", fontsize=9)
-    ax = fig.add_axes([0.3, 0.12, 0.55, 0.76])
+        ax_d.set_xlabel("task similarity", fontsize=8)
+    x_heat = 0.2 + dend_w + gap
+    ax = fig.add_axes(box(x_heat, heat_w))
     im = ax.imshow(mean_alpha[order], aspect="auto", cmap="magma", vmin=0.0)
     ax.set_yticks(range(n))
     ax.set_yticklabels([f"{sources[i]} ({kinds.get(sources[i], '?')})" for i in order], fontsize=8)
     ax.yaxis.tick_right()
     ax.set_xticks(range(M))
     ax.set_xlabel("expert")
-    ax.set_title("mean expert-selection weight α per source", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.25)
+    cax = fig.add_axes(box(x_heat + heat_w + label_w, bar_w))
+    fig.colorbar(im, cax=cax)
+    fig.suptitle("mean expert-selection weight α per source (rows in dendrogram order)", fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path, [sources[i] for i in order]
