@@ -311,8 +311,10 @@ def per_seed(cells: List[Dict[str, str]], refs, axes: Sequence[str]) -> str:
 
 def reference(row: Dict[str, str], candidates: List[Dict[str, str]], axes: Sequence[str]) -> Dict[str, str]:
     """The PMF cell to compare with: same seed and sources, then the one agreeing on most other axes
-    (e.g. the same offset learning rate)."""
-    return max(candidates, key=lambda c: sum(c.get(k) == row.get(k) for k in axes if k != "config"))
+    (e.g. the same offset learning rate); among equally close ones the strongest (highest ID average on
+    the sweep's split), so a SMAT setting no PMF cell shares is compared with PMF at its best."""
+    return max(candidates, key=lambda c: (sum(c.get(k) == row.get(k) for k in axes if k != "config"),
+                                          num(c.get("id_avg")) or 0.0))
 
 
 def _order(r: Dict[str, str]):
