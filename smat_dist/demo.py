@@ -115,7 +115,7 @@ def train(method: str, out: Path, data: Path, backbone: Path, overrides: List[st
     return run_dir
 
 
-def evaluate(out: Path, data: Path, runs: dict, overrides: List[str]) -> Path:
+def evaluate(out: Path, data: Path, runs: dict, overrides: List[str]) -> List[str]:
     from smat_dist.eval.cli import main as eval_main
 
     results = []
@@ -131,6 +131,13 @@ def evaluate(out: Path, data: Path, runs: dict, overrides: List[str]) -> Path:
         if rc != 0:
             raise SystemExit(f"demo: smat-eval {label} failed ({rc})")
         results.append(str(dest / "results.csv"))
+    return results
+
+
+def compare(out: Path, results: List[str]) -> Path:
+    """The side-by-side table (printed once, by smat-eval --compare) in <out>/results.md."""
+    from smat_dist.eval.cli import main as eval_main
+
     table = out / "results.md"
     rc = eval_main(["--compare", *results, "--out", str(table)])
     if rc != 0:
@@ -180,11 +187,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         stage("meta-training SMAT (smat-train, local Ray, 2 workers)")
         runs["smat"] = train("smat", out, data, backbone, run_over, a.keep)
         stage("meta-testing Pre, PMF and SMAT (smat-eval)")
-        table = evaluate(out, data, runs, eval_over)
+        results = evaluate(out, data, runs, eval_over)
     finally:
         ray_session.shutdown(started)
     stage("results")
-    print(table.read_text())
+    table = compare(out, results)
     print(f"demo finished in {stage.elapsed()}; table in {table}, runs in {out}")
     return 0
 

@@ -26,6 +26,8 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
     for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert stage in log, stage  # progress is shown for every stage
     table = (out / "results.md").read_text()
+    assert log.count("| Source | Pre | PMF | SMAT |") == 1, log[-3000:]  # the comparison is printed once
+    assert log.index("[6/6]") < log.index("| Source | Pre | PMF | SMAT |")
     for column in ("Pre", "PMF", "SMAT"):
         assert column in table
     for row in ("objects", "glyphs", "textures", "doodles", "signs", "digits", "patterns", "ID avg", "OOD avg"):
