@@ -21,7 +21,7 @@ source "$venv/bin/activate"
 
 stamp="$venv/.smat-dist-install"
 want="$(cat "$here/pyproject.toml" "$here/tools/constraints.txt" | sha256sum | cut -d' ' -f1) $here"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import smat_dist, torch, timm, ray, deepspeed" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import smat_dist, torch, timm, ray, deepspeed" >/dev/null 2>&1; then
     echo "[install] $venv is up to date"
     exit 0
 fi
