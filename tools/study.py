@@ -578,6 +578,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for p in sorted((out / "analysis").iterdir()):
             if p.suffix in (".png", ".json", ".txt"):
                 shutil.copy2(p, dest / "analysis" / p.name)
+    # paths as paths inside the repository, not this machine's checkout
+    for p in [dest / "sweep.csv", *(dest / "analysis").glob("*.json")]:
+        if p.exists():
+            p.write_text(p.read_text().replace(f"{REPO}{os.sep}", ""))
     cells = [json.loads((out / "cells" / f"{r['cell']}.json").read_text()) for r in rows
              if (out / "cells" / f"{r['cell']}.json").exists()]
     timing["cell_train_s"] = sum(c.get("train_s") or 0 for c in cells)
