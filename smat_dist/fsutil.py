@@ -80,6 +80,18 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
+def read_json(path: PathLike, error: type, what: str) -> Any:
+    """The JSON in ``path``, or ``error`` with one line naming the file (a missing file names ``what``
+    it should have been), so every reader of a user-supplied JSON file fails the same way."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{p}: not valid JSON: {exc}") from None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` (on this machine) still runs: files it left (a lock, a download, an
     announcement) are someone's as long as it does."""
@@ -92,4 +104,4 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["pid_alive", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "publish", "fsync_dir", "tmp_path_for"]
+__all__ = ["pid_alive", "read_json", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "publish", "fsync_dir", "tmp_path_for"]

@@ -1,4 +1,5 @@
-"""Crash-safe writes: the target is the old or the whole new content, never a temporary."""
+"""Crash-safe writes: the target is the old or the whole new content, never a temporary; JSON reads
+that fail in one line naming the file."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from smat_dist.fsutil import atomic_write_json, atomic_write_text, publish
+from smat_dist.fsutil import atomic_write_json, atomic_write_text, publish, read_json
 
 
 def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
@@ -42,3 +43,19 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_text(p, "new")
     assert p.read_text() == "old"
+
+
+def test_read_json_names_the_missing_or_broken_file(tmp_path):
+    class Bad(Exception):
+        pass
+
+    good = atomic_write_json(tmp_path / "spec.json", {"a": [1, 2]})
+    assert read_json(good, Bad, "dataset spec") == {"a": [1, 2]}
+    with pytest.raises(Bad, match=rf"^dataset spec not found: {tmp_path / 'none.json'}$"):
+        read_json(tmp_path / "none.json", Bad, "dataset spec")
+    (tmp_path / "torn.json").write_text('{"a": [1,')
+    with pytest.raises(Bad, match=rf"^{tmp_path / 'torn.json'}: not valid JSON"):
+        read_json(tmp_path / "torn.json", Bad, "dataset spec")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(Bad, match="binary.json: not valid JSON"):
+        read_json(tmp_path / "binary.json", Bad, "dataset spec")

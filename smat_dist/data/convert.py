@@ -19,7 +19,6 @@ skipped, named in a warning and counted in the manifest (``skipped_inputs``).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -29,6 +28,7 @@ import numpy as np
 from smat_dist.data.spec import SPLITS, SourceSpec, flat_spec, load_spec, save_spec
 from smat_dist.data.tfrecord import TFRecordError, iter_records, parse_example
 from smat_dist.data.writer import ClassEntry, ConvertError, InputSource, WriteOptions, build_source
+from smat_dist.fsutil import read_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
 SPLIT_SEED = 22  # MD's seed for generated class splits
@@ -46,7 +46,7 @@ class _SpecSource(InputSource):
         if not spec_path.is_file():
             raise ConvertError(f"{self.fmt} input needs {spec_path}")
         self._spec_path = str(spec_path)
-        raw = json.loads(spec_path.read_text())
+        raw = read_json(spec_path, ConvertError, "dataset spec")
         pattern = str(raw.get("file_pattern", "{}.tfrecords"))
         if pattern.count("{}") != 1:
             raise ConvertError(f"{spec_path}: file_pattern {pattern!r} is not one file per class")
@@ -200,12 +200,7 @@ class FolderSource(InputSource):
 
 
 def _read_split_file(path: Path, folders: Sequence[str]) -> Dict[str, List[str]]:
-    if not path.is_file():
-        raise ConvertError(f"split file not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConvertError(f"{path}: not JSON: {exc}") from exc
+    d = read_json(path, ConvertError, "split file")
     unknown = [k for k in d if k not in SPLITS]
     if unknown:
         raise ConvertError(f"{path}: unknown split names {unknown} (use train/valid/test)")

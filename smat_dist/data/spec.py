@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
+from smat_dist.fsutil import read_json
+
 SPLITS = ("train", "valid", "test")
 MD_SPLIT = {"train": "TRAIN", "valid": "VALID", "test": "TEST"}
 FLAT, BILEVEL, HIERARCHICAL = "flat", "bilevel", "hierarchical"
@@ -230,14 +232,7 @@ def _is_internal(nodes: List[GraphNode], wn: str) -> bool:
 
 
 def load_spec(path: str | Path) -> SourceSpec:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"dataset spec not found: {p}")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"{p}: not valid JSON: {exc}") from exc
-    return spec_from_json(d, str(p))
+    return spec_from_json(read_json(path, SpecError, "dataset spec"), str(Path(path)))
 
 
 def save_spec(spec: SourceSpec, path: str | Path, file_pattern: str = "{}.tfrecords", rel_path: str = ".") -> None:
