@@ -75,17 +75,24 @@ def _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w, sam
     return density
 
 
-@pytest.mark.parametrize("structured", [False, True])
-@pytest.mark.parametrize("interpolated", [True, False])
-@pytest.mark.parametrize("order", ORDERS)
-def test_merge_gradients_match_autograd(structured, interpolated, order):
-    torch.manual_seed(0)
+def _three_tasks(*, seed, structured, interpolated):
+    """Gates, θ_pre, θδ (one shared offset, or one per expert), three tasks' α and loss weights w_t
+    (task t's loss = <w_t, θ_t>), drawn in this order from ``seed``."""
+    torch.manual_seed(seed)
     layout = GateLayout(SLOTS, structured=structured)
     gates = HardConcreteGates(layout, GateConfig(num_experts=M))
     pre = torch.randn(N)
     delta = torch.randn(1 if interpolated else M, N, requires_grad=True)
     alphas = [torch.softmax(torch.randn(M), 0).requires_grad_(True) for _ in range(3)]
-    weights = [torch.randn(N) for _ in alphas]  # task t's loss = <w_t, θ_t>
+    weights = [torch.randn(N) for _ in alphas]
+    return layout, gates, pre, delta, alphas, weights
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("interpolated", [True, False])
+@pytest.mark.parametrize("order", ORDERS)
+def test_merge_gradients_match_autograd(structured, interpolated, order):
+    layout, gates, pre, delta, alphas, weights = _three_tasks(seed=0, structured=structured, interpolated=interpolated)
     density_w = torch.tensor([0.5, -2.0, 1.5])  # a loss term on the expected density, folded into ∇φ
     density = _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w)
 
@@ -115,13 +122,7 @@ def test_merge_gradients_match_autograd(structured, interpolated, order):
 def test_every_backward_order_gives_the_one_at_a_time_gradients(interpolated):
     """∇φ and ∇α are bit-identical (the flush reads the tasks in forward order whatever the
     backward order); ∇θδ sums the tasks in another order, so it agrees to fp32 rounding."""
-    torch.manual_seed(1)
-    layout = GateLayout(SLOTS, structured=False)
-    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
-    pre = torch.randn(N)
-    delta = torch.randn(1 if interpolated else M, N, requires_grad=True)
-    alphas = [torch.softmax(torch.randn(M), 0).requires_grad_(True) for _ in range(3)]
-    weights = [torch.randn(N) for _ in alphas]
+    layout, gates, pre, delta, alphas, weights = _three_tasks(seed=1, structured=False, interpolated=interpolated)
     density_w = torch.tensor([1.0, 0.5, -0.5])
     grads = {}
     for order in ("one_at_a_time", "summed", "reversed"):
