@@ -36,7 +36,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,6 +47,9 @@ DOCS = REPO / "docs" / "results"
 VALID_EVAL = ["split=valid", "episodes=100"]
 # Columns that describe a cell's setting besides its axes (sweep.csv); the seed is what is averaged over.
 SETTING_COLUMNS = ("method", "num_experts", "tau", "train_sources")
+
+if TYPE_CHECKING:
+    from smat_dist.eval.report import ResultRow
 
 
 def env() -> Dict[str, str]:
@@ -108,22 +111,25 @@ def episode_acc(eval_dir: Path) -> Dict[tuple, float]:
     return {(r["source"], int(r["index"])): float(r["accuracy"]) for r in read_csv(eval_dir / "episodes.csv")}
 
 
-def per_source(eval_dir: Path) -> Dict[str, Dict[str, str]]:
-    return {r["source"]: r for r in read_csv(eval_dir / "results.csv") if r.get("mode", "none") == "none"}
+def per_source(eval_dir: Path) -> Dict[str, ResultRow]:
+    """source -> smat-eval's result row (mode none) of one evaluation."""
+    from smat_dist.eval.report import read_results
+
+    return {r.source: r for r in read_results(eval_dir / "results.csv") if r.mode == "none"}
 
 
 def paired(a: Dict[tuple, float], b: Dict[tuple, float], sources: Sequence[str]):
     """Mean over ``sources`` of the per-source mean difference a - b on the same episodes, and its 95 %
     CI half-width sqrt(sum ci_s^2)/k with ci_s = 1.96 sd_s / sqrt(n_s) of the per-episode differences."""
+    from smat_dist.eval.stats import mean_ci95
+
     means, cis = [], []
     for s in sources:
-        d = [a[k] - b[k] for k in a if k[0] == s and k in b]
-        if len(d) < 2:
+        m, ci, _, n = mean_ci95(a[k] - b[k] for k in a if k[0] == s and k in b)
+        if n < 2:
             return None, None
-        m = sum(d) / len(d)
-        sd = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
         means.append(m)
-        cis.append(1.96 * sd / math.sqrt(len(d)))
+        cis.append(ci)
     if not means:
         return None, None
     return sum(means) / len(means), math.sqrt(sum(c * c for c in cis)) / len(cis)
@@ -135,15 +141,14 @@ def mean_episodes(dicts: List[Dict[tuple, float]]) -> Dict[tuple, float]:
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
 
 
-def _ms(vals: List[float]) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
+def _ms(vals: List[Optional[float]], *, spread: bool = True) -> str:
+    """Mean ± sample std over seeds ("-" when there is nothing; no ± for one value or ``spread=False``)."""
+    from smat_dist.eval.stats import mean_ci95
+
+    m, _, sd, n = mean_ci95(v for v in vals if v is not None)
+    if n == 0:
         return "-"
-    m = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{m:.2f}"
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{m:.2f} ± {sd:.2f}"
+    return f"{m:.2f} ± {sd:.2f}" if spread and n > 1 else f"{m:.2f}"
 
 
 def _pm(m, ci) -> str:
@@ -154,10 +159,7 @@ def setting_key(row: Dict[str, str], axes: Sequence[str]) -> tuple:
     return tuple(row.get(k, "") for k in axes if k != "train.seed") + tuple(row.get(c, "") for c in SETTING_COLUMNS)
 
 
-deltas: List[dict] = []  # summarise's paired SMAT - PMF differences per setting, for plot_source_deltas
-
-
-def plot_source_deltas(path: Path) -> Optional[Path]:
+def plot_source_deltas(deltas: List[dict], path: Path) -> Optional[Path]:
     """SMAT − PMF (paired, 95 % CI) vs the number of training sources: ID, OOD and the test-only sources,
     one point per choice of sources. Unlike scaling.png, the test-only panel compares like with like."""
     import matplotlib
@@ -194,13 +196,14 @@ def plot_source_deltas(path: Path) -> Optional[Path]:
 
 
 def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid: Dict[str, dict], *,
-              split: str = "test", pre: Optional[Dict[str, Path]] = None) -> str:
-    """summary.md: one line per setting (seeds pooled) with paired differences to PMF."""
+              split: str = "test", pre: Optional[Dict[str, Path]] = None) -> tuple:
+    """(summary.md text, the paired SMAT − PMF differences per setting): one line per setting (seeds pooled)
+    with paired differences to PMF."""
     done = [r for r in rows if r["status"] == "done"]
     eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
     src = {r["cell"]: per_source(Path(r["eval_dir"])) for r in done}
     # sources that are OOD in every cell (never trained on, whatever the cell's training sources)
-    always_ood = sorted(set.intersection(*(set(s for s, x in src[r["cell"]].items() if x["kind"] == "OOD")
+    always_ood = sorted(set.intersection(*(set(s for s, x in src[r["cell"]].items() if x.kind == "OOD")
                                            for r in done))) if done else []
     refs = defaultdict(list)  # (train_sources, seed) -> PMF cells
     for r in done:
@@ -224,13 +227,13 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
             "Δ ID vs PMF", "Δ OOD vs PMF", "Δ test-only OOD vs PMF", "Δ ID / Δ OOD per seed"] + \
         (["valid ID avg"] if has_valid else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    deltas.clear()
+    deltas = []
     for key, members in sorted(groups.items(), key=lambda kv: _order(kv[1][0])):
         r0 = members[0]
         label = _label(r0, axes)
-        ids = [s for s, x in src[r0["cell"]].items() if x["kind"] == "ID"]
-        oods = [s for s, x in src[r0["cell"]].items() if x["kind"] == "OOD"]
-        fixed_avg = [sum(float(src[m["cell"]][s]["accuracy"]) for s in always_ood) / len(always_ood)
+        ids = [s for s, x in src[r0["cell"]].items() if x.kind == "ID"]
+        oods = [s for s, x in src[r0["cell"]].items() if x.kind == "OOD"]
+        fixed_avg = [sum(src[m["cell"]][s].accuracy for s in always_ood) / len(always_ood)
                      for m in members] if always_ood else []
         cells = [m for m in members if refs.get((m["train_sources"], m["seed"]))]
         d_id = d_ood = d_fix = (None, None)
@@ -241,8 +244,8 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
             d_fix = paired(mine, ref, always_ood)
             deltas.append(dict(row=r0, id=d_id, ood=d_ood, fixed=d_fix))
         cols = [label, str(len(members)), _ms([num(m["id_avg"]) for m in members]),
-                _ms([num(m["id_ci95"]) for m in members]).split(" ± ")[0],
-                _ms([num(m["ood_avg"]) for m in members]), _ms([num(m["ood_ci95"]) for m in members]).split(" ± ")[0],
+                _ms([num(m["id_ci95"]) for m in members], spread=False),
+                _ms([num(m["ood_avg"]) for m in members]), _ms([num(m["ood_ci95"]) for m in members], spread=False),
                 _ms(fixed_avg), _ms([num(m["sparsity_reached"]) for m in members]),
                 _pm(*d_id), _pm(*d_ood), _pm(*d_fix), per_seed(cells, refs, axes)]
         if has_valid:
@@ -250,15 +253,14 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
         lines.append("| " + " | ".join(cols) + " |")
     pre_src = per_source(pre["test"]) if pre else {}
     if pre_src:  # θ_pre as a ProtoNet, grouped as the 4-source cells (all ID sources trained on)
-        acc = {s: float(x["accuracy"]) for s, x in pre_src.items()}
-        ids = [s for s, x in pre_src.items() if x["kind"] == "ID"]
-        oods = [s for s, x in pre_src.items() if x["kind"] == "OOD"]
-        ci = lambda group: math.sqrt(sum(float(pre_src[s]["ci95"]) ** 2 for s in group)) / len(group)
-        cols = ["Pre (θ_pre ProtoNet, all 4 ID sources as ID)", "-", f"{sum(acc[s] for s in ids) / len(ids):.2f}",
-                f"{ci(ids):.2f}", f"{sum(acc[s] for s in oods) / len(oods):.2f}", f"{ci(oods):.2f}",
-                f"{sum(acc[s] for s in always_ood) / len(always_ood):.2f}" if always_ood else "-"] + ["-"] * 5
+        from smat_dist.sweep.report import read_eval_results
+
+        p = read_eval_results(pre["test"] / "results.csv")
+        cols = ["Pre (θ_pre ProtoNet, all 4 ID sources as ID)", "-", f"{p['id_avg']:.2f}", f"{p['id_ci95']:.2f}",
+                f"{p['ood_avg']:.2f}", f"{p['ood_ci95']:.2f}",
+                f"{sum(pre_src[s].accuracy for s in always_ood) / len(always_ood):.2f}" if always_ood else "-"] + ["-"] * 5
         if has_valid:
-            cols.append(f"{per_source_avg(pre['valid']):.2f}" if pre.get("valid") else "-")
+            cols.append(f"{valid_eval_avg(pre['valid']):.2f}" if pre.get("valid") else "-")
         lines.append("| " + " | ".join(cols) + " |")
     lines += ["", "Per source (mean over seeds, %):", ""]
     sources = sorted({s for c in src.values() for s in c})
@@ -266,18 +268,13 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
     for key, members in sorted(groups.items(), key=lambda kv: _order(kv[1][0])):
         vals = []
         for s in sources:
-            v = [float(src[m["cell"]][s]["accuracy"]) for m in members if s in src[m["cell"]]]
+            v = [src[m["cell"]][s].accuracy for m in members if s in src[m["cell"]]]
             vals.append(f"{sum(v) / len(v):.2f}" if v else "-")
         lines.append(f"| {_label(members[0], axes)} | " + " | ".join(vals) + " |")
     if pre_src:
-        lines.append("| Pre | " + " | ".join(f"{float(pre_src[s]['accuracy']):.2f}" if s in pre_src else "-"
+        lines.append("| Pre | " + " | ".join(f"{pre_src[s].accuracy:.2f}" if s in pre_src else "-"
                                              for s in sources) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def per_source_avg(eval_dir: Path) -> float:
-    vals = [float(x["accuracy"]) for x in per_source(eval_dir).values()]
-    return sum(vals) / len(vals)
+    return "\n".join(lines) + "\n", deltas
 
 
 def pre_eval(rows: List[Dict[str, str]], out: Path, data: Path, splits: Sequence[str]) -> Dict[str, Path]:
@@ -490,8 +487,8 @@ def contrasts(rows: List[Dict[str, str]], axis: str, within: str) -> str:
     done = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf"]
     eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
     kinds = per_source(Path(done[0]["eval_dir"]))
-    ids = [s for s, x in kinds.items() if x["kind"] == "ID"]
-    oods = [s for s, x in kinds.items() if x["kind"] == "OOD"]
+    ids = [s for s, x in kinds.items() if x.kind == "ID"]
+    oods = [s for s, x in kinds.items() if x.kind == "OOD"]
     lines = [f"| {within} | {axis}: high − low | Δ ID | Δ OOD |", "|---|---|---|---|"]
     for w in sorted({num(r[within]) for r in done}):
         at = [r for r in done if num(r[within]) == w]
@@ -542,7 +539,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pre = None if a.study == "select" else \
         pre_eval(rows, out, inputs["data"], ["test", "valid"] if a.study == "tradeoff" else ["test"])
     timing["pre_s"] = time.time() - t1
-    text = summarise(out, rows, axes, valid if a.study == "tradeoff" else {},
+    text, deltas = summarise(out, rows, axes, valid if a.study == "tradeoff" else {},
                      split="valid (the ID sources' valid classes; no OOD source has one)" if a.study == "select" else "test",
                      pre=pre)
     if a.study == "tradeoff":
@@ -562,7 +559,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         text += diagnose(rows, axes)
     (out / "summary.md").write_text(text)
     if a.study == "sources":
-        plot_source_deltas(out / "sources_delta.png")
+        plot_source_deltas(deltas, out / "sources_delta.png")
     timing["total_s"] = time.time() - t0
 
     dest = a.docs / a.study
