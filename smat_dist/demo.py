@@ -116,9 +116,15 @@ def train(method: str, out: Path, data: Path, backbone: Path, overrides: List[st
 
 
 def evaluate(out: Path, data: Path, runs: dict, overrides: List[str]) -> List[str]:
+    """Pre, PMF and SMAT on the same frozen episodes. Each shows its progress; the episode lists (the same
+    files for all three) are listed once, and the tables wait for the side-by-side one of stage 6."""
     from smat_dist.eval.cli import main as eval_main
 
-    results = []
+    def say(msg: str) -> None:
+        if not (results and " episodes from " in msg):
+            print(msg, file=sys.stderr, flush=True)
+
+    results: List[str] = []
     for label, argv in (
         ("Pre", ["--method", "pre", "--checkpoint", str(runs["smat"])]),
         ("PMF", ["--checkpoint", str(runs["pmf"])]),
@@ -127,7 +133,7 @@ def evaluate(out: Path, data: Path, runs: dict, overrides: List[str]) -> List[st
         dest = out / "eval" / label.lower()
         args = [*argv, "--data", str(data), "--out", str(dest), *EVAL_DEFAULTS, *overrides]
         print(f"smat-eval {' '.join(args)}", flush=True)
-        rc = eval_main(args)
+        rc = eval_main(args, say=say, table=False)
         if rc != 0:
             raise SystemExit(f"demo: smat-eval {label} failed ({rc})")
         results.append(str(dest / "results.csv"))

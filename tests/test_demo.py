@@ -28,6 +28,7 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert log.count("| Source | Pre | PMF | SMAT |") == 1, log[-3000:]  # the comparison is printed once
     assert log.index("[6/6]") < log.index("| Source | Pre | PMF | SMAT |")
+    assert log.count("test episodes from") == 7, log[-3000:]  # the three methods' shared lists, listed once
     for column in ("Pre", "PMF", "SMAT"):
         assert column in table
     for row in ("objects", "glyphs", "textures", "doodles", "signs", "digits", "patterns", "ID avg", "OOD avg"):

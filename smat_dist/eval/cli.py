@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from smat_dist.errors import ConfigError
 
@@ -59,7 +59,9 @@ def _check_image_size(cfg, overrides: List[str], img_size: int) -> None:
                               f"({img_size}); evaluation images are always at the model's resolution")
 
 
-def cmd_eval(argv: List[str]) -> int:
+def cmd_eval(argv: List[str], *, say: Optional[Callable[[str], None]] = None, table: bool = True) -> int:
+    """``say``: where progress lines go (default stderr; ``-q`` drops them); ``table=False`` leaves the
+    results table to the caller (the demo prints one side-by-side table of all methods instead)."""
     a = _eval_parser().parse_intermixed_args(argv)
     from smat_dist.eval.config import load_eval_config
     from smat_dist.eval.runner import evaluate, model_spec_for
@@ -70,9 +72,9 @@ def cmd_eval(argv: List[str]) -> int:
         raise ConfigError("--data DATA_DIR is required (the dataset root holding <source>/manifest.json)")
     spec = model_spec_for(cfg, a.checkpoint, a.method)
     _check_image_size(cfg, ov, spec.img_size)
-    say = (lambda m: None) if a.quiet else None
-    report = evaluate(cfg, a.checkpoint, a.method, a.label, a.out, say=say)
-    print(report.table, end="")
+    report = evaluate(cfg, a.checkpoint, a.method, a.label, a.out, say=(lambda m: None) if a.quiet else say)
+    if table:
+        print(report.table, end="")
     if a.out:
         print(f"[smat-eval] wrote {', '.join(str(p) for p in report.files.values())}")
     return 0
@@ -121,7 +123,8 @@ def cmd_analyse(argv: List[str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, *, say: Optional[Callable[[str], None]] = None, table: bool = True) -> int:
+    """``smat-eval``; ``say`` and ``table`` as in :func:`cmd_eval` (an evaluation's console lines)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from smat_dist.data.sampler import SamplerError
@@ -133,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_analyse(argv[1:])
         if "--compare" in argv:
             return cmd_compare(argv)
-        return cmd_eval(argv)
+        return cmd_eval(argv, say=say, table=table)
     except (ConfigError, DataError, SamplerError, ReportError, FileNotFoundError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
