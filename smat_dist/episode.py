@@ -8,6 +8,18 @@ from typing import Tuple
 import torch
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device`` (the one place data crosses to an accelerator): kept if it is there already (a
+    bare ``cuda`` accepts any GPU); a CPU tensor bound for a GPU goes through pinned memory without
+    blocking, so the copy overlaps the rank's compute."""
+    device = torch.device(device)
+    if t.device == device or (device.type == "cuda" and device.index is None and t.device.type == "cuda"):
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def num_ways(labels: torch.Tensor) -> int:
     """Number of classes of episode labels ``0..ways-1`` (the one place this is computed)."""
     return int(labels.max().item()) + 1
@@ -35,19 +47,9 @@ class Episode:
         return num_ways(self.support_y)
 
     def to(self, device: torch.device | str) -> "Episode":
-        """This episode on ``device``: tensors already there are kept; CPU tensors bound for a GPU go
-        through pinned memory without blocking (the data plane's loader normalises on the device itself)."""
-        device = torch.device(device)
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if t.device == device or (device.type == "cuda" and device.index is None and t.device.type == "cuda"):
-                return t
-            if device.type == "cuda" and t.device.type == "cpu":
-                return t.pin_memory().to(device, non_blocking=True)
-            return t.to(device)
-
-        return replace(self, support_x=move(self.support_x), support_y=move(self.support_y),
-                       query_x=move(self.query_x), query_y=move(self.query_y))
+        """This episode on ``device`` (:func:`to_device`; the data plane's loader normalises on the device itself)."""
+        return replace(self, support_x=to_device(self.support_x, device), support_y=to_device(self.support_y, device),
+                       query_x=to_device(self.query_x, device), query_y=to_device(self.query_y, device))
 
     def merged(self) -> "Episode":
         """Support and query as one set (Table 2's "no support/query split" ablation)."""

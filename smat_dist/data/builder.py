@@ -138,10 +138,10 @@ class RawEpisode:
         """Tensors on ``device`` (pixels normalised there, see :func:`to_tensor`)."""
         import torch
 
-        from smat_dist.episode import Episode
+        from smat_dist.episode import Episode, to_device
 
         def labels(ys):
-            return torch.from_numpy(np.array(ys, dtype=np.int64)).to(device or "cpu")
+            return to_device(torch.from_numpy(np.array(ys, dtype=np.int64)), device or "cpu")
 
         return Episode(
             support_x=to_tensor(self.support, mean, std, device),

@@ -134,15 +134,12 @@ def to_tensor(batch: np.ndarray, mean: Sequence[float], std: Sequence[float], de
     """
     import torch
 
+    from smat_dist.episode import to_device
+
     if not batch.flags.writeable or not batch.flags.c_contiguous:  # Ray hands out read-only arrays
         batch = np.array(batch, copy=True, order="C")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    src = torch.from_numpy(batch)
-    if device.type == "cuda":
-        src = src.pin_memory().to(device, non_blocking=True)
-    elif device.type != "cpu":
-        src = src.to(device)
-    src = src.permute(0, 3, 1, 2)
+    src = to_device(torch.from_numpy(batch), device).permute(0, 3, 1, 2)
     out = torch.empty(src.shape, dtype=torch.float32, device=device)
     out.copy_(src)  # one pass: uint8 NHWC -> float32 NCHW
     m = torch.tensor(mean, dtype=torch.float64)
