@@ -56,10 +56,10 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
     ways, shots, queries = EPISODES[args.episode]
     make = _episode(ways, shots, queries, args.image_size, device)
     spec = dict(BACKBONES[backbone], img_size=args.image_size)
-    bf16 = args.precision == "bf16"
     if kind == "protonet":
         import timm
 
+        from smat_dist.smat.precision import backbone_autocast
         from smat_dist.smat.protonet import cosine_logits, prototypes
 
         model = timm.create_model(spec.pop("name"), num_classes=0, global_pool="token", **spec).to(device)
@@ -67,7 +67,7 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
 
         def step(i):
             ep = make(i)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with backbone_autocast(args.precision, device):
                 head = prototypes(model(ep.support_x).float(), ep.support_y, ways)
                 loss = F.cross_entropy(cosine_logits(model(ep.query_x), head, 10.0), ep.query_y)
             loss.backward()

@@ -110,7 +110,8 @@ class EvalConfig:
     actor_start_timeout_s: float = 300.0  # actors load torch, timm and the model first
     device: str = "auto"  # auto (cuda when this worker has one) | cpu | cuda
     # fp32 (as the published code tests) | bf16: autocast on the worker's device (CPU too), for the
-    # whole test-time computation: features, α, fine-tuning. The checkpoint's model.precision is not used.
+    # backbone's forwards (features, fine-tuning); α, prototypes and heads stay fp32. The checkpoint's
+    # model.precision is not used.
     precision: str = "fp32"
     batch_size: int = 512  # images per no-grad forward
     cache_mb: int = 1024  # decoded eval images kept per worker (the eval transform is deterministic)

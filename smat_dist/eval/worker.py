@@ -15,7 +15,6 @@ Cost per episode in mode ``none``:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -32,6 +31,7 @@ from smat_dist.eval.episodes import EpisodeReader
 from smat_dist.eval.finetune import LoraWorkspace, episode_seed, finetune_full
 from smat_dist.eval.models import ModelSpec, build_task_model
 from smat_dist.smat.backbone import features
+from smat_dist.smat.precision import backbone_autocast
 from smat_dist.smat.protonet import cosine_logits, prototypes
 
 
@@ -138,11 +138,8 @@ class EpisodeEvaluator:
         self.forwards = 0  # images forwarded per episode path (not the tables)
 
     def autocast(self):
-        """bf16 autocast for ``precision=bf16``, on CPU too: CPU autocast lowers the same ops
-        (linear, matmul) to bf16 as CUDA does, so a CPU run shows what a GPU run computes."""
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The backbone's autocast for the evaluation's ``precision`` (fp32 | bf16, on CPU too)."""
+        return backbone_autocast(self.cfg.precision, self.device)
 
     def info(self) -> Dict[str, object]:
         import smat_dist
@@ -187,8 +184,7 @@ class EpisodeEvaluator:
         feats = self.pre_table().get(spec, spec.support) if self.cfg.feature_cache else None
         if feats is None:
             feats = self.features(None, ep.support_x)
-        with self.autocast():
-            return self.model.task_alpha(prototypes(feats, ep.support_y, ep.ways))
+        return self.model.task_alpha(prototypes(feats, ep.support_y, ep.ways))  # fp32 whatever the precision
 
     def task_weights(self, spec: EpisodeSpec, ep: Episode):
         """(θ_i as gated tensor name -> tensor, α_i) of a task. A static model has one θ and no α;

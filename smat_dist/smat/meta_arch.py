@@ -23,7 +23,6 @@ for a ProtoNet step; the reference runs ≈ 8·(S+Q).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -40,6 +39,7 @@ from smat_dist.smat.gates import GateLayout, GateSample, HardConcreteGates
 from smat_dist.smat.hypernet import Hypernetwork
 from smat_dist.smat.losses import distill
 from smat_dist.smat.merge import MergePlan, merge
+from smat_dist.smat.precision import backbone_autocast
 from smat_dist.smat.protonet import cosine_logits, prototypes
 
 
@@ -137,11 +137,7 @@ class SMAT(nn.Module):
         return self.delta.device
 
     def autocast(self):
-        dev = self.device
-        use_bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and dev.type == "cuda")
-        if use_bf16:
-            return torch.autocast(dev.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return backbone_autocast(self.cfg.precision, self.device)
 
     def temperature(self, tasks_seen: Optional[int] = None) -> float:
         if self.hypernet is None:
@@ -393,7 +389,7 @@ class SMAT(nn.Module):
 
         ``proto_pre``: the task's class prototypes under θ_pre when the caller already has them
         (evaluation caches θ_pre features); otherwise they come from ``support_x``/``support_y``.
-        Runs under the caller's autocast.
+        Always fp32 (the hypernetwork and prototypes run under :func:`full_precision`).
         """
         if self.hypernet is not None and proto_pre is None:
             if support_x is None or support_y is None:

@@ -14,7 +14,19 @@ autocast region their caller happens to be in.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def backbone_autocast(precision: str, device: torch.device | str):
+    """The backbone's autocast region for a ``precision`` setting: bf16 for ``bf16`` (on CPU too: CPU
+    autocast lowers the same matmuls, so a CPU run shows what a GPU run computes) and for ``auto`` on
+    CUDA; otherwise no autocast. Training, evaluation and the step benchmark all decide here."""
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def full_precision(device: torch.device | str) -> torch.autocast:
