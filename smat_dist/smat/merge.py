@@ -76,7 +76,6 @@ class MergePlan:
         self.joint_backward = joint_backward
         self.tasks = 0  # merges recorded against this draw (slots 0..tasks-1)
         self.closed = False  # the flushing (last) task has been merged
-        self.flushed = False  # ∇φ has been formed over z
         self._alphas: Dict[int, torch.Tensor] = {}
         self._rows: Dict[int, torch.Tensor] = {}
         self._row_block: Optional[torch.Tensor] = None
@@ -91,6 +90,11 @@ class MergePlan:
     @property
     def stochastic(self) -> bool:
         return self.gates is not None
+
+    @property
+    def flushed(self) -> bool:
+        """∇φ has been formed over the draw (which it overwrote)."""
+        return self.stochastic and self.z is None
 
     def open_slot(self, *, flush: bool, records: bool) -> int:
         """Register one task's merge (forward order); ``flush`` closes the plan."""
@@ -120,7 +124,6 @@ class MergePlan:
             )
 
     def _store(self, slot: int, alpha: torch.Tensor, row: torch.Tensor) -> None:
-        self.require_draw()
         if slot in self._rows:
             raise RuntimeError(f"merge: task slot {slot} of this gate draw was backpropagated twice")
         if slot < self.capacity:  # straight into one (capacity, G) block: no stacking copy
@@ -188,7 +191,6 @@ class MergePlan:
             if self._density_grad is not None:
                 gates.density_grad_(chunk, self._density_grad, start, stop)
             grad_phi[:, start:stop] = chunk
-        self.flushed = True
         self._alphas.clear()
         self._rows.clear()
         self._row_block = None
@@ -226,8 +228,7 @@ class _Merge(torch.autograd.Function):
     def _backward(ctx, grad, grad_density):
         delta, alpha, mask = ctx.saved_tensors
         plan: MergePlan = ctx.plan
-        if plan.stochastic:
-            plan.require_draw()
+        plan.require_draw()
         z = plan.z
         need_delta, need_logits, need_alpha = ctx.needs_input_grad[:3]
         grad_delta = grad_logits = grad_alpha = None
