@@ -186,9 +186,10 @@ class EpisodeBuilder:
         self._sampler: Optional[MultiSourceSampler] = None
         self._bad: Dict[Tuple[str, str, int], str] = {}  # (source, split, row) -> reason, logged once
         self.counters: Dict[str, float] = {k: 0 for k in COUNTERS}
+        # background downloads for URL roots, started by the first prefetch() (a builder that never
+        # prefetches, e.g. the loader's driver-side one or evaluation's, starts no thread)
+        self._prefetch_limit = cfg.prefetch_shards if self.catalog.remote else 0
         self._prefetch: Optional[Prefetcher] = None
-        if self.catalog.remote and cfg.prefetch_shards > 0:
-            self._prefetch = Prefetcher(self.catalog.cache, cfg.prefetch_shards)
         self._planned: Dict[int, EpisodeSpec] = {}
 
     # -- planning -----------------------------------------------------------------
@@ -234,8 +235,10 @@ class EpisodeBuilder:
     def prefetch(self, upcoming: Sequence[Union[int, EpisodeSpec]]) -> int:
         """Ask the background prefetcher for the shards of ``upcoming`` episodes (numbers to be
         built by this builder, or frozen specs); returns how many downloads were queued."""
-        if self._prefetch is None or not upcoming:
+        if self._prefetch_limit <= 0 or not upcoming:
             return 0
+        if self._prefetch is None:
+            self._prefetch = Prefetcher(self.catalog.cache, self._prefetch_limit)
         queued = 0
         for job in upcoming:
             if isinstance(job, EpisodeSpec):

@@ -287,8 +287,6 @@ class Prefetcher:
         self._q: "queue.Queue[Optional[Ref]]" = queue.Queue()
         self._pending: Set[str] = set()
         self._mu = threading.Lock()
-        self.requested = 0
-        self.completed = 0
         self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
         self._thread.start()
 
@@ -305,7 +303,6 @@ class Prefetcher:
                 continue
             with self._mu:
                 self._pending.add(ref.sha256)
-                self.requested += 1
             self._q.put(ref)
             n += 1
         return n
@@ -322,8 +319,6 @@ class Prefetcher:
                 return
             try:
                 self.cache.fetch(ref)
-                with self._mu:
-                    self.completed += 1
             except Exception as exc:  # the reader will fetch (and report) it itself
                 log.warning("prefetch of %s failed: %s", ref.url, exc)
             finally:

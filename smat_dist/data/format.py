@@ -20,6 +20,7 @@ index has one row per block, and image ``j`` of a class is row ``j % B`` of the 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import BinaryIO, Tuple
@@ -104,9 +105,14 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sources_doc(names) -> str:
+    """The text of ``sources.json`` listing ``names`` (sorted): what URL readers list a root by."""
+    return json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "sources": sorted(names)}, indent=1) + "\n"
+
+
 __all__ = [
     "BLOCK_EXT", "BLOCK_KEY_RE", "CLASSES_PATTERN", "DataError", "FORMAT", "FORMAT_VERSION", "IMAGE_EXTS", "INDEX_PATTERN",
     "KEY_RE", "MANIFEST", "NAME_RE", "REL_PATH_RE", "ROW_DTYPE", "SHARD_PATTERN", "SOURCES_FILE", "SPEC_FILE",
-    "block_key", "check_rel_path", "parse_block_key", "parse_key", "sample_key", "sha256_bytes", "sha256_file",
+    "block_key", "check_rel_path", "parse_block_key", "parse_key", "sample_key", "sha256_bytes", "sources_doc", "sha256_file",
     "sha256_stream",
 ]

@@ -20,7 +20,6 @@ http(s) is an HTTP PUT (``curl -T``), ``gs://`` ``gsutil cp -``, ``s3://`` ``aws
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -29,6 +28,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from smat_dist.data.format import check_rel_path
+from smat_dist.fsutil import atomic_write_text, publish, tmp_path_for
 
 PLACEHOLDER = "{shard}"
 _SCHEME_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
@@ -145,15 +145,25 @@ class DataRoot:
         with self.open(rel) as f:
             return f.read()
 
+    def write_text(self, rel: str, text: str) -> None:
+        """Write ``text`` to ``rel`` under this root (atomically for local roots, an upload for remote ones)."""
+        if not self.remote:
+            dest = self.local(rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(dest, text)
+            return
+        with self.open(rel, "wb") as fout:
+            fout.write(text.encode())
+
     def write_from(self, rel: str, src: Path) -> None:
         """Copy a local file to ``rel`` under this root (an upload for remote roots; local
         destinations are written under a temporary name and renamed)."""
         if not self.remote:
             dest = self.local(rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".part")
+            tmp = tmp_path_for(dest)
             shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            publish(tmp, dest)
             return
         with open(src, "rb") as fin, self.open(rel, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)

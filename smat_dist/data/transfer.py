@@ -13,14 +13,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from smat_dist.data.cache import copy_checked
-from smat_dist.data.format import (CLASSES_PATTERN, FORMAT, FORMAT_VERSION, MANIFEST, SOURCES_FILE, SPEC_FILE,
-                                   DataError, check_rel_path, sha256_file)
+from smat_dist.data.format import (CLASSES_PATTERN, MANIFEST, SOURCES_FILE, SPEC_FILE, DataError, check_rel_path,
+                                   sha256_file, sources_doc)
 from smat_dist.data.location import DataRoot, failure
 from smat_dist.data.store import Catalog
 from smat_dist.fsutil import atomic_write_bytes, publish
@@ -112,15 +110,10 @@ def upload(out_root: str | Path, dest: Root, sources: Optional[Sequence[str]] = 
             listed |= set(json.loads(loc.read_bytes(SOURCES_FILE))["sources"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    fd, tmp = tempfile.mkstemp(prefix="sources-", suffix=".json")  # the local root stays untouched
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "sources": sorted(listed)}, indent=1) + "\n")
     try:
-        loc.write_from(SOURCES_FILE, Path(tmp))
+        loc.write_text(SOURCES_FILE, sources_doc(listed))
     except (OSError, ValueError) as exc:
         raise DataError(f"upload of {SOURCES_FILE} to {loc.url(SOURCES_FILE)} failed ({failure(exc)})") from None
-    finally:
-        os.unlink(tmp)
     return done
 
 

@@ -208,12 +208,7 @@ def _stream_shard(ref: Ref, check: _Check, deep: bool) -> List[str]:
 
 def verify_root(root: Root, sources: Optional[Sequence[str]] = None, deep: bool = True) -> Dict[str, List[str]]:
     loc = _loc(root)
-    if sources:
-        names = list(sources)
-    elif loc.remote:
-        names = Catalog(loc.spec).sources()
-    else:
-        names = sorted(p.parent.name for p in loc.path.glob(f"*/{MANIFEST}"))
+    names = list(sources) if sources else Catalog(loc.spec).sources()
     return {n: verify_source(loc, n, deep) for n in names}
 
 

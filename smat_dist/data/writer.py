@@ -45,7 +45,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from smat_dist.data.format import (BLOCK_EXT, CLASSES_PATTERN, FORMAT, FORMAT_VERSION, INDEX_PATTERN, MANIFEST,
-                                   ROW_DTYPE, SHARD_PATTERN, SOURCES_FILE, block_key, sha256_file)
+                                   ROW_DTYPE, SHARD_PATTERN, SOURCES_FILE, block_key, sha256_file,
+                                   sources_doc)
 from smat_dist.data.spec import SPLITS, SourceSpec, save_spec, with_counts
 from smat_dist.data.tario import EOF_BLOCKS, NAME_RE, encode_sample, sample_key
 from smat_dist.fsutil import atomic_write_text, publish
@@ -437,9 +438,7 @@ def write_sources_index(root: str | Path) -> Path:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         names = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))
-        tmp = root / f".sources.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "sources": names}, indent=1) + "\n")
-        publish(tmp, path)
+        atomic_write_text(path, sources_doc(names))
     finally:
         os.close(fd)
     return path
