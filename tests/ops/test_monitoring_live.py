@@ -99,10 +99,14 @@ def test_ray_worker_metrics_reach_prometheus(ray_head, prometheus, tmp_path):
     # Every panel whose metrics a toy run records (no data plane, no GPU, no sweep) has data for this run.
     absent = {m.series for m in METRICS if m.name.startswith(("smat_data_", "smat_gpu_", "smat_sweep_"))}
     absent |= {"ray_smat_images_per_second", "ray_smat_episode_queue_depth"}
+    # A toy run's series live for only a few 1 s scrapes. Evaluate on the scrape grid (step 1 s) and end the range
+    # 2 s after the checks saw the final step, so every sample has an evaluation point after it inside the range
+    # (with step 2 s, a series scraped only between the last two points read as empty).
+    time.sleep(2)
     end = time.time()
     for title, expr in D.expressions():
         if set(D.series_in(expr)) & absent:
             continue
         concrete = expr.replace("$run", run).replace("$rank", ".*").replace("$__rate_interval", "30s")
-        got = prometheus.query_range(concrete, t0, end, step=2)
+        got = prometheus.query_range(concrete, t0, end, step=1)
         assert got, f"panel {title!r}: {concrete} returned no data"
