@@ -116,12 +116,16 @@ def train(method: str, out: Path, data: Path, backbone: Path, overrides: List[st
 
 
 def evaluate(out: Path, data: Path, runs: dict, overrides: List[str]) -> List[str]:
-    """Pre, PMF and SMAT on the same frozen episodes. Each shows its progress; the episode lists (the same
-    files for all three) are listed once, and the tables wait for the side-by-side one of stage 6."""
+    """Pre, PMF and SMAT on the same frozen episodes. Each shows its progress; a line already shown (the
+    episode lists: the same files for all three) is not repeated, and the tables wait for the side-by-side
+    one of stage 6."""
     from smat_dist.eval.cli import main as eval_main
 
+    shown = set()
+
     def say(msg: str) -> None:
-        if not (results and " episodes from " in msg):
+        if msg not in shown:
+            shown.add(msg)
             print(msg, file=sys.stderr, flush=True)
 
     results: List[str] = []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -106,13 +107,16 @@ def num(v) -> Optional[float]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def episode_acc(eval_dir: Path) -> Dict[tuple, float]:
-    """(source, episode index) -> accuracy (%) of one smat-eval output (mode none)."""
+    """(source, episode index) -> accuracy (%) of one smat-eval output (mode none); read once per run of
+    the study (the summary, both contrasts and the choice read the same cells; callers do not mutate it)."""
     return {(r["source"], int(r["index"])): float(r["accuracy"]) for r in read_csv(eval_dir / "episodes.csv")}
 
 
+@functools.lru_cache(maxsize=None)
 def per_source(eval_dir: Path) -> Dict[str, ResultRow]:
-    """source -> smat-eval's result row (mode none) of one evaluation."""
+    """source -> smat-eval's result row (mode none) of one evaluation (read once, as :func:`episode_acc`)."""
     from smat_dist.eval.report import read_results
 
     return {r.source: r for r in read_results(eval_dir / "results.csv") if r.mode == "none"}
@@ -411,13 +415,15 @@ def valid_eval(rows: List[Dict[str, str]], out: Path, data: Path, *, jobs: int) 
 SPARSITY_SLACK = 0.05  # a setting meets its target when every cell's test-gate sparsity is >= tau - this
 
 
-def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path) -> tuple:
+def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path, valid: Dict[str, dict]) -> tuple:
     """The SMAT setting chosen on the valid split, and the table that shows the choice.
 
     Rule (fixed before the paired valid differences were computed): among the SMAT settings whose cells all meet their
     sparsity target at test time, the highest mean valid ID average over seeds; if the demo's setting
     (configs/demo/smat.yaml) is within the paired 95 % CI of that best one, the demo's setting is kept,
     so a default does not move on episode noise.
+
+    ``valid``: cell -> its :func:`valid_eval` results.
     """
     from smat_dist.config import RunConfig, load_config
 
@@ -432,7 +438,7 @@ def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path) -> tuple:
         tau = num(members[0]["tau"])
         meets = all(num(m["sparsity_reached"]) is not None and num(m["sparsity_reached"]) >= tau - SPARSITY_SLACK
                     for m in members)
-        v = [valid_eval_avg(out / "valid" / m["cell"]) for m in members]
+        v = [valid[m["cell"]]["id_avg"] for m in members]
         stats[key] = dict(members=sorted(members, key=lambda m: int(m["seed"])), meets=meets, valid=sum(v) / len(v),
                           is_demo=(int(members[0]["num_experts"]) == demo.num_experts and tau == demo.target_sparsity))
     eligible = [k for k, st in stats.items() if st["meets"]]
@@ -442,7 +448,6 @@ def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path) -> tuple:
     demo_key = next((k for k in eligible if stats[k]["is_demo"]), None)
     lines = ["| setting | meets τ at test | valid ID avg (mean over seeds) | Δ valid ID vs best (paired) |",
              "|---|---|---|---|"]
-    ids = None
     chosen = best
     for key in sorted(stats, key=lambda k: _order(stats[k]["members"][0])):
         st = stats[key]
@@ -529,7 +534,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         valid = valid_eval(rows, out, inputs["data"], jobs=a.num_cpus)
         timing["valid_s"] = time.time() - t1
         t1 = time.time()
-        chosen, choice = choose(rows, axes, out)
+        chosen, choice = choose(rows, axes, out, valid)
         if chosen is not None:
             best = analyse_cell(chosen, out, inputs["data"])
         timing["analyse_s"] = time.time() - t1
