@@ -345,7 +345,7 @@ def diagnose(rows: List[Dict[str, str]], axes: Sequence[str]) -> str:
     import torch
 
     from smat_dist.export import load_model
-    from smat_dist.train.metrics import read_rows
+    from smat_dist.record import read_rows
 
     head = ["setting", "seed", "step τ reached", "test sparsity", "max λ", "α entropy / ln M",
             "α spread over sources", "‖θ_i − θ_pre‖ (uniform α)", "train acc − θ_pre acc (last 40 steps)"]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from smat_dist.eval.config import EvalConfig
+from smat_dist.record import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,6 @@ def group_counts(counts: np.ndarray, names: Sequence[str], sizes: np.ndarray, ke
 def _sort_groups(groups, nz, tot, order):
     idx = sorted(range(len(groups)), key=lambda i: order(groups[i]))
     return [groups[i] for i in idx], nz[:, idx], tot[idx]
-
-
-def read_metrics(path: Path) -> List[dict]:
-    """The rows of a run's metrics.jsonl (a torn line, from a crash mid-write, is skipped with a warning)."""
-    from smat_dist.train.metrics import read_rows
-
-    return read_rows(path)
 
 
 @dataclass
@@ -382,7 +376,7 @@ def analyse(run: str | Path, data: Optional[str] = None, out: Optional[str | Pat
 
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        rows = read_metrics(metrics)
+        rows = read_rows(metrics)
         tau = model.cfg.gates.target_sparsity if model.gates is not None else None
         p = plot_curves(rows, tau, out_dir / "training_curves.png") if rows else None
         if p is not None:
@@ -399,4 +393,4 @@ def analyse(run: str | Path, data: Optional[str] = None, out: Optional[str | Pat
 
 
 __all__ = ["AnalysisResult", "analyse", "group_counts", "jaccard", "layer_depth", "layer_type", "nonzero_per_slot",
-           "plot_curves", "read_metrics"]
+           "plot_curves"]

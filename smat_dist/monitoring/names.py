@@ -9,6 +9,9 @@ Names as Prometheus stores them: Ray prefixes application metrics with ``ray_`` 
 shipped Prometheus config (``cluster/monitoring/prometheus.yml``) adds the same ``ray_`` prefix when
 it scrapes one, so one dashboard serves both. :func:`series_name` gives the stored name.
 
+The metrics.jsonl keys each metric is recorded from, with their labels (loss term, model, phase), are
+the run record's vocabulary (:mod:`smat_dist.record`).
+
 Label conventions: ``run`` = ``train.run_name``; ``rank`` = the Ray Train world rank of the worker
 that measured it (run-level values are recorded once, by rank 0, without ``rank``); ``expert`` =
 expert index ``0..M-1``; ``source`` = meta-training source.
@@ -21,15 +24,6 @@ from typing import Dict, Tuple
 
 RAY_PREFIX = "ray_"
 
-LOSS_TERMS = ("total", "query_ce", "support_ce", "kd", "teacher_ce", "sparsity_penalty", "lagrangian_term")
-# metrics.jsonl key -> loss term label
-LOSS_KEYS = {"loss": "total", "query_ce": "query_ce", "support_ce": "support_ce", "kd": "kd",
-             "teacher_ce": "teacher_ce", "sparsity_penalty": "sparsity_penalty", "lagrangian_term": "lagrangian_term"}
-ACCURACY_KEYS = {"query_acc": "student", "teacher_acc": "teacher", "pre_acc": "pretrained"}
-# step-time split: metrics.jsonl key -> phase label. time_backward holds the backward pass and the
-# engine step (where DeepSpeed all-reduces the meta-gradients and the optimiser steps).
-PHASE_KEYS = {"time_data": "data", "time_student": "student", "time_teacher": "teacher",
-              "time_backward": "backward_allreduce"}
 # loader.stats() counter -> metric name
 DATA_COUNTERS = {"episodes": "smat_data_episodes", "images": "smat_data_images", "bytes_read": "smat_data_bytes_read",
                  "skipped_corrupt": "smat_data_skipped_corrupt", "replaced": "smat_data_replaced",
@@ -144,5 +138,4 @@ def metric(name: str) -> Metric:
         raise KeyError(f"unknown metric {name!r}; smat_dist/monitoring/names.py lists them all") from None
 
 
-__all__ = ["Metric", "METRICS", "BY_NAME", "SERIES", "metric", "series_name", "RAY_PREFIX", "LOSS_TERMS",
-           "LOSS_KEYS", "ACCURACY_KEYS", "PHASE_KEYS", "DATA_COUNTERS"]
+__all__ = ["Metric", "METRICS", "BY_NAME", "SERIES", "metric", "series_name", "RAY_PREFIX", "DATA_COUNTERS"]

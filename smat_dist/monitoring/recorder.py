@@ -30,9 +30,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from smat_dist.fsutil import atomic_write_text, pid_alive
 from smat_dist.monitoring.config import MonitorConfig
-from smat_dist.monitoring.names import (ACCURACY_KEYS, BY_NAME, DATA_COUNTERS, LOSS_KEYS, PHASE_KEYS, Metric,
-                                        metric)
-from smat_dist.train.metrics import StepMetrics
+from smat_dist.monitoring.names import BY_NAME, DATA_COUNTERS, Metric, metric
+from smat_dist.record import ACCURACY_KEYS, LOSS_KEYS, PHASE_KEYS, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -302,18 +301,17 @@ def make_backend(cfg: MonitorConfig, default: str, name: str) -> Backend:
     return PrometheusBackend(cfg.address, cfg.port, cfg.targets_dir, name)
 
 
-def worker_monitor(cfg: Any, rank: int, default_backend: str = "ray") -> StepMonitor:
-    """The monitor of one training rank, from the run config (``cfg.monitor``, ``cfg.train.run_name``):
-    Ray application metrics inside Ray workers, a prometheus_client endpoint per rank elsewhere."""
-    mon: MonitorConfig = getattr(cfg, "monitor", None) or MonitorConfig()
-    run = cfg.train.run_name
+def worker_monitor(mon: MonitorConfig, *, run: str, rank: int, target_sparsity: Optional[float] = None,
+                   default_backend: str = "ray") -> StepMonitor:
+    """The monitor of one training rank of run ``run`` (``train.run_name``): Ray application metrics inside
+    Ray workers, a prometheus_client endpoint per rank elsewhere. ``target_sparsity`` is τ of a gated
+    model (None without gates), exported beside the measured sparsity."""
     try:
         backend = make_backend(mon, default_backend, f"{run}-rank{rank}")
     except OSError as exc:  # e.g. a fixed monitor.port that is taken: train anyway
         log.warning("monitoring disabled on rank %s: %s", rank, exc)
         backend = NullBackend()
-    tau = cfg.model.gates.target_sparsity if cfg.model.gates.enabled else None
-    return StepMonitor(backend, run, mon.every, tau)
+    return StepMonitor(backend, run, mon.every, target_sparsity)
 
 
 class TrainerMonitor(StepMonitor):

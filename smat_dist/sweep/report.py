@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from smat_dist.fsutil import atomic_write_text
+from smat_dist.record import read_rows
 
 FIXED_COLUMNS = [
     "cell", "status", "method", "num_experts", "tau", "train_sources", "num_train_sources", "seed",
@@ -63,8 +64,6 @@ def read_eval_results(path: Path, mode: str = "none") -> Dict[str, Any]:
 
 def read_training(run_dir: Path) -> Dict[str, Any]:
     """Steps and sparsity reached (mean over experts of the last logged step) from metrics.jsonl."""
-    from smat_dist.train.metrics import read_rows
-
     p = run_dir / "metrics.jsonl"
     rows = read_rows(p) if p.exists() else []  # a torn last line (a crash mid-write) is skipped with a warning
     if not rows:

@@ -18,12 +18,12 @@ from typing import Callable, Iterable, Optional, Union
 from smat_dist.config import RunConfig, TrainConfig, to_yaml
 from smat_dist.episode import Episode
 from smat_dist.fsutil import atomic_write_text, publish
+from smat_dist.record import StepMetrics
 from smat_dist.smat import SMAT
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed
 from smat_dist.train.distributed import Runtime
-from smat_dist.train.metrics import StepMetrics
-from smat_dist.train.recipe import EpisodeProvider, MetaTrainRecipe
+from smat_dist.train.recipe import EpisodeProvider, MetaTrainRecipe, rank_monitor
 
 
 class LocalCheckpoints:
@@ -57,14 +57,12 @@ def agreed_resume_point(run_dir: Path, resume_from: Optional[str]) -> Optional[P
 
 def run(cfg: RunConfig, runtime: Runtime) -> Path:
     """Train (or resume) on this rank; returns the run directory. Rank 0 writes the export at the end."""
-    from smat_dist.monitoring.recorder import worker_monitor
-
     run_dir = cfg.run_dir()
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
     distributed.barrier()
-    monitor = worker_monitor(cfg, runtime.rank, default_backend="prometheus")
+    monitor = rank_monitor(cfg, runtime.rank, default_backend="prometheus")
     recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=LocalCheckpoints(), monitor=monitor)
     recipe.run(nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from)))
     return run_dir

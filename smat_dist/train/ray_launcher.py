@@ -21,11 +21,11 @@ import torch
 
 from smat_dist.config import RunConfig, from_dict, to_dict, to_yaml
 from smat_dist.fsutil import atomic_write_text
+from smat_dist.record import StepMetrics
 from smat_dist.train import distributed
 from smat_dist.train.distributed import Runtime, backend_for
 from smat_dist.train.launch import agreed_resume_point
-from smat_dist.train.metrics import StepMetrics
-from smat_dist.train.recipe import EXPORT_NAME, MetaTrainRecipe
+from smat_dist.train.recipe import EXPORT_NAME, MetaTrainRecipe, rank_monitor
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,6 @@ def train_loop(config: Dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from smat_dist.monitoring.recorder import worker_monitor
-
     cfg: RunConfig = from_dict(RunConfig, config["run"])
     run_dir = Path(config["run_dir"])
     if not config.get("verbose"):
@@ -85,7 +83,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.dist.use_gpu else torch.device("cpu")
     runtime = Runtime("ray", ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device)
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
-    monitor = worker_monitor(cfg, runtime.rank, default_backend="ray")
+    monitor = rank_monitor(cfg, runtime.rank, default_backend="ray")
     recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=RayCheckpoints(), monitor=monitor)
     own = ray.train.get_checkpoint()  # this run's latest (a restart after a failure, or a re-run)
     resume = own.as_directory() if own is not None else nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from))

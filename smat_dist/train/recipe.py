@@ -27,13 +27,14 @@ import torch
 
 from smat_dist.config import RunConfig
 from smat_dist.episode import Episode
+from smat_dist.monitoring.recorder import StepMonitor, worker_monitor
+from smat_dist.record import TASK_KEYS, MetricsLog, StepMetrics, TaskRecord
 from smat_dist.smat import SMAT
 from smat_dist.smat.optim import SMATOptimizer, apply_schedule, build_optimizer
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed, runlog
 from smat_dist.train.distributed import Runtime
 from smat_dist.train.engine import DeepSpeedEngine, Engine, LocalEngine
-from smat_dist.train.metrics import TASK_KEYS, MetricsLog, StepMetrics, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,14 @@ def open_episodes(cfg: RunConfig, indices: Iterable[int], *, use_ray: bool, devi
 
     loader = EpisodeLoader(cfg.data, split="train", seed=cfg.train.seed, use_ray=use_ray, device=device)
     return loader.iterate(indices), loader
+
+
+def rank_monitor(cfg: RunConfig, rank: int, *, default_backend: str) -> StepMonitor:
+    """This rank's metrics monitor (:mod:`smat_dist.monitoring`), from the run config."""
+    gates = cfg.model.gates
+    return worker_monitor(cfg.monitor, run=cfg.train.run_name, rank=rank,
+                          target_sparsity=gates.target_sparsity if gates.enabled else None,
+                          default_backend=default_backend)
 
 
 def summarise(outputs: List[dict]) -> dict:

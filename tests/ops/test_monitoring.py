@@ -135,16 +135,20 @@ def test_monitoring_failures_never_raise(caplog):
 def test_worker_monitor_from_run_config(tmp_path):
     from smat_dist.config import RunConfig, load_config
     from smat_dist.errors import ConfigError
+    from smat_dist.train.recipe import rank_monitor
 
     cfg = load_config(RunConfig, [REPO / "configs" / "smat.yaml"], ["monitor.enabled=false"])
-    assert isinstance(worker_monitor(cfg, 0).backend, NullBackend)
+    assert isinstance(worker_monitor(cfg.monitor, run="r", rank=0).backend, NullBackend)
     cfg = load_config(RunConfig, [REPO / "configs" / "smat.yaml"],
                       ["monitor.backend=prometheus", f"monitor.targets_dir={tmp_path}"])
-    mon = worker_monitor(cfg, 1)
+    mon = rank_monitor(cfg, 1, default_backend="ray")
     try:
         assert isinstance(mon.backend, PrometheusBackend) and mon.target_sparsity == 0.9
+        assert mon.run == cfg.train.run_name
     finally:
         mon.close()
+    cfg = load_config(RunConfig, [REPO / "configs" / "pmf.yaml"], ["monitor.enabled=false"])
+    assert rank_monitor(cfg, 0, default_backend="ray").target_sparsity is None  # no gates, no τ
     with pytest.raises(ConfigError, match="monitor.backend"):
         load_config(RunConfig, [REPO / "configs" / "smat.yaml"], ["monitor.backend=statsd"])
 

@@ -155,7 +155,7 @@ def test_state_fingerprint_needs_no_copy_of_the_parameters(tiny_cfg):
     whole-tensor fp64 sum, without an fp64 copy of |θ|-sized tensors."""
     from smat_dist.smat import SMAT
     from smat_dist.train import recipe
-    from smat_dist.train.metrics import StepMetrics
+    from smat_dist.record import StepMetrics
 
     model = SMAT(tiny_cfg)
     old = recipe.STATE_CHUNK

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from smat_dist.export import read_export
+from smat_dist.record import MetricsLog, read_rows
 from smat_dist.train.checkpoint import META_FILE, CheckpointError, find_latest, inspect, scan
 from smat_dist.train.distributed import Runtime
 from smat_dist.train.launch import run
-from smat_dist.train.metrics import MetricsLog, read_rows
 from smat_dist.weightsfile import WeightsError, check_weights_file
 
 from .conftest import REPO, TINY, assert_same, tiny_run_config

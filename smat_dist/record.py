@@ -1,9 +1,12 @@
-"""Per-step training metrics as one typed record, and the run's ``metrics.jsonl``.
+"""The run record: per-step training metrics as one typed record, the run's ``metrics.jsonl`` and
+the vocabulary of its keys.
 
-A :class:`StepMetrics` is what every launcher logs, prints and hands to monitoring. Its JSON row
-(``row()``) is one line of ``metrics.jsonl``; ``from_row`` reads it back (sweep reports, analyses,
-monitoring of rows written elsewhere). Fields that do not apply to a method (teacher losses for PMF,
-sparsity without gates) stay ``None`` and are left out of the row.
+Training writes it; monitoring, evaluation analyses, sweep reports and the studies read it, so it
+lives here, below all of them (nothing under ``smat_dist/{smat,data,eval,monitoring}`` imports
+``smat_dist.train``). A :class:`StepMetrics` is what every launcher logs, prints and hands to
+monitoring. Its JSON row (``row()``) is one line of ``metrics.jsonl``; ``from_row`` reads it back
+(sweep reports, analyses, monitoring of rows written elsewhere). Fields that do not apply to a method
+(teacher losses for PMF, sparsity without gates) stay ``None`` and are left out of the row.
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ TASK_KEYS = ("loss", "query_ce", "query_acc", "kd", "support_ce", "teacher_ce", 
 EXPERT_KEYS = ("sparsity", "sparsity_test", "lambda", "expected_density")
 # Wall-clock split of a rank's step, averaged over ranks.
 TIME_KEYS = ("time_data", "time_student", "time_teacher", "time_backward", "time_allreduce_step")
+# Groups of row keys by what they measure, each key with the label it is graphed under.
+# Loss terms: row key -> term (``total`` is the optimised loss).
+LOSS_KEYS = {"loss": "total", "query_ce": "query_ce", "support_ce": "support_ce", "kd": "kd",
+             "teacher_ce": "teacher_ce", "sparsity_penalty": "sparsity_penalty", "lagrangian_term": "lagrangian_term"}
+LOSS_TERMS = tuple(LOSS_KEYS.values())
+# Query accuracies: row key -> model that reached it.
+ACCURACY_KEYS = {"query_acc": "student", "teacher_acc": "teacher", "pre_acc": "pretrained"}
+# Step-time split: row key -> phase. time_backward holds the backward pass and the engine step (where
+# DeepSpeed all-reduces the meta-gradients and the optimiser steps).
+PHASE_KEYS = {"time_data": "data", "time_student": "student", "time_teacher": "teacher",
+              "time_backward": "backward_allreduce"}
 
 
 @dataclass
@@ -144,4 +158,5 @@ def read_rows(path: Path) -> List[Dict[str, Any]]:
     return rows
 
 
-__all__ = ["StepMetrics", "TaskRecord", "MetricsLog", "read_rows", "TASK_KEYS", "EXPERT_KEYS", "TIME_KEYS"]
+__all__ = ["StepMetrics", "TaskRecord", "MetricsLog", "read_rows", "TASK_KEYS", "EXPERT_KEYS", "TIME_KEYS",
+           "LOSS_KEYS", "LOSS_TERMS", "ACCURACY_KEYS", "PHASE_KEYS"]
