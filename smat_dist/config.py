@@ -15,33 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from smat_dist.data.config import DataConfig
-from smat_dist.train.config import DebugConfig, DistConfig
+from smat_dist.train.config import DebugConfig, DistConfig, TrainConfig
 from smat_dist.errors import ConfigError
 from smat_dist.monitoring.config import MonitorConfig
 from smat_dist.smat.config import ModelConfig
 
 T = TypeVar("T")
-
-
-@dataclass
-class TrainConfig:
-    run_name: str = "smat"
-    output_dir: str = "runs"
-    seed: int = 0
-    tasks_per_step: int = 4  # global meta-batch: tasks whose gradients make one optimiser step
-    tasks_per_epoch: int = 2000  # the reference's epoch (drives the LR schedule)
-    epochs: int = 25  # ViT-S reference: 25 x 2000 = 50k tasks
-    max_steps: Optional[int] = None  # overrides epochs when set
-    checkpoint_every: int = 500  # optimiser steps
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    threads: Optional[int] = None  # torch intra-op threads; None = torch's default
-    stop_on_nonfinite: bool = True  # the reference stops training on a non-finite loss
-
-    def total_steps(self) -> int:
-        if self.max_steps is not None:
-            return int(self.max_steps)
-        return (self.epochs * self.tasks_per_epoch) // self.tasks_per_step
 
 
 @dataclass
@@ -61,8 +40,12 @@ class RunConfig:
         return Path(storage).expanduser().resolve() / self.train.run_name
 
     def validate(self) -> None:
+        """Every section's own checks, then the ones across sections; called by :func:`load_config`."""
+        self.model.validate()
+        self.train.validate()
         self.data.validate()
         self.dist.validate()
+        self.monitor.validate()
         self.debug.validate()
         if self.train.tasks_per_step % self.dist.num_workers:
             raise ConfigError(
@@ -154,7 +137,6 @@ def from_dict(schema: Type[T], data: dict) -> T:
 __all__ = [
     "ConfigError",
     "ModelConfig",
-    "TrainConfig",
     "RunConfig",
     "load_config",
     "to_yaml",

@@ -13,9 +13,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from smat_dist.config import TrainConfig, from_dict, to_dict
+from smat_dist.config import from_dict, to_dict
 from smat_dist.fsutil import publish, tmp_path_for
 from smat_dist.smat.config import ModelConfig
+from smat_dist.train.config import TrainConfig
 
 FORMAT = "smat-dist-model-v1"
 BACKBONE_PREFIX = "backbone."

@@ -76,7 +76,7 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
 
         per_call = 1
     else:
-        from smat_dist.config import TrainConfig
+        from smat_dist.train.config import TrainConfig
         from smat_dist.smat import SMAT, ModelConfig
         from smat_dist.smat.config import BackboneConfig, GateConfig
         from smat_dist.train.launch import Trainer

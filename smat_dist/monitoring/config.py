@@ -24,9 +24,6 @@ class MonitorConfig:
     targets_dir: Optional[str] = "/tmp/smat-dist/prometheus"
     every: int = 1  # record every N-th meta-step
 
-    def __post_init__(self) -> None:  # runs when a config is built, so a bad value fails before training
-        self.validate()
-
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"monitor.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")

@@ -10,6 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from smat_dist.errors import require
+
+
+def _positive(section: object, key: str, names: tuple) -> None:
+    for name in names:
+        value = getattr(section, name)
+        require(value > 0, f"{key}.{name}", "> 0", value)
+
+
+def _non_negative(section: object, key: str, names: tuple) -> None:
+    for name in names:
+        value = getattr(section, name)
+        require(value >= 0, f"{key}.{name}", ">= 0", value)
+
+
+def _one_of(section: object, key: str, name: str, choices: tuple) -> None:
+    value = getattr(section, name)
+    require(value in choices, f"{key}.{name}", "one of " + ", ".join(choices), value)
+
 
 @dataclass
 class BackboneConfig:
@@ -27,6 +46,12 @@ class BackboneConfig:
     checkpoint: Optional[str] = None
     fused_attn: bool = True  # all our gradients are first-order, so fused attention is safe
 
+
+    def validate(self, key: str = "model.backbone") -> None:
+        require(self.img_size >= 8, f"{key}.img_size", ">= 8", self.img_size)
+        for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"{key}.{name}", ">= 1 or null", value)
 
 @dataclass
 class GateConfig:
@@ -55,6 +80,18 @@ class GateConfig:
     test_beta: float = 1.0  # deterministic test gate z = clamp(sigmoid(phi/test_beta)*(zeta-gamma)+gamma)
 
 
+    def validate(self, key: str = "model.gates") -> None:
+        require(self.num_experts >= 1, f"{key}.num_experts", ">= 1", self.num_experts)
+        require(0.0 <= self.target_sparsity < 1.0, f"{key}.target_sparsity", "in [0, 1)", self.target_sparsity)
+        _positive(self, key, ("beta", "logit_clip", "test_beta"))
+        _non_negative(self, key, ("logit_init_std",))
+        # the stretched interval (gamma, zeta) must hold [0, 1] for gates to reach exactly 0 and 1
+        require(self.gamma < 0.0, f"{key}.gamma", "< 0", self.gamma)
+        require(self.zeta > 1.0, f"{key}.zeta", "> 1", self.zeta)
+        require(0.0 < self.eps < 0.5, f"{key}.eps", "in (0, 0.5)", self.eps)
+        _one_of(self, key, "noise", ("hard_concrete", "reference"))
+        _one_of(self, key, "noise_scope", ("step", "task"))
+
 @dataclass
 class HypernetConfig:
     enabled: bool = True
@@ -72,11 +109,22 @@ class HypernetConfig:
     prior_l2: float = 1e-4  # weight of mean(logits^2)
 
 
+    def validate(self, key: str = "model.hypernet") -> None:
+        _one_of(self, key, "pool", ("class0", "mean", "tokens"))
+        least = 1 if self.pool == "tokens" else 0  # pool=tokens averages the tokens' outputs
+        require(self.num_tokens >= least, f"{key}.num_tokens", f">= {least}", self.num_tokens)
+        _positive(self, key, ("num_heads", "mlp_ratio", "temperature_start", "temperature_min",
+                              "temperature_decay_tasks"))
+        _non_negative(self, key, ("token_init_std", "prior_l2"))
+
 @dataclass
 class InnerConfig:
     steps: int = 1  # first-order SGD steps on the support set; 0 = plain ProtoNet (PMF)
     lr: float = 1e-3
 
+
+    def validate(self, key: str = "model.inner") -> None:
+        _non_negative(self, key, ("steps", "lr"))
 
 @dataclass
 class TeacherConfig:
@@ -95,6 +143,14 @@ class TeacherConfig:
     kl_direction: str = "reverse"
 
 
+    def validate(self, key: str = "model.teacher") -> None:
+        _non_negative(self, key, ("steps", "lr", "teacher_weight", "pretrained_weight"))
+        require(0.0 <= self.kd_weight <= 1.0, f"{key}.kd_weight", "in [0, 1]", self.kd_weight)
+        _positive(self, key, ("temperature",))
+        _one_of(self, key, "start", ("adapted", "merged"))
+        _one_of(self, key, "data", ("query", "support_query"))
+        _one_of(self, key, "kl_direction", ("reverse", "forward"))
+
 @dataclass
 class LagrangianConfig:
     lr: float = 2e-3
@@ -104,6 +160,9 @@ class LagrangianConfig:
     project_nonneg: bool = True
     reset_when_satisfied: bool = True
 
+
+    def validate(self, key: str = "model.lagrangian") -> None:
+        _non_negative(self, key, ("lr",))
 
 @dataclass
 class OptimConfig:
@@ -125,6 +184,20 @@ class OptimConfig:
     # The authors set every SGD group to an absolute 1e-6 in epoch 0; null = off.
     first_epoch_abs_lr: Optional[float] = None
 
+
+    def validate(self, key: str = "model.optim") -> None:
+        _non_negative(self, key, ("delta_lr", "delta_weight_decay", "mask_lr", "hypernet_lr", "hypernet_weight_decay",
+                                  "warmup_epochs"))
+        require(0.0 <= self.delta_momentum < 1.0, f"{key}.delta_momentum", "in [0, 1)", self.delta_momentum)
+        betas = list(self.hypernet_betas)
+        require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), f"{key}.hypernet_betas",
+                "two values in [0, 1)", betas)
+        for name in ("delta_clip", "mask_clip", "hypernet_clip"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"{key}.{name}", "> 0 or null", value)
+        require(self.total_epochs >= 1, f"{key}.total_epochs", ">= 1", self.total_epochs)
+        require(self.first_epoch_abs_lr is None or self.first_epoch_abs_lr >= 0, f"{key}.first_epoch_abs_lr",
+                ">= 0 or null", self.first_epoch_abs_lr)
 
 @dataclass
 class ModelConfig:
@@ -150,3 +223,10 @@ class ModelConfig:
     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16. bf16 covers the backbone only: the merge, gates,
     # hypernetwork, prototypes and losses always run in fp32 (smat_dist.smat.precision).
     precision: str = "auto"
+
+    def validate(self, key: str = "model") -> None:
+        """Every subsection's checks; a bad value is one :class:`~smat_dist.errors.ConfigError` naming its key."""
+        for name in ("backbone", "gates", "hypernet", "inner", "teacher", "lagrangian", "optim"):
+            getattr(self, name).validate(f"{key}.{name}")
+        _one_of(self, key, "precision", ("auto", "fp32", "bf16"))
+        _positive(self, key, ("cosine_scale",))

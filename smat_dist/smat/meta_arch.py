@@ -82,6 +82,7 @@ class SMAT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, backbone: Optional[nn.Module] = None):
         super().__init__()
+        cfg.validate()  # a ConfigError naming the key, also for configs built in code
         self.cfg = cfg
         backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
         backbone.requires_grad_(False)
@@ -92,8 +93,6 @@ class SMAT(nn.Module):
         self.dim = backbone_dim(backbone)
         gcfg = cfg.gates
         M = gcfg.num_experts
-        if M < 1:
-            raise ValueError("gates.num_experts must be >= 1")
         self.num_experts = M
         n_delta = 1 if cfg.interpolated_experts else M
         self.delta = nn.Parameter(torch.zeros(n_delta, self.space.numel))
@@ -102,20 +101,6 @@ class SMAT(nn.Module):
         self.hypernet = Hypernetwork(self.dim, M, cfg.hypernet) if cfg.hypernet.enabled else None
         self.lagrange = nn.Parameter(torch.zeros(M)) if gcfg.enabled else None
         self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.int64))
-        self._check()
-
-    def _check(self) -> None:
-        cfg = self.cfg
-        if cfg.teacher.start not in ("adapted", "merged"):
-            raise ValueError(f"teacher.start must be adapted or merged, got {cfg.teacher.start!r}")
-        if cfg.teacher.data not in ("query", "support_query"):
-            raise ValueError(f"teacher.data must be query or support_query, got {cfg.teacher.data!r}")
-        if cfg.gates.noise_scope not in ("step", "task"):
-            raise ValueError(f"gates.noise_scope must be step or task, got {cfg.gates.noise_scope!r}")
-        if not 0.0 <= cfg.gates.target_sparsity < 1.0:
-            raise ValueError("gates.target_sparsity must be in [0, 1)")
-        if cfg.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
 
     # ------------------------------------------------------------------ plumbing
     def _apply(self, fn, recurse=True):

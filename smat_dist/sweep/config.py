@@ -106,6 +106,7 @@ class SweepConfig:
         bad = [o for o in self.overrides + self.eval.overrides if "=" not in o]
         if bad:
             raise ConfigError(f"sweep: overrides must look like key=value, got {bad}")
+        self.monitor.validate()
 
 
 __all__ = ["CONFIG_AXIS", "CellResources", "EvalSettings", "PlotSettings", "SweepConfig", "load_sweep_config"]

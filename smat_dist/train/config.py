@@ -1,11 +1,42 @@
-"""Typed settings of the training launchers (``dist:``) and of the test hooks (``debug:``)."""
+"""Typed settings of meta-training (``train:``), its launchers (``dist:``) and the test hooks (``debug:``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from smat_dist.errors import ConfigError
+from smat_dist.errors import ConfigError, require
+
+
+@dataclass
+class TrainConfig:
+    """What one run is called, where it is written, how long it trains and how often it logs/checkpoints."""
+
+    run_name: str = "smat"
+    output_dir: str = "runs"
+    seed: int = 0
+    tasks_per_step: int = 4  # global meta-batch: tasks whose gradients make one optimiser step
+    tasks_per_epoch: int = 2000  # the reference's epoch (drives the LR schedule)
+    epochs: int = 25  # ViT-S reference: 25 x 2000 = 50k tasks
+    max_steps: Optional[int] = None  # overrides epochs when set
+    checkpoint_every: int = 500  # optimiser steps
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    threads: Optional[int] = None  # torch intra-op threads; None = torch's default
+    stop_on_nonfinite: bool = True  # the reference stops training on a non-finite loss
+
+    def validate(self) -> None:
+        for name in ("tasks_per_step", "tasks_per_epoch", "checkpoint_every", "log_every"):
+            require(getattr(self, name) >= 1, f"train.{name}", ">= 1", getattr(self, name))
+        require(self.epochs >= 0, "train.epochs", ">= 0", self.epochs)
+        require(self.max_steps is None or self.max_steps >= 0, "train.max_steps", ">= 0 or null", self.max_steps)
+        require(self.keep_checkpoints >= 0, "train.keep_checkpoints", ">= 0 (0 keeps all)", self.keep_checkpoints)
+        require(self.threads is None or self.threads >= 1, "train.threads", ">= 1 or null", self.threads)
+
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        return (self.epochs * self.tasks_per_epoch) // self.tasks_per_step
 
 
 @dataclass
@@ -58,4 +89,4 @@ class DebugConfig:
             raise ConfigError(f"debug.fault_rank must be >= 0, got {self.fault_rank}")
 
 
-__all__ = ["DistConfig", "DebugConfig"]
+__all__ = ["TrainConfig", "DistConfig", "DebugConfig"]

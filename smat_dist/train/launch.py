@@ -15,13 +15,14 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
-from smat_dist.config import RunConfig, TrainConfig, to_yaml
+from smat_dist.config import RunConfig, to_yaml
 from smat_dist.episode import Episode
 from smat_dist.fsutil import atomic_write_text, publish
 from smat_dist.record import StepMetrics
 from smat_dist.smat import SMAT
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed
+from smat_dist.train.config import TrainConfig
 from smat_dist.train.distributed import Runtime
 from smat_dist.train.recipe import EpisodeProvider, MetaTrainRecipe, rank_monitor
 

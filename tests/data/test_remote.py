@@ -65,7 +65,7 @@ def test_verify_over_http_passes_and_names_an_altered_shard(writable_copy, serve
 
 
 def test_short_training_over_http_matches_local(synth_root, synth_url, make_cfg, tmp_path):
-    from smat_dist.config import TrainConfig
+    from smat_dist.train.config import TrainConfig
     from smat_dist.smat import SMAT
     from smat_dist.smat.config import BackboneConfig, ModelConfig
     from smat_dist.train.launch import Trainer

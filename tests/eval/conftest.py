@@ -36,7 +36,8 @@ def make_tiny_export(run_dir: Path, method: str = "smat", seed: int = 0, *, trai
     ``train_sources`` becomes the run's ``data.train_sources``; ``edit(model)`` may change the
     model (θ_pre included) just before the export.
     """
-    from smat_dist.config import TrainConfig, to_dict
+    from smat_dist.config import to_dict
+    from smat_dist.train.config import TrainConfig
     from smat_dist.export import export_model
     from smat_dist.smat import SMAT
     from smat_dist.smat.toy import ToyEpisodes

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smat_dist.config import RunConfig, TrainConfig, load_config
+from smat_dist.config import RunConfig, load_config
+from smat_dist.train.config import TrainConfig
 from smat_dist.smat import SMAT
 from smat_dist.train.launch import Trainer
 

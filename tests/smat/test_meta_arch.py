@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from smat_dist.config import TrainConfig
+from smat_dist.train.config import TrainConfig
 from smat_dist.smat import SMAT
 from smat_dist.smat.backbone import features
 from smat_dist.smat.protonet import cosine_logits, prototypes

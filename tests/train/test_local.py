@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smat_dist.config import TrainConfig
+from smat_dist.train.config import TrainConfig
 from smat_dist.smat import SMAT
 from smat_dist.smat.backbone import build_backbone
 from smat_dist.smat.optim import count_trainable
