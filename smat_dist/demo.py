@@ -28,6 +28,15 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from smat_dist import ray_session
+from smat_dist.config import load_config, to_dict
+from smat_dist.data.cli import main as data_main
+from smat_dist.data.config import DataConfig
+from smat_dist.data.location import resolve_root
+from smat_dist.data.store import DataError, check_root
+from smat_dist.eval.cli import main as eval_main
+from smat_dist.train.cli import main as train_main
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "demo"
 
@@ -66,8 +75,6 @@ def _split(overrides: List[str]):
 
 
 def build_data(out: Path, scale: float) -> Path:
-    from smat_dist.data.cli import main as data_main
-
     data = out / "data"
     stamp = out / "data.json"
     want = json.dumps({"scale": scale, "seed": 0})
@@ -85,8 +92,7 @@ def build_data(out: Path, scale: float) -> Path:
 
 
 def build_backbone(out: Path, data: Path, overrides: List[str]) -> Path:
-    from smat_dist.config import load_config, to_dict
-    from smat_dist.pretrain import PretrainConfig, pretrain
+    from smat_dist.pretrain import PretrainConfig, pretrain  # torch, when this stage runs
 
     path = out / "backbone.safetensors"
     cfg = load_config(PretrainConfig, [], PRETRAIN_DEFAULTS + overrides + [f"data={data}", f"out={path}"])
@@ -101,8 +107,6 @@ def build_backbone(out: Path, data: Path, overrides: List[str]) -> Path:
 
 
 def train(method: str, out: Path, data: Path, backbone: Path, overrides: List[str], keep: bool) -> Path:
-    from smat_dist.train.cli import main as train_main
-
     run_dir = out / method
     if run_dir.exists() and not keep:
         shutil.rmtree(run_dir)
@@ -119,8 +123,6 @@ def evaluate(out: Path, data: Path, runs: dict, overrides: List[str]) -> List[st
     """Pre, PMF and SMAT on the same frozen episodes. Each shows its progress; a line already shown (the
     episode lists: the same files for all three) is not repeated, and the tables wait for the side-by-side
     one of stage 6."""
-    from smat_dist.eval.cli import main as eval_main
-
     shown = set()
 
     def say(msg: str) -> None:
@@ -146,8 +148,6 @@ def evaluate(out: Path, data: Path, runs: dict, overrides: List[str]) -> List[st
 
 def compare(out: Path, results: List[str]) -> Path:
     """The side-by-side table (printed once, by smat-eval --compare) in <out>/results.md."""
-    from smat_dist.eval.cli import main as eval_main
-
     table = out / "results.md"
     rc = eval_main(["--compare", *results, "--out", str(table)])
     if rc != 0:
@@ -171,10 +171,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     stage = Stage(6)
 
     if a.data:
-        from smat_dist.data.config import DataConfig
-        from smat_dist.data.location import resolve_root
-        from smat_dist.data.store import DataError, check_root
-
         stage(f"synthetic benchmark at {a.data}")
         data = resolve_root(a.data)
         try:
@@ -186,8 +182,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         data = build_data(out, a.scale)
     stage("pre-training θ_pre on the in-distribution training classes")
     backbone = build_backbone(out, data, pre_over)
-
-    from smat_dist import ray_session
 
     started = ray_session.connect(num_cpus=a.num_cpus)
     try:

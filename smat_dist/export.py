@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from smat_dist.config import from_dict, to_dict
 from smat_dist.fsutil import publish, tmp_path_for
+from smat_dist.smat import SMAT
+from smat_dist.smat.backbone import build_backbone
 from smat_dist.smat.config import ModelConfig
 from smat_dist.train.config import TrainConfig
 
@@ -23,8 +27,6 @@ BACKBONE_PREFIX = "backbone."
 
 
 def export_model(model, path: str | Path, train_cfg: Optional[TrainConfig] = None, extra: Optional[Dict[str, str]] = None) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -43,9 +45,6 @@ def export_model(model, path: str | Path, train_cfg: Optional[TrainConfig] = Non
 
 
 def read_export(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no exported model at {path}")
@@ -58,9 +57,6 @@ def read_export(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, st
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the :class:`~smat_dist.smat.SMAT` module of an export, in eval mode."""
-    from smat_dist.smat import SMAT
-    from smat_dist.smat.backbone import build_backbone
-
     tensors, meta = read_export(path)
     cfg: ModelConfig = from_dict(ModelConfig, json.loads(meta["model_config"]))
     bcfg = cfg.backbone

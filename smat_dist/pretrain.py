@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from smat_dist.config import ConfigError, load_config
+from smat_dist.data.config import AugmentConfig, IMAGENET_MEAN, IMAGENET_STD
+from smat_dist.data.store import Catalog, DataError
+from smat_dist.data.stream import shard_samples
+from smat_dist.data.transforms import EpisodeTransform
+from smat_dist.smat.backbone import build_backbone, save_backbone
 from smat_dist.smat.config import BackboneConfig
 
 
@@ -54,11 +59,6 @@ def load_train_images(root: str, sources: List[str], image_size: int) -> Tuple[t
     each shard's bytes are checked against the manifest as they stream past. Shards hold the rows
     in index order, so image ``i`` here is row ``i`` of the split."""
     import io
-
-    from smat_dist.data.config import AugmentConfig
-    from smat_dist.data.store import Catalog, DataError
-    from smat_dist.data.stream import shard_samples
-    from smat_dist.data.transforms import EpisodeTransform
 
     catalog = Catalog(root)
     names = sources or catalog.sources_with("train")
@@ -109,9 +109,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator, scale_min: float) -> torch.T
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> Path:
-    from smat_dist.data.config import IMAGENET_MEAN, IMAGENET_STD
-    from smat_dist.smat.backbone import build_backbone, save_backbone
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

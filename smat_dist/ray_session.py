@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Dict, Optional
+import smat_dist
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,6 @@ LOCALHOST = "127.0.0.1"
 
 def worker_env(*, use_gpu: bool = False, include_pythonpath: bool = True) -> Dict[str, str]:
     """Environment every Ray process of ours needs (workers, actors, Ray Train's controller)."""
-    import smat_dist
-
     env = {
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",

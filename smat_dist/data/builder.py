@@ -138,7 +138,7 @@ class RawEpisode:
         """Tensors on ``device`` (pixels normalised there, see :func:`to_tensor`)."""
         import torch
 
-        from smat_dist.episode import Episode, to_device
+        from smat_dist.episode import Episode, to_device  # torch: the data plane itself stays torch-free
 
         def labels(ys):
             return to_device(torch.from_numpy(np.array(ys, dtype=np.int64)), device or "cpu")

@@ -29,6 +29,16 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from smat_dist.config import ConfigError, load_config
+from smat_dist.data.builder import EpisodeBuilder, load_episode_list
+from smat_dist.data.config import DataConfig
+from smat_dist.data.convert import ConvertError, convert, export_folder
+from smat_dist.data.sampler import SamplerError
+from smat_dist.data.spec import SpecError
+from smat_dist.data.store import Catalog, DataError
+from smat_dist.data.synth import ALL_SOURCES, build_synth
+from smat_dist.data.transfer import stage, upload
+from smat_dist.data.verify import verify_root
+from smat_dist.data.writer import WriteOptions, write_sources_index
 
 
 def _size(text: str) -> int:
@@ -42,14 +52,10 @@ def _size(text: str) -> int:
 
 
 def _data_cfg(root: str, overrides: Sequence[str]):
-    from smat_dist.data.config import DataConfig
-
     return load_config(DataConfig, [], [f"root={root}", *overrides])
 
 
 def _write_opts(a):
-    from smat_dist.data.writer import WriteOptions
-
     return WriteOptions(shard_bytes=_size(a.shard_size), workers=a.workers, tier=a.tier, max_side=a.max_side,
                         jpeg_quality=a.jpeg_quality, decode_check=a.decode_check, keep_work=a.keep_work,
                         force=a.force, progress=not a.quiet, pack=getattr(a, "pack", 0),
@@ -57,8 +63,6 @@ def _write_opts(a):
 
 
 def cmd_convert(a) -> int:
-    from smat_dist.data.convert import convert
-
     m = convert(a.format, a.src, a.out, a.source, _write_opts(a), splits=a.splits, split_file=a.split_file)
     man = json.loads(Path(m).read_text())
     for split, sp in man["splits"].items():
@@ -69,8 +73,6 @@ def cmd_convert(a) -> int:
 
 
 def cmd_synth(a) -> int:
-    from smat_dist.data.synth import ALL_SOURCES, build_synth
-
     sources = a.sources.split(",") if a.sources else list(ALL_SOURCES)
     opts = _write_opts(a)
     if a.shard_size == "512MB":
@@ -85,8 +87,6 @@ def cmd_synth(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from smat_dist.data.verify import verify_root
-
     res = verify_root(a.out, [a.source] if a.source else None, deep=not a.quick)
     if not res:
         print(f"no source (*/manifest.json) under {a.out}", file=sys.stderr)
@@ -103,8 +103,6 @@ def cmd_verify(a) -> int:
 
 
 def cmd_episodes(a) -> int:
-    from smat_dist.data.builder import EpisodeBuilder
-
     cfg = _data_cfg(a.out, a.set)
     b = EpisodeBuilder(cfg, a.split, a.seed, [a.source])
     out = open(a.output, "w") if a.output else sys.stdout
@@ -120,8 +118,6 @@ def cmd_episodes(a) -> int:
 def cmd_show(a) -> int:
     import numpy as np
     from PIL import Image, ImageDraw
-
-    from smat_dist.data.builder import EpisodeBuilder, load_episode_list
 
     cfg = _data_cfg(a.out, a.set)
     if a.episodes:
@@ -163,32 +159,24 @@ def cmd_show(a) -> int:
 
 
 def cmd_stage(a) -> int:
-    from smat_dist.data.transfer import stage
-
     for name in stage(a.out, a.dest, [a.source] if a.source else None):
         print(f"staged {name} -> {Path(a.dest) / name}")
     return 0
 
 
 def cmd_upload(a) -> int:
-    from smat_dist.data.transfer import upload
-
     for name, n in upload(a.out, a.dest, [a.source] if a.source else None):
         print(f"uploaded {name}: {n} files -> {a.dest}")
     return 0
 
 
 def cmd_index(a) -> int:
-    from smat_dist.data.writer import write_sources_index
-
     path = write_sources_index(a.out)
     print(f"{path}: {', '.join(json.loads(path.read_text())['sources']) or '(no sources)'}")
     return 0
 
 
 def cmd_info(a) -> int:
-    from smat_dist.data.store import Catalog
-
     cat = Catalog(a.out)
     print(f"{'source':<14} {'spec':<13} {'split':<6} {'classes':>7} {'images':>8} {'shards':>6} {'MiB':>8}")
     for name in cat.sources():
@@ -202,8 +190,6 @@ def cmd_info(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from smat_dist.data.convert import export_folder
-
     print(export_folder(a.out, a.source, a.dest))
     return 0
 
@@ -311,10 +297,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from smat_dist.data.convert import ConvertError
-    from smat_dist.data.sampler import SamplerError
-    from smat_dist.data.spec import SpecError
-    from smat_dist.data.store import DataError
 
     try:
         return int(a.fn(a) or 0)

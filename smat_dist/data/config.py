@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from smat_dist.data.location import DataRoot, RootError
 from smat_dist.errors import ConfigError
 
 
@@ -150,7 +151,6 @@ class DataConfig:
             raise _error(f"data.cache_max_gb must be > 0, got {self.cache_max_gb}")
         if self.prefetch_shards < 0:
             raise _error(f"data.prefetch_shards must be >= 0 (0 = off), got {self.prefetch_shards}")
-        from smat_dist.data.location import DataRoot, RootError
 
         try:
             DataRoot(self.root)

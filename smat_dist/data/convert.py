@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from smat_dist.data.spec import SPLITS, SourceSpec, flat_spec, load_spec, save_spec
+from smat_dist.data.store import Catalog, FilePool
 from smat_dist.data.tfrecord import TFRecordError, iter_records, parse_example
 from smat_dist.data.writer import ClassEntry, ConvertError, InputSource, WriteOptions, build_source
 from smat_dist.fsutil import read_json
@@ -270,8 +271,6 @@ def convert(fmt: str, src: str | Path, out: str | Path, name: str, opts: Optiona
 def export_folder(root: str | Path, source: str, out: str | Path) -> Path:
     """Write a converted source back as an image-folder tree (+ its dataset_spec.json)."""
     from PIL import Image
-
-    from smat_dist.data.store import Catalog, FilePool
 
     store = Catalog(root).store(source)
     dest = Path(out)

@@ -30,6 +30,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from smat_dist.data.cache import GiB, Ref, ShardCache
+from smat_dist.data.config import DataConfig
 from smat_dist.data.format import (BLOCK_EXT, FORMAT, FORMAT_VERSION, IMAGE_EXTS, MANIFEST, ROW_DTYPE, SOURCES_FILE,
                                    DataError, block_key, parse_key, sample_key, sha256_file)
 from smat_dist.data.location import DataRoot, RootError, failure
@@ -447,8 +448,6 @@ class Catalog:
         # Path for a local root (as before), the URL string for a remote one.
         self.root: Union[Path, str] = self.location.path if not self.remote else self.location.spec
         if cache_dir is None or cache_max_gb is None:
-            from smat_dist.data.config import DataConfig
-
             d = DataConfig()
             cache_dir = d.cache_dir if cache_dir is None else cache_dir
             cache_max_gb = d.cache_max_gb if cache_max_gb is None else cache_max_gb

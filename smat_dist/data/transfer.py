@@ -21,6 +21,7 @@ from smat_dist.data.format import (CLASSES_PATTERN, MANIFEST, SOURCES_FILE, SPEC
                                    sha256_file, sources_doc)
 from smat_dist.data.location import DataRoot, failure
 from smat_dist.data.store import Catalog
+from smat_dist.data.writer import write_sources_index
 from smat_dist.fsutil import atomic_write_bytes, publish
 
 Root = Union[str, Path, DataRoot]
@@ -78,8 +79,6 @@ def stage(src_root: Root, dest_root: str | Path, sources: Optional[Sequence[str]
             publish(tmp, t)
         atomic_write_bytes(d / MANIFEST, mraw)  # last, synced: the staged source is complete
     if names:
-        from smat_dist.data.writer import write_sources_index
-
         write_sources_index(dest_root)
     return names
 

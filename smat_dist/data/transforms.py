@@ -134,7 +134,7 @@ def to_tensor(batch: np.ndarray, mean: Sequence[float], std: Sequence[float], de
     """
     import torch
 
-    from smat_dist.episode import to_device
+    from smat_dist.episode import to_device  # torch: the data plane itself stays torch-free
 
     if not batch.flags.writeable or not batch.flags.c_contiguous:  # Ray hands out read-only arrays
         batch = np.array(batch, copy=True, order="C")

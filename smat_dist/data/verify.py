@@ -24,6 +24,7 @@ from smat_dist.data.format import (BLOCK_EXT, IMAGE_EXTS, MANIFEST, ROW_DTYPE, S
 from smat_dist.data.location import DataRoot, failure
 from smat_dist.data.spec import SpecError, spec_from_json
 from smat_dist.data.store import Catalog, Packing
+from smat_dist.data.stream import shard_samples
 from smat_dist.data.tario import iter_members, split_name
 
 Root = Union[str, Path, DataRoot]
@@ -183,8 +184,6 @@ def _local_shard(p: Path, sh: dict, check: _Check, deep: bool) -> List[str]:
 
 def _stream_shard(ref: Ref, check: _Check, deep: bool) -> List[str]:
     """One remote shard through webdataset's pipeline: size and sha256, and (deep) every sample."""
-    from smat_dist.data.stream import shard_samples
-
     out: List[str] = []
     members: Members = {}
     labels: Dict[str, object] = {}

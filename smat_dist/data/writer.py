@@ -47,6 +47,7 @@ import numpy as np
 from smat_dist.data.format import (BLOCK_EXT, CLASSES_PATTERN, FORMAT, FORMAT_VERSION, INDEX_PATTERN, MANIFEST,
                                    ROW_DTYPE, SHARD_PATTERN, SOURCES_FILE, block_key, sha256_file,
                                    sources_doc)
+from smat_dist.data.location import is_url
 from smat_dist.data.spec import SPLITS, SourceSpec, save_spec, with_counts
 from smat_dist.data.tario import EOF_BLOCKS, NAME_RE, encode_sample, sample_key
 from smat_dist.fsutil import atomic_write_text, publish
@@ -376,7 +377,6 @@ def _prepare(src: InputSource, out_root: str | Path, opts: WriteOptions) -> Opti
         raise ConvertError(f"tier must be s256 or native, got {opts.tier!r}")
     if opts.pack < 0 or opts.pack_side < 1:
         raise ConvertError(f"pack must be >= 0 and pack_side >= 1, got {opts.pack}, {opts.pack_side}")
-    from smat_dist.data.location import is_url
 
     if is_url(out_root):
         raise ConvertError(f"{out_root}: converters write to a local directory (resumable phases need a "

@@ -25,7 +25,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from smat_dist.data.store import Catalog
 from smat_dist.eval.config import EvalConfig
+from smat_dist.eval.episodes import frozen_list, writable_episodes_dir
+from smat_dist.eval.models import describe_checkpoint, resolve_export
+from smat_dist.eval.runner import _id_sources, _sources
+from smat_dist.eval.worker import EpisodeEvaluator
+from smat_dist.export import load_model
 from smat_dist.record import read_rows
 
 log = logging.getLogger(__name__)
@@ -293,12 +299,6 @@ def source_alphas(export: Path, data: str, cfg: EvalConfig, out: Path) -> Tuple[
     """α of the first ``analyse.episodes_per_source`` frozen test episodes of every source."""
     import dataclasses
 
-    from smat_dist.data.store import Catalog
-    from smat_dist.eval.episodes import frozen_list, writable_episodes_dir
-    from smat_dist.eval.models import describe_checkpoint
-    from smat_dist.eval.runner import _id_sources, _sources
-    from smat_dist.eval.worker import EpisodeEvaluator
-
     spec = describe_checkpoint(export)
     dcfg = dataclasses.replace(cfg.data, root=str(data), image_size=spec.img_size)
     cfg = dataclasses.replace(cfg, data=dcfg, device="cpu" if cfg.device == "auto" else cfg.device)
@@ -324,9 +324,6 @@ def source_alphas(export: Path, data: str, cfg: EvalConfig, out: Path) -> Tuple[
 def analyse(run: str | Path, data: Optional[str] = None, out: Optional[str | Path] = None,
             cfg: Optional[EvalConfig] = None) -> AnalysisResult:
     """Write the figures (PNG) and ``analysis.json`` for a run directory or model file."""
-    from smat_dist.eval.models import resolve_export
-    from smat_dist.export import load_model
-
     cfg = cfg or EvalConfig()
     export = resolve_export(run)
     run_dir = export.parent

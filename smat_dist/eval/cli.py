@@ -18,7 +18,11 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from smat_dist.data.sampler import SamplerError
+from smat_dist.data.store import DataError
 from smat_dist.errors import ConfigError
+from smat_dist.eval.config import load_eval_config
+from smat_dist.eval.report import ReportError, compare, write_results
 
 PROG = "smat-eval"
 
@@ -63,8 +67,7 @@ def cmd_eval(argv: List[str], *, say: Optional[Callable[[str], None]] = None, ta
     """``say``: where progress lines go (default stderr; ``-q`` drops them); ``table=False`` leaves the
     results table to the caller (the demo prints one side-by-side table of all methods instead)."""
     a = _eval_parser().parse_intermixed_args(argv)
-    from smat_dist.eval.config import load_eval_config
-    from smat_dist.eval.runner import evaluate, model_spec_for
+    from smat_dist.eval.runner import evaluate, model_spec_for  # torch, once the arguments are checked
 
     ov = _overrides(a)
     cfg = load_eval_config(ov, a.config)
@@ -85,7 +88,6 @@ def cmd_compare(argv: List[str]) -> int:
     p.add_argument("--compare", nargs="+", required=True, metavar="RESULTS_CSV")
     p.add_argument("--out", help="write the Markdown table here (and a merged CSV next to it)")
     a = p.parse_args(argv)
-    from smat_dist.eval.report import compare, write_results
 
     rows, table = compare(a.compare)
     print(table, end="")
@@ -111,8 +113,7 @@ def cmd_analyse(argv: List[str]) -> int:
     p.add_argument("--episodes-dir", help="where frozen episode lists are cached (default DATA_DIR/episodes)")
     p.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides (analyse.*, sources, seed, data.*)")
     a = p.parse_intermixed_args(argv)
-    from smat_dist.eval.analyse import analyse
-    from smat_dist.eval.config import load_eval_config
+    from smat_dist.eval.analyse import analyse  # torch, once the arguments are checked
 
     cfg = load_eval_config(_overrides(a))
     res = analyse(a.run, data=a.data, out=a.out, cfg=cfg)
@@ -127,9 +128,6 @@ def main(argv: Optional[List[str]] = None, *, say: Optional[Callable[[str], None
     """``smat-eval``; ``say`` and ``table`` as in :func:`cmd_eval` (an evaluation's console lines)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from smat_dist.data.sampler import SamplerError
-    from smat_dist.data.store import DataError
-    from smat_dist.eval.report import ReportError
 
     try:
         if argv and argv[0] in ("analyse", "analyze"):

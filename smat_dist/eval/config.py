@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from smat_dist.config import load_config
 from smat_dist.data.config import DataConfig
 from smat_dist.errors import ConfigError
 from smat_dist.smat.config import BackboneConfig
@@ -173,8 +174,6 @@ class EvalConfig:
 
 def load_eval_config(overrides=(), yaml_paths=()) -> EvalConfig:
     """EvalConfig from YAML files and a dotlist; a bad key or value is a ConfigError naming it."""
-    from smat_dist.config import load_config
-
     return load_config(EvalConfig, list(yaml_paths), list(overrides))
 
 

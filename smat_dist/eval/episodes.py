@@ -27,6 +27,7 @@ import numpy as np
 
 from smat_dist.data.builder import EpisodeBuilder, EpisodeSpec, load_episode_list, spec_row
 from smat_dist.data.config import DataConfig, EpisodeConfig
+from smat_dist.data.location import is_url
 from smat_dist.data.store import Catalog, CorruptSample, DataError, FilePool
 from smat_dist.data.transforms import DecodeError, EpisodeTransform, to_tensor
 from smat_dist.episode import Episode
@@ -101,7 +102,6 @@ def writable_episodes_dir(preferred: Optional[str], data_root: str, fallback: Pa
         p = Path(preferred)
         p.mkdir(parents=True, exist_ok=True)
         return p
-    from smat_dist.data.location import is_url
 
     if is_url(data_root):  # a URL root is read-only here: lists go next to the results
         fallback.mkdir(parents=True, exist_ok=True)

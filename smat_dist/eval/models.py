@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
 from torch import nn
 
+from smat_dist.config import from_dict, to_dict
 from smat_dist.errors import ConfigError
+from smat_dist.export import BACKBONE_PREFIX, FORMAT, load_model
+from smat_dist.smat.backbone import build_backbone
+from smat_dist.smat.config import BackboneConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +56,6 @@ def resolve_export(path: str | Path) -> Path:
 
 def _export_meta(path: Path) -> Dict[str, str]:
     """The metadata of an export (no tensors read); a clear error for anything else."""
-    from safetensors import safe_open
-
-    from smat_dist.export import FORMAT
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
@@ -72,8 +74,6 @@ def run_config_of(path: Path) -> Optional[dict]:
         return json.loads(meta["run_config"])
     yaml_path = path.parent / "run_config.yaml"
     if yaml_path.is_file():
-        from omegaconf import OmegaConf
-
         return OmegaConf.to_container(OmegaConf.load(yaml_path), resolve=True)  # type: ignore[return-value]
     return None
 
@@ -111,8 +111,6 @@ def describe_checkpoint(path: str | Path) -> ModelSpec:
 
 def describe_pre(checkpoint: Optional[str], backbone_cfg) -> ModelSpec:
     """The Pre baseline: θ_pre of an export, or a backbone file / timm model (``model.backbone.*``)."""
-    from smat_dist.config import to_dict
-
     if checkpoint:
         # Keep the run's training sources: Pre's table groups sources ID/OOD exactly as the run's.
         spec = describe_checkpoint(checkpoint)
@@ -130,10 +128,6 @@ def describe_pre(checkpoint: Optional[str], backbone_cfg) -> ModelSpec:
 def _backbone_with_file_config(bcfg):
     """A smat-dist backbone file may carry its architecture as JSON metadata ``backbone_config``;
     it fills the fields the command line left at their defaults."""
-    import dataclasses
-
-    from smat_dist.smat.config import BackboneConfig
-
     path = bcfg.checkpoint
     if not path:
         return bcfg
@@ -142,22 +136,20 @@ def _backbone_with_file_config(bcfg):
         raise ConfigError(f"model.backbone.checkpoint: no such file: {p}")
     if p.suffix != ".safetensors":
         return bcfg
-    from safetensors import safe_open
-
     with safe_open(str(p), "pt") as f:
         meta = dict(f.metadata() or {})
     stored = meta.get("backbone_config")
     if not stored:
         return bcfg
     base = json.loads(stored)
-    defaults = dataclasses.asdict(BackboneConfig())
+    defaults = asdict(BackboneConfig())
     merged = dict(base)
-    for k, v in dataclasses.asdict(bcfg).items():
+    for k, v in asdict(bcfg).items():
         if v != defaults.get(k) or k not in merged:
             merged[k] = v
     merged["checkpoint"] = str(p)
     merged["pretrained"] = False
-    known = {f.name for f in dataclasses.fields(BackboneConfig)}
+    known = {f.name for f in fields(BackboneConfig)}
     return BackboneConfig(**{k: v for k, v in merged.items() if k in known})
 
 
@@ -229,20 +221,13 @@ class TaskModel:
 
 
 def build_task_model(spec: ModelSpec, device: str | torch.device = "cpu") -> TaskModel:
-    from smat_dist.smat.backbone import build_backbone
-
     if spec.kind == "export":
-        from smat_dist.export import load_model
-
         smat = load_model(spec.path, device="cpu")
         model = TaskModel(smat.backbone, spec.cosine_scale, smat)
     elif spec.kind == "pre" and spec.path:
         backbone = _backbone_of_export(Path(spec.path))
         model = TaskModel(backbone, spec.cosine_scale)
     elif spec.kind == "pre":
-        from smat_dist.config import from_dict
-        from smat_dist.smat.config import BackboneConfig
-
         bcfg = from_dict(BackboneConfig, spec.backbone or {})
         try:
             backbone = build_backbone(bcfg)
@@ -260,13 +245,6 @@ def build_task_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Tas
 
 def _backbone_of_export(path: Path) -> nn.Module:
     """θ_pre of an export without building its gates (M·|θ| logits) or hypernetwork."""
-    from safetensors import safe_open
-
-    from smat_dist.config import from_dict
-    from smat_dist.export import BACKBONE_PREFIX
-    from smat_dist.smat.backbone import build_backbone
-    from smat_dist.smat.config import ModelConfig
-
     meta = _export_meta(path)
     cfg = from_dict(ModelConfig, json.loads(meta["model_config"]))
     bcfg = cfg.backbone

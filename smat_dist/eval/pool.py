@@ -10,6 +10,7 @@ import collections
 import logging
 from typing import Any, Deque, Dict, Iterator, List, Sequence, Tuple
 
+from smat_dist import ray_session
 from smat_dist.eval.config import EvalConfig
 from smat_dist.eval.models import ModelSpec
 from smat_dist.eval.worker import EpisodeEvaluator, EpisodeResult, EvalActor, Job
@@ -47,8 +48,6 @@ class RayPool:
 
     def __init__(self, spec: ModelSpec, cfg: EvalConfig):
         import ray
-
-        from smat_dist import ray_session
 
         self.started = ray_session.connect()
         res = ray.cluster_resources()

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from smat_dist.config import to_yaml
 from smat_dist.data.store import Catalog, DataError
 from smat_dist.errors import ConfigError
 from smat_dist.eval.config import EvalConfig
@@ -248,8 +249,6 @@ def evaluate(cfg: EvalConfig, checkpoint: Optional[str] = None, method: str = "m
 
 def write_outputs(report: EvalReport, cfg: EvalConfig, kind: Dict[str, str], out_dir: Path) -> Dict[str, Path]:
     import json
-
-    from smat_dist.config import to_yaml
 
     files = {"results": write_results(report.rows, out_dir / "results.csv")}
     ep_rows = []

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+import smat_dist
 from smat_dist.data.builder import EpisodeSpec
 from smat_dist.data.tario import parse_key
 from smat_dist.data.transforms import to_tensor
@@ -142,8 +143,6 @@ class EpisodeEvaluator:
         return backbone_autocast(self.cfg.precision, self.device)
 
     def info(self) -> Dict[str, object]:
-        import smat_dist
-
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
                 "package": smat_dist.__file__}
 

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from smat_dist.errors import ConfigError
+from smat_dist.sweep.config import load_sweep_config
+from smat_dist.sweep.runner import Sweep
+from smat_dist.sweep.state import SweepLocked, SweepStateError
 
 
 def _only(items: List[str]) -> dict:
@@ -45,9 +48,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (without RAY_ADDRESS)")
     ap.add_argument("overrides", nargs="*", help="sweep-config overrides, e.g. concurrency=4 max_attempts=3")
     a = ap.parse_args(argv)
-    from smat_dist.sweep.config import load_sweep_config
-    from smat_dist.sweep.runner import Sweep
-    from smat_dist.sweep.state import SweepLocked, SweepStateError
 
     try:
         cfg = load_sweep_config(a.config, a.overrides)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from smat_dist.config import load_config
 from smat_dist.errors import ConfigError
 from smat_dist.monitoring.config import MonitorConfig
 
@@ -114,6 +115,4 @@ __all__ = ["CONFIG_AXIS", "CellResources", "EvalSettings", "PlotSettings", "Swee
 
 def load_sweep_config(path, overrides=()) -> SweepConfig:
     """:func:`smat_dist.config.load_config` of one sweep file, with ``axes`` open to any keys."""
-    from smat_dist.config import load_config
-
     return load_config(SweepConfig, [path], list(overrides), open_keys=("axes",))

@@ -35,15 +35,20 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from smat_dist import ray_session
 import smat_dist
 from smat_dist.config import to_yaml
+from smat_dist.data.location import resolve_root
 from smat_dist.errors import ConfigError
 from smat_dist.sweep.config import CONFIG_AXIS, SweepConfig
 from smat_dist.sweep.grid import Cell, expand
 from smat_dist.sweep.report import (ResultsError, plot_scaling, plot_tradeoff, read_eval_results, read_training,
                                     write_csv)
 from smat_dist.fsutil import atomic_write_text
+from smat_dist.monitoring.names import metric
+from smat_dist.monitoring.recorder import make_backend
 from smat_dist.sweep.state import DONE, FAILED, PENDING, RUNNING, Attempt, CellState, CellStore, SweepLock
+from smat_dist.weightsfile import WeightsError, check_weights_file
 
 PKG_PARENT = str(Path(smat_dist.__file__).resolve().parents[1])
 
@@ -157,8 +162,6 @@ class Sweep:
         return self.out / "eval" / cell.id
 
     def data_root(self, cell: Cell) -> str:
-        from smat_dist.data.location import resolve_root
-
         return resolve_root(self.cfg.eval.data or cell.run.data.root)
 
     def train_cmd(self, cell: Cell) -> List[str]:
@@ -209,8 +212,6 @@ class Sweep:
 
     def _publish(self) -> None:
         if self._gauge is not None:
-            from smat_dist.monitoring.names import metric
-
             for state, n in self.counts().items():
                 self._gauge.set(metric("smat_sweep_cells"), {"sweep": self.cfg.name, "state": state}, float(n))
 
@@ -218,8 +219,6 @@ class Sweep:
     def connect(self) -> bool:
         """Join RAY_ADDRESS (a preflight look at its resources) or start a local Ray for the cells."""
         import ray
-
-        from smat_dist import ray_session
 
         address = os.environ.get("RAY_ADDRESS")
         res = self.cfg.resources
@@ -281,8 +280,6 @@ class Sweep:
             return counts
 
     def _start_metrics(self) -> None:
-        from smat_dist.monitoring.recorder import make_backend
-
         try:
             self._gauge = make_backend(self.cfg.monitor, "prometheus", f"sweep-{self.cfg.name}")
         except OSError as exc:
@@ -386,8 +383,6 @@ class Sweep:
     def _export_whole(self, cell: Cell) -> bool:
         """The cell's model file exists and is whole; if not, training runs again (it resumes at its last
         checkpoint and rewrites the export), instead of evaluation failing on it forever."""
-        from smat_dist.weightsfile import WeightsError, check_weights_file
-
         try:
             check_weights_file(self.run_dir(cell) / "model.safetensors", "model export")
             return True

@@ -16,6 +16,8 @@ import sys
 from typing import List, Optional, Tuple
 
 from smat_dist.config import ConfigError, RunConfig, load_config
+from smat_dist.train import runlog
+from smat_dist.train.preflight import USER_ERRORS, preflight
 
 
 def parse(prog: str, description: str, argv: Optional[List[str]]) -> Tuple[Optional[RunConfig], bool, int]:
@@ -39,9 +41,6 @@ def _fail(prog: str, exc: BaseException, run_dir, *, rank: Optional[int] = None)
 
     ``rank``: the torchrun rank this process is (every rank checks the config, rank 0 alone reports
     what the user can fix; any rank reports its own failure)."""
-    from smat_dist.train import runlog
-    from smat_dist.train.preflight import USER_ERRORS
-
     cause, failed_rank = runlog.root_cause(exc)
     user_error = isinstance(cause, USER_ERRORS)
     if failed_rank is None and not user_error:
@@ -61,12 +60,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "Re-running with the same train.run_name resumes it.", argv)
     if cfg is None:
         return rc
-    from smat_dist.train.preflight import preflight
 
     run_dir = cfg.run_dir()
     try:
         preflight(cfg, run_dir, engine="deepspeed", world_size=cfg.dist.num_workers)
-        from smat_dist.train.ray_launcher import train
+        from smat_dist.train.ray_launcher import train  # torch and Ray only after the checks
 
         result = train(cfg, verbose=verbose)
     except Exception as exc:
@@ -84,8 +82,6 @@ def main_local(argv: Optional[List[str]] = None) -> int:
         return rc
     import os
 
-    from smat_dist.train.preflight import preflight
-
     run_dir = cfg.run_dir()
     # torchrun describes every rank in the environment; torch itself is imported after the checks
     torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
@@ -93,6 +89,7 @@ def main_local(argv: Optional[List[str]] = None) -> int:
     try:
         preflight(cfg, run_dir, engine="deepspeed" if torchrun else "local",
                   world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
+        # torch and DeepSpeed only after the checks
         from smat_dist.train import distributed
         from smat_dist.train.launch import run
 

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Optional
 
 from smat_dist.config import RunConfig
+from smat_dist.data import check_root
+from smat_dist.data.store import DataError
 from smat_dist.errors import ConfigError
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.weightsfile import WeightsError, check_weights_file
 
 
 def _user_errors() -> tuple:
-    from smat_dist.data.store import DataError
-
     return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError)
 
 
@@ -51,7 +51,6 @@ def check_resume(cfg: RunConfig, run_dir: Path, *, engine: str, world_size: int)
 def check_data(cfg: RunConfig) -> None:
     if cfg.data.episodes != "shards":
         return
-    from smat_dist.data import check_root
 
     check_root(cfg.data, split="train", sources=cfg.data.train_sources or None)
 

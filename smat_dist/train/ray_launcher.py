@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from smat_dist import ray_session
 from smat_dist.config import RunConfig, from_dict, to_dict, to_yaml
 from smat_dist.fsutil import atomic_write_text
 from smat_dist.record import StepMetrics
@@ -95,8 +96,6 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from smat_dist import ray_session
 
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)

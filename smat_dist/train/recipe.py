@@ -25,12 +25,15 @@ from typing import Callable, ContextManager, Iterable, Iterator, List, Optional,
 
 import torch
 
-from smat_dist.config import RunConfig
+from smat_dist.config import RunConfig, to_dict
+from smat_dist.data.loader import EpisodeLoader, rank_indices
 from smat_dist.episode import Episode
+from smat_dist.export import export_model
 from smat_dist.monitoring.recorder import StepMonitor, worker_monitor
 from smat_dist.record import TASK_KEYS, MetricsLog, StepMetrics, TaskRecord
 from smat_dist.smat import SMAT
 from smat_dist.smat.optim import SMATOptimizer, apply_schedule, build_optimizer
+from smat_dist.smat.toy import ToyEpisodes
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed, runlog
 from smat_dist.train.distributed import Runtime
@@ -63,12 +66,9 @@ class CheckpointSink(Protocol):
 def open_episodes(cfg: RunConfig, indices: Iterable[int], *, use_ray: bool, device: Optional[torch.device] = None):
     """(episode iterator, loader or None) for the run's training stream, with tensors on ``device``."""
     if cfg.data.episodes == "toy":
-        from smat_dist.smat.toy import ToyEpisodes
-
         toy = ToyEpisodes(num_classes=20, image_size=cfg.model.backbone.img_size, ways=5, shots=3, queries=4,
                           seed=cfg.train.seed)
         return toy.iterate(indices), None
-    from smat_dist.data.loader import EpisodeLoader
 
     loader = EpisodeLoader(cfg.data, split="train", seed=cfg.train.seed, use_ray=use_ray, device=device)
     return loader.iterate(indices), loader
@@ -224,7 +224,6 @@ class MetaTrainRecipe:
     def _open_stream(self) -> None:
         if self._stream is not None:
             return
-        from smat_dist.data.loader import rank_indices
 
         B, rt = self.cfg.train.tasks_per_step, self.runtime
         indices = rank_indices(self.step, B, rt.rank, rt.world_size, num_steps=max(0, self.total - self.step))
@@ -377,9 +376,6 @@ class MetaTrainRecipe:
     def export(self) -> Path:
         """The fp32 model file of the run (``model.safetensors``), written atomically by rank 0."""
         import json
-
-        from smat_dist.config import to_dict
-        from smat_dist.export import export_model
 
         path = self.run_dir / EXPORT_NAME
         export_model(self.model, path, self.cfg.train, extra={"run_config": json.dumps(to_dict(self.cfg))})

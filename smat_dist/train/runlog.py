@@ -13,6 +13,8 @@ import traceback
 from pathlib import Path
 from typing import Optional, Tuple
 
+from smat_dist.train.preflight import USER_ERRORS
+
 RUN_LOG = "train.log"
 
 
@@ -55,8 +57,6 @@ def root_cause(exc: BaseException) -> Tuple[BaseException, Optional[int]]:
 
 
 def one_line(exc: BaseException) -> str:
-    from smat_dist.train.preflight import USER_ERRORS
-
     cause, rank = root_cause(exc)
     text = str(cause).strip().splitlines()
     first = text[0] if text else ""
