@@ -96,23 +96,17 @@ class Trainer:
 
     def train_step(self, episodes: Iterable[Episode]) -> StepMetrics:
         """One optimiser step over exactly ``episodes`` (their ``index`` is the global task index)."""
-        episodes = list(episodes)
-        recipe = self.recipe
-        recipe.tasks_per_rank = len(episodes)
-        recipe.cfg.train.tasks_per_step = len(episodes)
-        recipe.engine.tasks_per_step = len(episodes)
-        recipe._stream = iter(episodes)
-        return recipe.run_step()
+        return self.recipe.step_on(episodes)
 
     def fit(self, provider: EpisodeProvider, steps: Optional[int] = None,
             on_step: Optional[Callable[[StepMetrics], None]] = None) -> None:
         """Meta-steps until ``steps`` (default: the config's total), checkpointing when a run_dir is set."""
-        self.recipe._provider, self.recipe._stream, self.recipe.on_step = provider, None, on_step
+        self.recipe.use_episodes(provider)
+        self.recipe.on_step = on_step
         self.recipe.train(steps)
 
     def load(self, directory: str | Path) -> None:
         self.recipe.resume(Path(directory))
-        self.recipe._stream = None
 
     def export(self) -> Path:
         return self.recipe.export()

@@ -2,7 +2,7 @@
 
 ``MetaTrainRecipe(cfg, runtime, run_dir).setup()`` builds the model, optimiser groups and engine,
 resumes, and opens the episode stream; ``train()`` runs the meta-steps, logs, checkpoints and exports.
-The launchers (:mod:`smat_dist.train.launch` for one process and torchrun, :mod:`smat_dist.train.ray`
+The launchers (:mod:`smat_dist.train.launch` for one process and torchrun, :mod:`smat_dist.train.ray_launcher`
 for Ray Train) only say where this process is (:class:`~smat_dist.train.distributed.Runtime`), which
 engine it uses and how a checkpoint is published.
 
@@ -217,9 +217,27 @@ class MetaTrainRecipe:
                              theta_pre=self.model.space.fingerprint())
         self.engine.load(directory, meta.tag)
         self.step = meta.step
+        self._stream = None  # a stream opened before started at the old step; reopened by train()
         if self.runtime.is_main:
             self.say(f"resumed from {directory} at step {self.step}/{self.total} (written by {meta.world_size} "
                      f"rank(s), now {self.runtime.world_size})")
+
+    # ------------------------------------------------------------------------------ what launchers may change
+    def use_episodes(self, provider: Optional[EpisodeProvider]) -> None:
+        """Train on ``provider``'s episodes (None: the run's configured stream), opened at the current step
+        by the next :meth:`train`."""
+        self._provider, self._stream = provider, None
+
+    def step_on(self, episodes: Iterable[Episode]) -> StepMetrics:
+        """One meta-step over exactly ``episodes`` (their ``index`` is the global task index) on a
+        single-process run; ``train.tasks_per_step`` becomes their number from here on."""
+        episodes = list(episodes)
+        if self.runtime.world_size != 1 or self.engine_kind != "local":
+            raise RuntimeError("step_on is for a single-process run; ranks step on the run's episode stream")
+        self.cfg.train.tasks_per_step = self.tasks_per_rank = len(episodes)
+        self.engine.tasks_per_step = len(episodes)
+        self._stream = iter(episodes)
+        return self.run_step()
 
     def _open_stream(self) -> None:
         if self._stream is not None:
