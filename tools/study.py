@@ -166,11 +166,9 @@ def setting_key(row: Dict[str, str], axes: Sequence[str]) -> tuple:
 def plot_source_deltas(deltas: List[dict], path: Path) -> Optional[Path]:
     """SMAT − PMF (paired, 95 % CI) vs the number of training sources: ID, OOD and the test-only sources,
     one point per choice of sources. Unlike scaling.png, the test-only panel compares like with like."""
-    import matplotlib
+    from smat_dist.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pts = [d for d in deltas if d["id"][0] is not None]
     if not pts:
         return None
@@ -194,9 +192,7 @@ def plot_source_deltas(deltas: List[dict], path: Path) -> Optional[Path]:
     axes[0].set_ylabel("SMAT − PMF, paired (points)")
     fig.suptitle("SMAT − PMF on the same test episodes (mean of seeds, 95 % CI over episodes)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid: Dict[str, dict], *,

@@ -32,6 +32,7 @@ from smat_dist.eval.models import describe_checkpoint, resolve_export
 from smat_dist.eval.runner import _id_sources, _sources
 from smat_dist.eval.worker import EpisodeEvaluator
 from smat_dist.export import load_model
+from smat_dist.plotting import pyplot, save
 from smat_dist.record import read_rows
 
 log = logging.getLogger(__name__)
@@ -133,20 +134,11 @@ class AnalysisResult:
     notes: List[str] = field(default_factory=list)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _bars(ax, labels: List[str], values: np.ndarray, ylabel: str, title: str) -> None:
     M = values.shape[0]
     x = np.arange(len(labels))
     width = 0.8 / M
-    cmap = _plt().get_cmap("tab10" if M <= 10 else "tab20")
+    cmap = pyplot().get_cmap("tab10" if M <= 10 else "tab20")
     for m in range(M):
         ax.bar(x + (m - (M - 1) / 2) * width, values[m], width, label=f"expert {m}", color=cmap(m % cmap.N))
     ax.set_xticks(x)
@@ -156,7 +148,7 @@ def _bars(ax, labels: List[str], values: np.ndarray, ylabel: str, title: str) ->
 
 
 def plot_nonzero(groups, nz, tot, xlabel: str, path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(groups) + 4), 4.2))
     _bars(axes[0], groups, nz, "non-zero parameters", f"{title}: non-zero parameters")
     _bars(axes[1], groups, 100.0 * nz / np.maximum(tot, 1)[None, :], "non-zero (% of the group)", f"{title}: density")
@@ -164,13 +156,11 @@ def plot_nonzero(groups, nz, tot, xlabel: str, path: Path, title: str) -> Path:
         ax.set_xlabel(xlabel)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_overlap(J: np.ndarray, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     M = J.shape[0]
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * M, 0.6 + 0.6 * M))
     im = ax.imshow(J, vmin=0.0, vmax=1.0, cmap="viridis")
@@ -186,15 +176,13 @@ def plot_overlap(J: np.ndarray, path: Path) -> Path:
                         color="white" if J[a, b] < 0.6 else "black")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_selection(sources: List[str], mean_alpha: np.ndarray, kinds: Dict[str, str], path: Path,
                    method: str, metric: str) -> Tuple[Path, List[str]]:
     """Dendrogram of sources by mean α (left) and the α heatmap in dendrogram order (right)."""
-    plt = _plt()
+    plt = pyplot()
     from scipy.cluster.hierarchy import dendrogram, linkage
 
     n, M = mean_alpha.shape
@@ -230,13 +218,12 @@ def plot_selection(sources: List[str], mean_alpha: np.ndarray, kinds: Dict[str, 
     cax = fig.add_axes(box(x_heat + heat_w + label_w, bar_w))
     fig.colorbar(im, cax=cax)
     fig.suptitle("mean expert-selection weight α per source (rows in dendrogram order)", fontsize=9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return path, [sources[i] for i in order]
 
 
 def plot_curves(rows: List[dict], tau: Optional[float], path: Path) -> Optional[Path]:
-    plt = _plt()
+    plt = pyplot()
     steps = np.array([r.get("step", i) for i, r in enumerate(rows)], dtype=float)
 
     def series(key):
@@ -282,9 +269,7 @@ def plot_curves(rows: List[dict], tau: Optional[float], path: Path) -> Optional[
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _depth_order(g: str) -> Tuple[int, int]:

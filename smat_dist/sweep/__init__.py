@@ -4,9 +4,9 @@
 * :mod:`.grid`    grid -> validated cells with stable identities;
 * :mod:`.state`   per-cell state files (atomic), the sweep lock;
 * :mod:`.runner`  concurrency, retries, resume, the cluster connection;
-* :mod:`.report`  sweep.csv and the trade-off / scaling figures.
+* :mod:`.reaper`  the process that stops running cells when the driver dies (standard library only);
+* :mod:`.report`  sweep.csv rows and the trade-off / scaling figures.
+
+The package itself imports nothing, so ``python -S -m smat_dist.sweep.reaper`` starts without the
+installed dependencies.
 """
-
-from smat_dist.sweep.config import SweepConfig
-
-__all__ = ["SweepConfig"]

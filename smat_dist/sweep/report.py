@@ -1,6 +1,6 @@
 """sweep.csv and the two figures, from the cells' smat-eval results and training metrics.
 
-* ``sweep.csv``: one row per cell: axis values, derived columns (method, experts, tau, sources, seed),
+* ``sweep.csv``: one row per cell (:func:`cell_row`): axis values, derived columns (method, experts, tau, sources, seed),
   ID/OOD averages with 95 % CIs, sparsity reached, wall time, GPU-hours, status.
 * ``tradeoff.png``: ID avg vs OOD avg, colour = tau, marker = number of experts (the paper's Fig. (a));
   cells without a colour value (PMF and other methods without experts) are drawn as reference stars.
@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from smat_dist.fsutil import atomic_write_text
+from smat_dist.plotting import pyplot, save
 from smat_dist.record import read_rows
+from smat_dist.sweep.config import CONFIG_AXIS, CellResources
+from smat_dist.sweep.grid import Cell
+from smat_dist.sweep.state import FAILED, CellState
 
 FIXED_COLUMNS = [
     "cell", "status", "method", "num_experts", "tau", "train_sources", "num_train_sources", "seed",
@@ -60,6 +64,33 @@ def read_eval_results(path: Path, mode: str = "none") -> Dict[str, Any]:
     out["episodes"] = min(int(r["n"]) for r in rows)
     out["per_source"] = {r["source"]: float(r["accuracy"]) for r in rows}
     return out
+
+
+def cell_row(cell: Cell, st: CellState, *, axes: List[str], resources: CellResources, run_dir: Path,
+             eval_dir: Path) -> Dict[str, Any]:
+    """The ``sweep.csv`` row of one cell: its axis values, its setting, its results and what it cost."""
+    run, r = cell.run, st.results
+    row: Dict[str, Any] = {"cell": cell.id, "status": st.status, "_axes": axes}
+    for k, v in cell.assignment.items():
+        row[k] = "+".join(Path(str(p)).stem for p in (v if isinstance(v, list) else [v])) \
+            if k == CONFIG_AXIS else v
+    sources = list(run.data.train_sources)
+    n_id = len([s for s in str(r.get("id_sources") or "").split("+") if s])
+    row.update(
+        method=r.get("method") or run.model.method, num_experts=run.model.gates.num_experts,
+        tau=run.model.gates.target_sparsity if run.model.gates.enabled else None,
+        train_sources="+".join(sources) if sources else "all",
+        num_train_sources=len(sources) if sources else (n_id or None), seed=run.train.seed,
+        id_avg=r.get("id_avg"), id_ci95=r.get("id_ci95"), ood_avg=r.get("ood_avg"), ood_ci95=r.get("ood_ci95"),
+        id_sources=r.get("id_sources"), ood_sources=r.get("ood_sources"), episodes=r.get("episodes"),
+        sparsity_reached=r.get("sparsity_reached"), sparsity_train=r.get("sparsity_train"),
+        steps=r.get("steps"), train_s=st.train_s or None, eval_s=st.eval_s or None,
+        wall_s=(st.train_s + st.eval_s) or None,
+        gpu_hours=(st.train_s * resources.gpus() + st.eval_s * resources.eval_gpus()) / 3600.0,
+        attempts=len([a for a in st.attempts if a.outcome in ("done", "failed")]),
+        run_dir=str(run_dir), eval_dir=str(eval_dir),
+        error=st.last_error if st.status == FAILED else "")
+    return row
 
 
 def read_training(run_dir: Path) -> Dict[str, Any]:
@@ -130,10 +161,9 @@ def plot_tradeoff(rows: Sequence[Dict[str, Any]], path: Path, color: str = "tau"
                   title: Optional[str] = None) -> Optional[Path]:
     """ID vs OOD average per (colour, marker, other axes) group, mean ± std over seeds."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import cm, colors
+
+    plt = pyplot()
 
     done = [r for r in rows if r.get("id_avg") is not None and r.get("ood_avg") is not None
             and r.get(color) not in (None, "")]
@@ -166,19 +196,13 @@ def plot_tradeoff(rows: Sequence[Dict[str, Any]], path: Path, color: str = "tau"
     ax.set_title(title or f"ID vs OOD trade-off by {color} and {marker}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_scaling(rows: Sequence[Dict[str, Any]], path: Path, x: str = "num_train_sources", series: str = "method",
                  title: Optional[str] = None) -> Optional[Path]:
     """ID and OOD average vs ``x``, one line per ``series`` value, mean ± std over the other cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = [r for r in rows if r.get("id_avg") is not None and r.get(x) not in (None, "")]
     if not done:
         return None
@@ -206,10 +230,8 @@ def plot_scaling(rows: Sequence[Dict[str, Any]], path: Path, x: str = "num_train
         ax.legend(fontsize=8)
     fig.suptitle(title or f"Accuracy vs {x.replace('_', ' ')} per {series}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
-__all__ = ["FIXED_COLUMNS", "ResultsError", "read_eval_results", "read_training", "write_csv", "plot_tradeoff",
+__all__ = ["FIXED_COLUMNS", "ResultsError", "cell_row", "read_eval_results", "read_training", "write_csv", "plot_tradeoff",
            "plot_scaling", "reference_points"]

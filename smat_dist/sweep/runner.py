@@ -13,8 +13,8 @@ Without ``RAY_ADDRESS`` the sweep starts a local Ray instance and points its cel
 
 Cell processes start in their own session (``start_new_session``: set up by ``fork_exec`` in C, so it is safe
 from the pool's threads, unlike a ``preexec_fn``), which lets a timeout or Ctrl-C stop a cell together with
-everything it started. A small reaper process (``CellReaper``) keeps the other guarantee: cells never outlive
-the sweep driver, even one killed with SIGKILL.
+everything it started. A small reaper process (:mod:`smat_dist.sweep.reaper`) keeps the other guarantee:
+cells never outlive the sweep driver, even one killed with SIGKILL.
 
 Directory layout (``out``)::
 
@@ -36,92 +36,19 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from smat_dist import ray_session
-import smat_dist
 from smat_dist.config import to_yaml
 from smat_dist.data.location import resolve_root
 from smat_dist.errors import ConfigError
-from smat_dist.sweep.config import CONFIG_AXIS, SweepConfig
-from smat_dist.sweep.grid import Cell, expand
-from smat_dist.sweep.report import (ResultsError, plot_scaling, plot_tradeoff, read_eval_results, read_training,
-                                    write_csv)
 from smat_dist.fsutil import atomic_write_text
 from smat_dist.monitoring.names import metric
 from smat_dist.monitoring.recorder import make_backend
+from smat_dist.sweep.config import SweepConfig
+from smat_dist.sweep.grid import Cell, expand
+from smat_dist.sweep.reaper import PKG_PARENT, CellReaper
+from smat_dist.sweep.report import (ResultsError, cell_row, plot_scaling, plot_tradeoff, read_eval_results,
+                                    read_training, write_csv)
 from smat_dist.sweep.state import DONE, FAILED, PENDING, RUNNING, Attempt, CellState, CellStore, SweepLock
 from smat_dist.weightsfile import WeightsError, check_weights_file
-
-PKG_PARENT = str(Path(smat_dist.__file__).resolve().parents[1])
-
-# The reaper's program (run as ``python -I -S -c``, so it imports nothing of ours): it reads "+<pgid>" and
-# "-<pgid>" lines, the process groups of the running cells, from a pipe whose only writer is the sweep
-# driver. End of file means the driver is gone (or closed it after its last cell): every group still listed
-# gets SIGTERM, then SIGKILL after the grace period. It ignores SIGINT/SIGHUP and lives in its own session,
-# so neither Ctrl-C nor killing the driver's process group stops it before it has done its job.
-_REAPER = """
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
-grace, groups = float(sys.argv[1]), set()
-for line in sys.stdin:
-    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
-
-def signal_all(sig):
-    alive = set()
-    for g in groups:
-        try:
-            os.killpg(g, sig)
-            alive.add(g)
-        except OSError:
-            pass
-    return alive
-
-groups = signal_all(signal.SIGTERM)
-deadline = time.monotonic() + grace
-while groups and time.monotonic() < deadline:
-    time.sleep(0.2)
-    groups = signal_all(0)
-signal_all(signal.SIGKILL)
-"""
-
-
-class CellReaper:
-    """Stops the process groups of running cells once the sweep driver is gone, however it ended.
-
-    Started on first use; ``watch``/``release`` register a cell's process group while it runs; ``close``
-    (end of the sweep) lets it exit. Without it, a SIGKILLed driver would leave its cells training:
-    they run in sessions of their own, so killing the driver's process group no longer reaches them.
-    """
-
-    def __init__(self, grace_s: float = 20.0):
-        self.grace_s = grace_s
-        self._proc: Optional[subprocess.Popen] = None
-        self._lock = threading.Lock()
-
-    @property
-    def pid(self) -> Optional[int]:
-        return None if self._proc is None else self._proc.pid
-
-    def _send(self, line: str) -> None:
-        with self._lock:
-            if self._proc is None:
-                self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(self.grace_s)],
-                                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                              start_new_session=True)
-            self._proc.stdin.write(line + "\n")
-            self._proc.stdin.flush()
-
-    def watch(self, pgid: int) -> None:
-        self._send(f"+{pgid}")
-
-    def release(self, pgid: int) -> None:
-        self._send(f"-{pgid}")
-
-    def close(self) -> None:
-        with self._lock:
-            proc, self._proc = self._proc, None
-        if proc is not None:
-            proc.stdin.close()
-            proc.wait(timeout=self.grace_s + 30)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -419,34 +346,13 @@ class Sweep:
 
     # ----------------------------------------------------------------------------- report
     def rows(self) -> List[Dict[str, Any]]:
-        res = self.cfg.resources
+        """One ``sweep.csv`` row per cell (:func:`smat_dist.sweep.report.cell_row`)."""
         axes = list(self.cfg.axes)
-        rows = []
-        for cell in self.cells:
-            st = self._states.get(cell.id) or self.store.load(cell.id) or CellState(cell.id, cell.key, cell.assignment)
-            run, r = cell.run, st.results
-            row: Dict[str, Any] = {"cell": cell.id, "status": st.status, "_axes": axes}
-            for k, v in cell.assignment.items():
-                row[k] = "+".join(Path(str(p)).stem for p in (v if isinstance(v, list) else [v])) \
-                    if k == CONFIG_AXIS else v
-            sources = list(run.data.train_sources)
-            n_id = len([s for s in str(r.get("id_sources") or "").split("+") if s])
-            row.update(
-                method=r.get("method") or run.model.method, num_experts=run.model.gates.num_experts,
-                tau=run.model.gates.target_sparsity if run.model.gates.enabled else None,
-                train_sources="+".join(sources) if sources else "all",
-                num_train_sources=len(sources) if sources else (n_id or None), seed=run.train.seed,
-                id_avg=r.get("id_avg"), id_ci95=r.get("id_ci95"), ood_avg=r.get("ood_avg"), ood_ci95=r.get("ood_ci95"),
-                id_sources=r.get("id_sources"), ood_sources=r.get("ood_sources"), episodes=r.get("episodes"),
-                sparsity_reached=r.get("sparsity_reached"), sparsity_train=r.get("sparsity_train"),
-                steps=r.get("steps"), train_s=st.train_s or None, eval_s=st.eval_s or None,
-                wall_s=(st.train_s + st.eval_s) or None,
-                gpu_hours=(st.train_s * res.gpus() + st.eval_s * res.eval_gpus()) / 3600.0,
-                attempts=len([a for a in st.attempts if a.outcome in ("done", "failed")]),
-                run_dir=str(self.run_dir(cell)), eval_dir=str(self.eval_dir(cell)),
-                error=st.last_error if st.status == FAILED else "")
-            rows.append(row)
-        return rows
+        return [cell_row(cell, self._states.get(cell.id) or self.store.load(cell.id)
+                         or CellState(cell.id, cell.key, cell.assignment),
+                         axes=axes, resources=self.cfg.resources, run_dir=self.run_dir(cell),
+                         eval_dir=self.eval_dir(cell))
+                for cell in self.cells]
 
     def write_report(self, plots: bool = True) -> Dict[str, Path]:
         if not self._states:
