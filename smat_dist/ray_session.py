@@ -7,7 +7,7 @@
   external address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which it reads at import time, so the
   setting goes into the environment (for Ray's own child processes) and into the already-imported
   constant. No dashboard is started; Ray Train's state queries then have nothing to ask, which is why
-  the training launcher silences that one warning (see :mod:`smat_dist.train.ray`).
+  the training launcher silences that one warning (see :mod:`smat_dist.train.ray_launcher`).
 """
 
 from __future__ import annotations

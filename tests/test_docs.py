@@ -7,6 +7,7 @@ must fail here, naming the citing file and line, instead of leaving a dead point
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
@@ -206,3 +207,99 @@ def test_checker_names_the_citing_line_and_the_missing_target(tmp_path):
 def test_repeated_headings_get_numbered_slugs(tmp_path):
     root = _tree(tmp_path, {"docs/a.md": "# A\n## Outputs\n## Outputs\n"})
     assert {"a", "outputs", "outputs-1"} == anchors(root / "docs" / "a.md")
+
+
+# ------------------------------------------------------------------------------------------ module paths
+# `smat_dist.train.launch`, `smat_dist.smat.SMAT` (a module, then maybe a name in it) and `smat_dist/x/y.py`.
+DOTTED_MODULE = re.compile(r"(?<![\w./-])smat_dist(?:\.[A-Za-z_]\w*)+")
+MODULE_FILE = re.compile(r"(?<![\w./-])smat_dist/[\w/]+\.py\b")
+DOCSTRING_DIRS = ("smat_dist", "tools")
+
+
+def _module_names(source: Path) -> Set[str]:
+    """The names a module defines at its top level, including lazily exported ones (``_lazy.lazy_exports``)."""
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    names: Set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    lazy = any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "lazy_exports" for n in ast.walk(tree))
+    if lazy:  # lazy_exports(__name__, {"Name": "submodule", ...}), the mapping inline or in a variable
+        names |= {k.value for n in ast.walk(tree) if isinstance(n, ast.Dict) for k in n.keys
+                  if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    return names
+
+
+def module_path_problem(root: Path, dotted: str) -> Optional[str]:
+    """Why ``smat_dist.a.b[.Name]`` names nothing in ``root`` (None when it does): the longest prefix must be
+    a module or package of the tree and what follows a name defined in it."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        base = root.joinpath(*parts[:i])
+        source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if source.is_file():
+            if i == len(parts) or parts[i] in _module_names(source):
+                return None
+            return f"no module {'.'.join(parts[:i + 1])} and no name {parts[i]} in {'.'.join(parts[:i])}"
+    return "no such package"
+
+
+def _docstrings(path: Path) -> Iterator[Tuple[int, str]]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except SyntaxError:
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                yield (node.body[0].lineno, doc)
+
+
+def check_module_paths(root: Path = REPO) -> List[str]:
+    """Every ``smat_dist.x.y`` module path and ``smat_dist/...py`` file named in README.md, docs/*.md and the
+    docstrings of the package and tools that does not exist, as ``file:line: name: why``."""
+    texts: List[Tuple[str, str]] = [(str(p.relative_to(root)), _read(p) or "") for p in _markdown_files(root)]
+    for name in DOCSTRING_DIRS:
+        for path in sorted((root / name).rglob("*.py")) if (root / name).is_dir() else []:
+            if not SKIP_DIRS & set(path.parts):
+                texts += [(f"{path.relative_to(root)}:{no}", doc) for no, doc in _docstrings(path)]
+    errors: List[str] = []
+    for where, text in texts:
+        for no, line in enumerate(text.splitlines(), 1):
+            place = f"{where}:{no}" if ":" not in where else where
+            for m in DOTTED_MODULE.finditer(line):
+                why = module_path_problem(root, m.group(0))
+                if why:
+                    errors.append(f"{place}: {m.group(0)}: {why}")
+            for m in MODULE_FILE.finditer(line):
+                if not (root / m.group(0)).is_file():
+                    errors.append(f"{place}: {m.group(0)}: no such file")
+    return list(dict.fromkeys(errors))
+
+
+def test_every_module_path_named_in_docs_and_docstrings_exists():
+    errors = check_module_paths(REPO)
+    assert not errors, "names of modules that do not exist:\n" + "\n".join(errors)
+
+
+def test_module_path_checker_finds_stale_names(tmp_path):
+    root = _tree(tmp_path, {
+        "smat_dist/__init__.py": "",
+        "smat_dist/train/__init__.py": '"""Launchers: :mod:`smat_dist.train.launch`, :mod:`smat_dist.train.ray`."""\n',
+        "smat_dist/train/launch.py": "from x import y as Runtime\n\n\ndef run():\n    pass\n",
+        "smat_dist/smat/__init__.py": 'lazy_exports(__name__, {"SMAT": "meta_arch"})\n',
+        "README.md": "Run `smat_dist.train.launch.run` or `smat_dist.smat.SMAT`; see `smat_dist/train/worker.py`\n"
+                     "and `smat_dist/train/launch.py`, `smat_dist.train.launch.Runtime`, `smat_dist.nope`.\n",
+    })
+    assert sorted(check_module_paths(root)) == sorted([
+        "README.md:1: smat_dist/train/worker.py: no such file",
+        "README.md:2: smat_dist.nope: no module smat_dist.nope and no name nope in smat_dist",
+        "smat_dist/train/__init__.py:1: smat_dist.train.ray: no module smat_dist.train.ray and no name ray in "
+        "smat_dist.train",
+    ])
