@@ -28,6 +28,7 @@ from smat_dist.data.config import AugmentConfig, IMAGENET_MEAN, IMAGENET_STD
 from smat_dist.data.store import Catalog, DataError
 from smat_dist.data.stream import shard_samples
 from smat_dist.data.transforms import EpisodeTransform
+from smat_dist.errors import require
 from smat_dist.smat.backbone import build_backbone, save_backbone
 from smat_dist.smat.config import BackboneConfig
 
@@ -50,6 +51,16 @@ class PretrainConfig:
     crop_scale_min: float = 0.35
     seed: int = 0
     threads: Optional[int] = None
+
+    def validate(self) -> None:
+        self.backbone.validate("backbone")
+        for name in ("epochs", "batch_size"):
+            require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        for name in ("lr", "weight_decay", "warmup_epochs"):
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", self.label_smoothing)
+        require(0.0 < self.crop_scale_min <= 1.0, "crop_scale_min", "in (0, 1]", self.crop_scale_min)
+        require(self.threads is None or self.threads >= 1, "threads", ">= 1 or null", self.threads)
 
 
 def load_train_images(root: str, sources: List[str], image_size: int) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:

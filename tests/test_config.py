@@ -133,3 +133,13 @@ def test_the_config_check_imports_no_torch_or_ray(entry):
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+
+
+def test_pretrain_config_checks_its_backbone_and_schedule():
+    from smat_dist.pretrain import PretrainConfig
+
+    load_config(PretrainConfig, [], [])
+    with pytest.raises(ConfigError, match=r"^backbone\.depth must be >= 1 or null, got 0$"):
+        load_config(PretrainConfig, [], ["backbone.depth=0"])
+    with pytest.raises(ConfigError, match=r"^label_smoothing must be in \[0, 1\)"):
+        load_config(PretrainConfig, [], ["label_smoothing=1.0"])
