@@ -20,8 +20,9 @@ from smat_dist.weightsfile import WeightsError, check_weights_file
 
 def _user_errors() -> tuple:
     from smat_dist.data.store import DataError
+    from smat_dist.train.runlock import RunLocked
 
-    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError)
+    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError, RunLocked)
 
 
 def check_backbone(cfg: RunConfig) -> None:
