@@ -72,13 +72,35 @@ class Node:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def kill(self) -> None:
-        """kill -9 of every process of the node (raylet, object store, agents, its Ray workers)."""
+    def pids(self) -> List[int]:
+        """Every live process of this node: those whose environment carries this node's cache variable
+        (only this node's processes have it), whatever process group they moved to."""
+        needle = f"SMAT_NODE_CACHE={self.cache}".encode() + b"\0"
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if needle in (d / "environ").read_bytes() + b"\0":
+                        out.append(int(d.name))
+                except OSError:
+                    continue
+        return out
+
+    def kill(self) -> int:
+        """kill -9 of every process of the node (raylet, object store, agents, its Ray workers): its process
+        group, then any of its processes that left the group. Returns how many had left it."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=60)
+        strays = self.pids()
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(strays)
 
 
 @dataclass
@@ -107,7 +129,9 @@ class LocalCluster:
             env.pop(key, None)
         env.update(PYTHONPATH=str(REPO), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                    PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE", DS_ACCELERATOR="cpu", RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN_PATH=str(self.token_path))
+                   RAY_AUTH_TOKEN_PATH=str(self.token_path),
+                   # "0" (set by the single-node tests and ray_session) makes `ray start --address` refuse to join
+                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
         env.update(self.base_env)
         env.update(extra)
         return env
@@ -290,7 +314,7 @@ def node_loss_e2e(workdir: Path, *, data_root: str, storage: str, steps: int = 6
                 raise RuntimeError(f"the run never reached step {halt}:\n{cluster.job_logs('lossy')[-4000:]}")
             time.sleep(0.5)
         t_kill = time.time()
-        first.kill()  # a whole worker node lost after the checkpoint of step `halt`
+        report["strays_killed"] = first.kill()  # a whole worker node lost after the checkpoint of step `halt`
         say(f"step {halt} checkpointed; worker node w1 killed (kill -9 of its process group)")
         cluster.add_worker("w3")
         report["replacement_node_s"] = time.time() - t_kill
@@ -305,7 +329,8 @@ def node_loss_e2e(workdir: Path, *, data_root: str, storage: str, steps: int = 6
         logs = cluster.job_logs("lossy")
         if status != "succeeded":
             raise RuntimeError(f"the run with a lost node ended {status}:\n{logs[-4000:]}")
-        report["resumed_line"] = next((ln for ln in logs.splitlines() if "resumed from" in ln), "")
+        log = (run_dir / "train.log").read_text(errors="replace")  # rank 0's lines, whichever node it ran on
+        report["resumed_line"] = next((ln for ln in log.splitlines() if "resumed from" in ln), "")
         report["steps"] = metrics_steps(run_dir)
         report["max_param_diff"] = max_param_diff(Path(storage) / "clean" / "model.safetensors",
                                                   run_dir / "model.safetensors")

@@ -67,7 +67,10 @@ class RayCheckpoints:
             ckpt.commit(meta, fs, f"{storage.experiment_fs_path}/{name}")
             recipe.debug_kill("committed")
             if type(fs).__name__ == "LocalFileSystem":
-                ckpt.prune(recipe.run_dir, 0)  # debris of earlier crashed writes (Ray keeps the newest N)
+                # Ours, not Ray's num_to_keep: Ray's record holds a step twice after a crash between its
+                # upload and our commit, and pruning the older entry would delete the newer one's directory.
+                # TODO(merge): object-storage run dirs need the same pruning through the storage filesystem.
+                ckpt.prune(recipe.run_dir, recipe.cfg.train.keep_checkpoints)
         distributed.barrier()
 
 
@@ -138,7 +141,7 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
                 logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
                 storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),  # RayCheckpoints prunes
             ),
         )
         result = trainer.fit()
