@@ -145,3 +145,15 @@ def test_a_second_run_with_the_same_name_is_refused_naming_the_holder(tmp_path):
     again = local_train(tmp_path, "same", "debug.halt_at_step=1")
     assert again.returncode == 0, again.stderr[-2000:]
     assert steps(run_dir) == [1, 2, 3, 4]
+
+
+def test_a_run_stored_on_object_storage_locks_a_state_file_on_the_driver(tmp_path, monkeypatch):
+    from smat_dist.train.runlock import RunLocked, run_lock
+
+    monkeypatch.setenv("SMAT_STATE_DIR", str(tmp_path / "state"))
+    with run_lock("s3://bucket/runs/x") as held:
+        assert held.path.parent.parent == tmp_path / "state" / "run-locks"
+        with pytest.raises(RunLocked, match=r"^s3://bucket/runs/x is in use by another run \(host "):
+            run_lock("s3://bucket/runs/x").__enter__()
+        with run_lock("s3://bucket/runs/y"):  # another run, another lock
+            pass
