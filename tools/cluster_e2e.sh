@@ -13,7 +13,7 @@ server_pid=""
 cleanup() { [ -n "$server_pid" ] && kill -- "-$server_pid" 2>/dev/null || true; }
 trap cleanup EXIT
 if [ -z "${DATA_ROOT:-}" ]; then
-  python -m smat_dist.data.cli synth "$WORK/data" --scale 0.5 --sources textures,doodles,digits >/dev/null
+  python -m smat_dist.data.cli synth "$WORK/data" --scale 0.5 --sources textures,doodles,digits >"$WORK/synth.log" 2>&1 || { tail "$WORK/synth.log"; exit 1; }
   port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   setsid python -m http.server "$port" --bind 127.0.0.1 --directory "$WORK/data" >"$WORK/http.log" 2>&1 &
   server_pid=$!
