@@ -4,6 +4,7 @@ that fail in one line naming the file."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -59,3 +60,31 @@ def test_read_json_names_the_missing_or_broken_file(tmp_path):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe")
     with pytest.raises(Bad, match="binary.json: not valid JSON"):
         read_json(tmp_path / "binary.json", Bad, "dataset spec")
+
+
+def test_dir_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
+    import socket
+    import signal
+    import subprocess
+    import sys
+
+    from smat_dist.fsutil import DirLock, Locked
+
+    with DirLock(tmp_path):
+        with pytest.raises(Locked, match=rf"in use by a test \(host {socket.gethostname()}, pid {os.getpid()}, "):
+            DirLock(tmp_path, what="a test").__enter__()
+    with DirLock(tmp_path):  # released at the end of the with
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from smat_dist.fsutil import DirLock\n"
+                               f"l = DirLock({str(tmp_path)!r}).__enter__(); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Locked) as err:
+            DirLock(tmp_path).__enter__()
+        assert err.value.holder["pid"] == holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    with DirLock(tmp_path):  # kill -9 released it: no stale lock
+        pass

@@ -8,15 +8,13 @@ last checkpoint, by run name).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from smat_dist.fsutil import atomic_write_json
+from smat_dist.fsutil import DirLock, Locked, atomic_write_json
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
@@ -94,32 +92,17 @@ class CellStore:
         atomic_write_json(self.path(st.id), st.to_json())
 
 
-class SweepLock:
-    """An exclusive ``flock`` on ``<out>/.lock``: one driver per sweep directory; released by the OS on a crash."""
+class SweepLock(DirLock):
+    """One driver per sweep directory: :class:`~smat_dist.fsutil.DirLock` on ``<out>/.lock``."""
 
     def __init__(self, out: Path):
-        self.path = out / ".lock"
-        self._fd: Optional[int] = None
+        super().__init__(out, ".lock", what="another smat-sweep")
 
     def __enter__(self) -> "SweepLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SweepLocked(f"{self.path.parent} is in use by another smat-sweep (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+            return super().__enter__()
+        except Locked as exc:
+            raise SweepLocked(str(exc)) from None
 
 
 class SweepLocked(RuntimeError):

@@ -1,11 +1,20 @@
 """Checkpoints of a run: where they are, what their sidecar says, whether they can be resumed.
 
-A checkpoint is a directory holding the engine's files under a tag (``step_00000500/``) and the
-sidecar ``smat_checkpoint.json``, written last, that says what wrote it: the meta-step, the meta-batch,
-world size, ZeRO stage, engine and a fingerprint of θ_pre. Every launcher writes the same layout
-under the run directory (Ray Train names its directories ``checkpoint_<time>``, the torchrun and
-single-process launchers ``checkpoint_step_<step>``), and every launcher resumes the same way: the run's
-own latest complete checkpoint, else ``dist.resume_from``.
+A checkpoint is a directory ``<run_dir>/checkpoint_step_<step>/`` holding the engine's files under a tag
+(``step_00000500/``) and the sidecar ``smat_checkpoint.json`` that says what wrote it: the meta-step, the
+meta-batch, world size, ZeRO stage, engine and a fingerprint of θ_pre.
+
+Whole or absent: the sidecar is the commit marker. It is written after every rank's engine files are in
+place, in one atomic step (a rename on a filesystem, one PUT on an object store), so a crash at any
+point of a checkpoint write leaves either a whole checkpoint or a directory without a sidecar, which is
+*unfinished*: not a checkpoint, skipped by every reader (the torchrun and single-process launchers
+also build the directory under a ``.partial`` name and rename it). A directory whose sidecar is there
+but whose files are missing or torn was damaged after it was written: it is skipped with a warning,
+and a run with nothing but damaged checkpoints refuses to start afresh.
+
+"Latest" has one meaning, :func:`find_latest` (the whole checkpoint with the highest step), used by
+preflight and by every launcher's ranks, including Ray workers after a restart (Ray Train's own
+record of reported checkpoints is not consulted: it can lag the directory by one checkpoint).
 
 Everything here is checked before a rank starts, so a bad resume is one line naming the file.
 """
@@ -64,7 +73,7 @@ class CheckpointMeta:
         return meta
 
     def write(self, directory: Path) -> None:
-        atomic_write_text(Path(directory) / META_FILE, json.dumps(asdict(self), indent=1))
+        commit(self, None, str(directory))
 
 
 def expected_files(meta: CheckpointMeta) -> List[str]:
@@ -121,17 +130,34 @@ def check_resumable(meta: CheckpointMeta, where: Path, *, tasks_per_step: int, w
             f"state), then resume that on any number of workers")
 
 
-def scan(run_dir: str | Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
-    """(the latest complete checkpoint by step or None, [(incomplete checkpoint, why)] oldest first).
+def unfinished(directory: Path) -> bool:
+    """A checkpoint directory whose write never committed: no sidecar, or an empty one (left by versions
+    that copied the sidecar with the other files), or a ``.partial`` name."""
+    if directory.name.endswith(PARTIAL_SUFFIX):
+        return True
+    try:
+        return (directory / META_FILE).stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
-    ``.partial`` directories (a launcher's checkpoint being written) are not checkpoints yet and are skipped.
+
+def scan(run_dir: str | Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """(the latest whole checkpoint by step or None, [(damaged checkpoint, why)] oldest first).
+
+    Unfinished directories (a write that was interrupted or is in progress) are not checkpoints and are
+    left out of both.
     """
     best: Optional[Path] = None
     best_step = -1
     broken: List[Tuple[Path, str]] = []
-    for d in sorted(Path(run_dir).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime):
-        if not d.is_dir() or d.name.endswith(PARTIAL_SUFFIX):
+    found = []
+    for d in Path(run_dir).glob("checkpoint_*"):
+        try:
+            if d.is_dir() and not unfinished(d):
+                found.append((d.stat().st_mtime, d))
+        except FileNotFoundError:  # pruned while we looked
             continue
+    for _, d in sorted(found):
         try:
             meta = inspect(d)
         except CheckpointError as exc:
@@ -143,8 +169,9 @@ def scan(run_dir: str | Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
 
 
 def find_latest(run_dir: str | Path) -> Optional[Path]:
-    """The run's latest complete checkpoint directory (by step), or None. Incomplete ones are skipped
-    (with a warning when they are newer than the one returned: work since then is redone)."""
+    """The run's latest whole checkpoint directory (by step), or None: the one meaning of "latest".
+    Damaged ones are skipped (with a warning when they are newer than the one returned: work since
+    then is redone)."""
     best, broken = scan(run_dir)
     if best is not None:
         newer = [(d, why) for d, why in broken if d.stat().st_mtime > best.stat().st_mtime]
@@ -169,19 +196,52 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def dir_name(step: int) -> str:
+    """The directory name of the checkpoint of ``step`` under the run directory (every launcher)."""
+    return f"{LOCAL_PREFIX}{step:08d}"
+
+
 def local_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f"{LOCAL_PREFIX}{step:08d}"
+    return Path(run_dir) / dir_name(step)
+
+
+def commit(meta: CheckpointMeta, fs, directory: str) -> None:
+    """Write the sidecar of a checkpoint whose engine files are all in place: the commit.
+
+    ``fs``: a ``pyarrow.fs.FileSystem`` (Ray Train's storage) or None for a local path. A local write is a
+    fsynced rename; on an object store one PUT of a small object is atomic."""
+    text = json.dumps(asdict(meta), indent=1)
+    if fs is None or type(fs).__name__ == "LocalFileSystem":
+        atomic_write_text(Path(directory) / META_FILE, text)
+        return
+    with fs.open_output_stream(f"{directory.rstrip('/')}/{META_FILE}") as f:
+        f.write(text.encode())
+
+
+def step_of(directory: Path) -> Optional[int]:
+    """The step in a ``checkpoint_step_<step>[.partial]`` name, or None for other names."""
+    name = directory.name[len(LOCAL_PREFIX):] if directory.name.startswith(LOCAL_PREFIX) else ""
+    name = name[:-len(PARTIAL_SUFFIX)] if name.endswith(PARTIAL_SUFFIX) else name
+    return int(name) if name.isdigit() else None
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the ``keep`` newest launcher-written checkpoints (0 or less keeps all)."""
-    if keep <= 0:
+    """Called after a commit: remove unfinished directories of earlier steps (debris of crashed writes;
+    no write of an earlier step can be in progress) and keep the ``keep`` newest whole checkpoints
+    (0 or less keeps all)."""
+    found = sorted((s, d) for d in Path(run_dir).glob(f"{LOCAL_PREFIX}*")
+                   if d.is_dir() and (s := step_of(d)) is not None)
+    whole = [(s, d) for s, d in found if not unfinished(d)]
+    if not whole:
         return
-    found = sorted(d for d in Path(run_dir).glob(f"{LOCAL_PREFIX}*") if d.is_dir() and
-                   not d.name.endswith(PARTIAL_SUFFIX))
-    for old in found[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    newest = whole[-1][0]
+    for s, d in found:
+        if s < newest and unfinished(d):
+            shutil.rmtree(d, ignore_errors=True)
+    if keep > 0:
+        for _, old in whole[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["CheckpointError", "CheckpointMeta", "META_FILE", "inspect", "check_resumable", "find_latest", "scan",
-           "resume_point", "tag_of", "local_dir", "prune", "expected_files"]
+           "resume_point", "tag_of", "dir_name", "local_dir", "step_of", "prune", "expected_files", "commit", "unfinished"]

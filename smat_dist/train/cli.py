@@ -17,7 +17,8 @@ from typing import List, Optional, Tuple
 
 from smat_dist.config import ConfigError, RunConfig, load_config
 from smat_dist.train import runlog
-from smat_dist.train.preflight import USER_ERRORS, preflight
+from smat_dist.train.preflight import USER_ERRORS, check_output, preflight
+from smat_dist.train.runlock import run_lock
 
 
 def parse(prog: str, description: str, argv: Optional[List[str]]) -> Tuple[Optional[RunConfig], bool, int]:
@@ -63,10 +64,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     run_dir = cfg.run_dir()
     try:
-        preflight(cfg, run_dir, engine="deepspeed", world_size=cfg.dist.num_workers)
-        from smat_dist.train.ray_launcher import train  # torch and Ray only after the checks
+        check_output(run_dir)
+        with run_lock(run_dir):  # the driver holds it for the life of the run (workers take none)
+            preflight(cfg, run_dir, engine="deepspeed", world_size=cfg.dist.num_workers)
+            from smat_dist.train.ray_launcher import train  # torch and Ray only after the checks
 
-        result = train(cfg, verbose=verbose)
+            result = train(cfg, verbose=verbose)
     except Exception as exc:
         return _fail(prog, exc, run_dir)
     return _done(result.run_dir)
@@ -81,23 +84,27 @@ def main_local(argv: Optional[List[str]] = None) -> int:
     if cfg is None:
         return rc
     import os
+    from contextlib import nullcontext
 
     run_dir = cfg.run_dir()
     # torchrun describes every rank in the environment; torch itself is imported after the checks
     torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
     try:
-        preflight(cfg, run_dir, engine="deepspeed" if torchrun else "local",
-                  world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
-        # torch and DeepSpeed only after the checks
-        from smat_dist.train import distributed
-        from smat_dist.train.launch import run
+        check_output(run_dir)
+        # rank 0 holds the run's lock for the life of the run; a refused rank 0 exits and torchrun stops the rest
+        with run_lock(run_dir) if rank == 0 else nullcontext():
+            preflight(cfg, run_dir, engine="deepspeed" if torchrun else "local",
+                      world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
+            # torch and DeepSpeed only after the checks
+            from smat_dist.train import distributed
+            from smat_dist.train.launch import run
 
-        if torchrun:
-            runtime = distributed.init_torchrun(cfg.dist.use_gpu)
-        else:
-            runtime = distributed.Runtime("local", device=distributed.rank_device(cfg.dist.use_gpu, 0))
-        run(cfg, runtime)  # an error ends this rank; torchrun then stops the others
+            if torchrun:
+                runtime = distributed.init_torchrun(cfg.dist.use_gpu)
+            else:
+                runtime = distributed.Runtime("local", device=distributed.rank_device(cfg.dist.use_gpu, 0))
+            run(cfg, runtime)  # an error ends this rank; torchrun then stops the others
     except Exception as exc:
         return _fail(prog, exc, run_dir, rank=rank if torchrun else None)
     distributed.shutdown()

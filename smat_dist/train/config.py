@@ -68,6 +68,9 @@ class DistConfig:
             raise ConfigError(f"dist.max_failures must be >= 0, got {self.max_failures}")
 
 
+KILL_POINTS = ("files", "sidecar", "committed")
+
+
 @dataclass
 class DebugConfig:
     """Test hooks: crash or stop a run at a chosen meta-step to prove resume. Not for production runs;
@@ -79,9 +82,17 @@ class DebugConfig:
     # After meta-step ``halt_at_step`` is logged and checkpointed, rank 0 writes
     # ``<run_dir>/.halted_at_step_N`` and blocks, so a test can kill the run at a known point.
     halt_at_step: Optional[int] = None
+    # Rank 0 kills its own process (SIGKILL, as the OOM killer or a lost node would) while it writes the
+    # checkpoint of meta-step ``kill_in_checkpoint``, at ``kill_point``: "files" (every rank's engine files
+    # are written, no sidecar yet), "sidecar" (single-process and torchrun: the sidecar is in the
+    # .partial directory, not yet renamed) or "committed" (the checkpoint is whole, nothing after it ran).
+    kill_in_checkpoint: Optional[int] = None
+    kill_point: str = "files"
 
     def validate(self) -> None:
-        for name in ("fault_at_step", "halt_at_step"):
+        if self.kill_point not in KILL_POINTS:
+            raise ConfigError(f"debug.kill_point must be one of {', '.join(KILL_POINTS)}, got {self.kill_point!r}")
+        for name in ("fault_at_step", "halt_at_step", "kill_in_checkpoint"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"debug.{name} must be >= 1 (a 1-based meta-step) or null, got {value}")

@@ -42,9 +42,12 @@ class LocalCheckpoints:
         meta = recipe.checkpoint_meta(step)
         recipe.engine.save(partial, meta.tag)
         distributed.barrier()  # every rank's files are in place
+        recipe.debug_kill("files")
         if main:
             meta.write(partial)
+            recipe.debug_kill("sidecar")
             publish(partial, final_dir)
+            recipe.debug_kill("committed")
             ckpt.prune(recipe.run_dir, recipe.cfg.train.keep_checkpoints)
         distributed.barrier()
 

@@ -17,11 +17,12 @@ from smat_dist.data import check_root
 from smat_dist.data.store import DataError
 from smat_dist.errors import ConfigError
 from smat_dist.train import checkpoint as ckpt
+from smat_dist.train.runlock import RunLocked
 from smat_dist.weightsfile import WeightsError, check_weights_file
 
 
 def _user_errors() -> tuple:
-    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError)
+    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError, RunLocked)
 
 
 def check_backbone(cfg: RunConfig) -> None:

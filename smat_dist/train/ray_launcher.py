@@ -3,8 +3,9 @@
 The driver joins ``$RAY_ADDRESS`` (``ray job submit``) or starts a local Ray (:mod:`smat_dist.ray_session`),
 then starts ``dist.num_workers`` workers. Each worker is a rank of the recipe with a DeepSpeed engine;
 checkpoints are written by every rank into a temporary directory and handed to
-``ray.train.report``, which persists them as ``<run_dir>/checkpoint_<time>/`` and restores the latest
-after a worker failure (``dist.max_failures``). Re-running with the same ``train.run_name`` resumes.
+``ray.train.report``, which persists them as ``<run_dir>/checkpoint_step_<step>/``; rank 0 then commits
+each one (:class:`RayCheckpoints`). After a worker failure (``dist.max_failures``) the restarted group,
+and a re-run with the same ``train.run_name``, resume from the latest whole checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from smat_dist import ray_session
 from smat_dist.config import RunConfig, from_dict, to_dict, to_yaml
 from smat_dist.fsutil import atomic_write_text
 from smat_dist.record import StepMetrics
+from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed
 from smat_dist.train.distributed import Runtime, backend_for
 from smat_dist.train.launch import agreed_resume_point
@@ -40,22 +42,37 @@ class RunResult:
 
 
 class RayCheckpoints:
-    """Every rank saves its part into a temporary directory; ``ray.train.report`` gathers and persists them."""
+    """Every rank saves its part into a temporary directory and ``ray.train.report`` uploads it into
+    ``<run_dir>/checkpoint_step_<step>/`` (Ray Train's storage); once every rank's upload has returned,
+    rank 0 commits the checkpoint by writing its sidecar there (:func:`smat_dist.train.checkpoint.commit`).
+    A crash before the commit leaves an unfinished directory that every reader skips."""
 
     def save(self, recipe: MetaTrainRecipe, step: int, metrics: StepMetrics, final: bool) -> None:
         import ray.train
 
+        name = ckpt.dir_name(step)
+        meta = recipe.checkpoint_meta(step)
         tmp = Path(tempfile.mkdtemp(prefix="smat-ckpt-"))
         try:
-            meta = recipe.checkpoint_meta(step)
             recipe.engine.save(tmp, meta.tag)
-            if recipe.runtime.is_main:
-                meta.write(tmp)
-            distributed.barrier()
             scalars = {k: v for k, v in metrics.row().items() if isinstance(v, (int, float))}
-            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()  # every rank's files are in the run's storage
+        recipe.debug_kill("files")
+        if recipe.runtime.is_main:
+            storage = ray.train.get_context().get_storage()
+            fs = storage.storage_filesystem
+            ckpt.commit(meta, fs, f"{storage.experiment_fs_path}/{name}")
+            recipe.debug_kill("committed")
+            if type(fs).__name__ == "LocalFileSystem":
+                # Ours, not Ray's num_to_keep: Ray's record holds a step twice after a crash between its
+                # upload and our commit, and pruning the older entry would delete the newer one's directory.
+                # TODO(merge): object-storage run dirs need the same pruning through the storage filesystem.
+                ckpt.prune(recipe.run_dir, recipe.cfg.train.keep_checkpoints)
+        distributed.barrier()
 
 
 def quiet_ray_train_reports() -> None:
@@ -86,9 +103,10 @@ def train_loop(config: Dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     monitor = rank_monitor(cfg, runtime.rank, default_backend="ray")
     recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=RayCheckpoints(), monitor=monitor)
-    own = ray.train.get_checkpoint()  # this run's latest (a restart after a failure, or a re-run)
-    resume = own.as_directory() if own is not None else nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from))
-    recipe.run(resume)
+    # The run's latest whole checkpoint by the one definition every launcher and preflight use, not
+    # ray.train.get_checkpoint(): Ray's record of reported checkpoints can lag the run directory by one
+    # (a kill after the commit, before its snapshot file was written) and lists unfinished ones.
+    recipe.run(nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from)))
 
 
 def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
@@ -120,7 +138,7 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
                 logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
                 storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),  # RayCheckpoints prunes
             ),
         )
         result = trainer.fit()

@@ -19,6 +19,8 @@ the task counter advances by ``B``.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, List, Optional, Protocol
@@ -355,6 +357,21 @@ class MetaTrainRecipe:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(self.step))
         raise InjectedFault(f"injected fault (debug.fault_at_step) on rank {rt.rank} at step {self.step}")
+
+    def debug_kill(self, point: str) -> None:
+        """The test hook ``debug.kill_in_checkpoint``: rank 0 dies by SIGKILL at ``point`` of the write of
+        that step's checkpoint, once per run directory (a marker file remembers it)."""
+        dbg = self.cfg.debug
+        if dbg.kill_in_checkpoint != self.step or dbg.kill_point != point or not self.runtime.is_main:
+            return
+        if self.run_dir is None:
+            return
+        marker = self.run_dir / f".killed_in_checkpoint_{self.step}_{point}"
+        if marker.exists():
+            return
+        marker.write_text(str(self.step))
+        runlog.append(self.run_dir, f"debug.kill_in_checkpoint: SIGKILL at step {self.step}, point {point!r}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _log(self, m: StepMetrics, elapsed: float, done: int) -> None:
         if self.monitor is not None:
