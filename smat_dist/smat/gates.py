@@ -173,14 +173,16 @@ def _pass_count(phi, keys, start, sizes, *, c):
 
 def _pass_merge(phi, keys, start, alpha, sizes, *, c, with_density: bool):
     """Σ_m α_m z_m per group (G,), and with ``with_density`` the experts' Σ_g k_g·P(z ≠ 0) (float64)."""
-    z = _gate(_hard_concrete(phi, keys, start, c), c)
-    mask = (alpha[:, None] * z).sum(0)
+    mask = None
+    for m in range(phi.shape[0]):  # expert by expert: one pointwise kernel over groups, no (M, G) temporary
+        term = alpha[m] * _gate(_hard_concrete(phi[m : m + 1], keys[m : m + 1], start, c), c)[0]
+        mask = term if mask is None else mask + term
     if not with_density:
         return (mask,)
     keep = 1.0 - torch.sigmoid(c.l0_shift - phi).clamp(c.eps, 1.0 - c.eps)
     if sizes is not None:
         keep = keep * sizes
-    return mask, keep.sum(-1, dtype=torch.float64)
+    return mask, keep.sum(-1)
 
 
 def _pass_alpha_grad(phi, keys, start, row, *, c):
