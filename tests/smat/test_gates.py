@@ -230,3 +230,6 @@ def test_compiled_passes_equal_the_eager_ones():
     torch.testing.assert_close(compiled.flush_grad(keys, alphas, rows, coef), eager.flush_grad(keys, alphas, rows, coef),
                                rtol=1e-5, atol=1e-6)
     assert torch.equal(compiled.test_sparsity(), eager.test_sparsity())
+    from smat_dist.smat import gates as gates_module
+
+    assert not gates_module._COMPILE_FAILED, "torch.compile failed (a C++ compiler is needed; .ci/run installs g++)"
