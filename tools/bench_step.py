@@ -81,7 +81,7 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
         from smat_dist.smat.config import BackboneConfig, GateConfig
         from smat_dist.train.launch import Trainer
 
-        cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=experts),
+        cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=experts, kernel=args.gate_kernel),
                           precision=args.precision)
         tasks = args.tasks_per_step
         trainer = Trainer(SMAT(cfg).to(device), TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1))
@@ -107,9 +107,118 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
         times.append((time.perf_counter() - t0) / per_call)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
-    return dict(kind=kind, backbone=backbone, experts=experts, sec_per_task=min(times), tasks_per_s=1 / min(times),
-                peak_rss_gb=rss_gb, peak_gpu_gb=gpu_gb, threads=torch.get_num_threads(), device=args.device,
-                precision=args.precision, image_size=args.image_size, episode=args.episode)
+    row = dict(kind=kind, backbone=backbone, experts=experts, sec_per_task=min(times), tasks_per_s=1 / min(times),
+               peak_rss_gb=rss_gb, peak_gpu_gb=gpu_gb, threads=torch.get_num_threads(), device=args.device,
+               precision=args.precision, image_size=args.image_size, episode=args.episode)
+    if kind == "smat" and not args.no_gate_profile:
+        gates = trainer.model.gates if hasattr(trainer, "model") else None
+        row.update(gate_profile(lambda: step(args.repeats + 1), device))
+        if gates is not None:
+            row.update(gates=gates.logits.numel(), gate_kernel="compiled" if gates.compiled else "eager")
+    return row
+
+
+# ---------------------------------------------------------------- gate passes (issue 22)
+
+GATE_RANGE = "smat.gates."  # the record_function prefix of every gate pass (smat_dist/smat/gates.py)
+
+
+def enable_kernel_ranges() -> None:
+    """Make each compiled CPU kernel a profiler event (set before anything compiles), so compiled gate
+    passes show their kernel calls in the launch count."""
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
+    except Exception:  # pragma: no cover - older/newer torch: counts then show the compiled regions only
+        pass
+
+
+def gate_profile(step, device) -> dict:
+    """Profile one meta-step: the gate passes' share of its time and their operator launches.
+
+    ``step()`` runs one meta-step. A launch is, on CPU, every profiler event inside a ``smat.gates.*``
+    range (aten operators, compiled kernels); on a GPU, every kernel launch (runtime call) inside one.
+    Gate time is the ranges' CPU time on CPU and their kernels' device time on a GPU.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        total = time.perf_counter() - t0
+    events = prof.events()
+    ranges = [e for e in events if e.name.startswith(GATE_RANGE)]
+    per_pass: dict = {}
+    for e in ranges:
+        key = e.name[len(GATE_RANGE):]
+        sec = (e.device_time_total if cuda else e.cpu_time_total) / 1e6
+        calls, secs = per_pass.get(key, (0, 0.0))
+        per_pass[key] = (calls + 1, secs + sec)
+
+    def in_gate_range(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith(GATE_RANGE):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    launches = sum(1 for e in events if in_gate_range(e) and not e.name.startswith(GATE_RANGE)
+                   and (not cuda or "LaunchKernel" in e.name))
+    gate_s = sum(sec for _, sec in per_pass.values())
+    return dict(gate_s=gate_s, gate_share=gate_s / total, gate_launches=launches, profiled_step_s=total,
+                gate_passes={k: dict(calls=c, s=round(s, 4)) for k, (c, s) in sorted(per_pass.items())})
+
+
+def print_gate_table(rows: dict, backbones) -> None:
+    """Per configuration: the gate passes' share of a (profiled) meta-step and their launches."""
+    print()
+    print("gate passes, one profiled meta-step per configuration (smat_dist/smat/gates.py)")
+    print(f"{'backbone':9s} {'M':>2s} {'kernel':>9s} {'gates M·G':>12s} {'gate s':>7s} {'share':>6s} {'launches':>9s}  passes (calls, s)")
+    for backbone in backbones:
+        for experts in (1, 8):
+            r = rows.get((backbone, "smat", experts))
+            if not r or "gate_s" not in r:
+                continue
+            passes = ", ".join(f"{k} {v['calls']}x {v['s']:.3f}" for k, v in r["gate_passes"].items())
+            print(f"{backbone:9s} {experts:2d} {r['gate_kernel']:>9s} {r['gates']:12,d} {r['gate_s']:7.3f} "
+                  f"{r['gate_share']:6.1%} {r['gate_launches']:9d}  {passes}")
+
+
+def interleaved_rounds(args, env, passthrough) -> None:
+    """``--rounds N``: M=1 and M=8 SMAT children alternate N times per backbone; per-round ratios and
+    their spread (the shared box's load drifts, so only side-by-side rounds are comparable)."""
+    for backbone in args.backbones:
+        ratios, per = [], {1: [], 8: []}
+        for r in range(args.rounds):
+            for experts in ((1, 8) if r % 2 == 0 else (8, 1)):
+                cmd = [sys.executable, __file__, "--child", f"smat:{backbone}:{experts}", *passthrough]
+                res = _child(cmd, env)
+                if res is None:
+                    continue
+                per[experts].append(res["sec_per_task"])
+                print(f"  round {r + 1} {backbone} M={experts}: {res['sec_per_task']:.3f} s/task, "
+                      f"peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
+            if len(per[1]) == len(per[8]) == r + 1:
+                ratios.append(per[8][-1] / per[1][-1])
+        if ratios:
+            print(f"{backbone}: M8/M1 per round {', '.join(f'{x:.3f}' for x in ratios)}; median "
+                  f"{sorted(ratios)[len(ratios) // 2]:.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}; "
+                  f"best-of M8/M1 {min(per[8]) / min(per[1]):.3f}")
+
+
+def _child(cmd, env):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  child {cmd[3]} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        return None
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def main() -> None:
@@ -123,6 +232,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=84)
     ap.add_argument("--episode", default="10w5s10q", choices=list(EPISODES))
     ap.add_argument("--json", help="also write the measured rows to this file")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="instead of the table: alternate M=1 and M=8 SMAT this many times per backbone")
+    ap.add_argument("--gate-kernel", default="auto", choices=["auto", "compiled", "eager"],
+                    help="model.gates.kernel: how the gate passes run")
+    ap.add_argument("--no-gate-profile", action="store_true", help="skip the profiled gate-pass step")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -130,13 +244,18 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+        if not args.no_gate_profile:
+            enable_kernel_ranges()
         print(json.dumps(run_one(kind, backbone, int(experts), args)))
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows = {}
     passthrough = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--tasks-per-step",
                    str(args.tasks_per_step), "--device", args.device, "--precision", args.precision, "--image-size",
-                   str(args.image_size), "--episode", args.episode]
+                   str(args.image_size), "--episode", args.episode, "--gate-kernel", args.gate_kernel] + (["--no-gate-profile"] if args.no_gate_profile else [])
+    if args.rounds:
+        interleaved_rounds(args, env, passthrough)
+        return
     for backbone in args.backbones:
         for kind, experts in (("protonet", 0), ("smat", 1), ("smat", 8)):
             cmd = [sys.executable, __file__, "--child", f"{kind}:{backbone}:{experts}", *passthrough]
@@ -163,6 +282,7 @@ def main() -> None:
             print(f"{backbone:9s} {experts:2d} {r['sec_per_task']:12.3f} {pn['sec_per_task']:11.3f} "
                   f"{r['sec_per_task'] / pn['sec_per_task']:14.2f} {ratio_m:6.2f} {r['peak_rss_gb']:12.2f}")
         print(f"{backbone:9s} ProtoNet peak RSS {pn['peak_rss_gb']:.2f} GB")
+    print_gate_table(rows, args.backbones)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ class GateConfig:
     # formed once per step; "task" draws per task.
     noise_scope: str = "step"  # step | task
     test_beta: float = 1.0  # deterministic test gate z = clamp(sigmoid(phi/test_beta)*(zeta-gamma)+gamma)
+    # How the passes over the (M, G) gates run (smat_dist.smat.gates): "compiled" = one torch.compile
+    # kernel per pass (a fixed number of launches whatever |theta|), "eager" = column chunks sized for
+    # the device, "auto" = compiled from 2^22 gates on (falls back to eager if compiling fails).
+    kernel: str = "auto"  # auto | compiled | eager
 
 
     def validate(self, key: str = "model.gates") -> None:

@@ -5,26 +5,41 @@ per scalar parameter; structured gates share one logit per input column of a 2-D
 output channel of a conv weight (everything else stays element-wise). Sparsity is always counted in
 parameters: a group of ``k`` scalars counts ``k`` times.
 
-Everything here walks the (M, G) logits in column chunks of ~1 MB: with M·|θ| = 173M values for
-ViT-S, a gate draw is a dozen element-wise ops, and doing each over the whole tensor makes them
-memory-bound passes (seconds each on two cores), while a chunk stays in cache for all of them.
+A training draw is never stored: its noise comes from a counter-based generator
+(:mod:`smat_dist.smat.noise`), so each pass over the gates recomputes the z it reads. The work of a
+meta-step is a handful of such passes over the (M, G) logits, each one fused computation
+(``_pass_*`` below): the count (measured sparsity), the merge (+ expected density), ∇α, and the flush
+(∇φ with the expected-L0 gradient). With M·|θ| = 173M gates for ViT-S, M = 8, a pass made of a dozen
+separate element-wise ops would be a dozen memory-bound sweeps (or, chunked, tens of thousands of
+kernel launches on a GPU), so each pass runs either
+
+* compiled (``gates.kernel=compiled``, or ``auto`` from :data:`COMPILE_MIN_GATES` gates on): one
+  torch.compile/Inductor kernel over all columns (C++/OpenMP on CPU, Triton on GPU), a fixed number of
+  launches whatever |θ|; or
+* eagerly over column chunks (``eager``, small models, and the fallback when compiling fails):
+  cache-sized on CPU, :data:`DEVICE_CHUNK_ELEMENTS` on an accelerator.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import KW_ONLY, dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from smat_dist.smat.backbone import ParamSlot
 from smat_dist.smat.config import GateConfig
+from smat_dist.smat.noise import counter_uniform, expert_keys
 from smat_dist.smat.precision import full_precision
 
-CHUNK_ELEMENTS = 1 << 18  # per chunk, all experts together (~1 MB of fp32)
+log = logging.getLogger(__name__)
+
+CHUNK_ELEMENTS = 1 << 18  # eager CPU chunk, all experts together (~1 MB of fp32: stays in cache)
+DEVICE_CHUNK_ELEMENTS = 1 << 26  # eager accelerator chunk (256 MB of fp32 per temporary)
+COMPILE_MIN_GATES = 1 << 22  # gates.kernel=auto compiles the passes from this many gates (M·G) on
 
 
 class GateLayout:
@@ -90,45 +105,128 @@ class GateLayout:
             return per_group @ sizes.to(per_group.dtype)
 
 
-def column_chunks(num_groups: int, num_experts: int) -> Iterator[Tuple[int, int]]:
-    step = max(1, CHUNK_ELEMENTS // max(1, num_experts))
+def column_chunks(num_groups: int, num_experts: int, device: Optional[torch.device] = None) -> Iterator[Tuple[int, int]]:
+    """Column ranges of (M, G) gate tensors for the eager passes: cache-sized on CPU (every pass is a
+    dozen element-wise ops, which stay in cache), large on an accelerator (fewer launches)."""
+    budget = CHUNK_ELEMENTS if device is None or torch.device(device).type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    step = max(1, budget // max(1, num_experts))
     for start in range(0, num_groups, step):
         yield start, min(num_groups, start + step)
 
 
-class UniformStream:
-    """U(0, 1) draws for one seed, consumed column-major so chunking never changes them.
-
-    The noise of (expert m, group g) is element ``g·M + m`` of the stream. On CPU it comes from
-    NumPy's PCG64, ~2.5x faster than torch's serial Mersenne twister (a ViT-S gate draw needs
-    173M numbers per meta-step); on GPU from a seeded torch generator.
-    """
-
-    def __init__(self, seed: int, device: torch.device):
-        self.device = torch.device(device)
-        if self.device.type == "cpu":
-            self._rng = np.random.Generator(np.random.PCG64(seed))
-        else:
-            self._gen = torch.Generator(device=self.device)
-            self._gen.manual_seed(seed)
-
-    def draw(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        """(cols, rows) uniforms, from a (rows, cols) row-major draw, transposed and contiguous."""
-        if self.device.type == "cpu":
-            uniform = torch.from_numpy(self._rng.random((rows, cols), dtype=np.float32))
-        else:
-            uniform = torch.rand((rows, cols), generator=self._gen, device=self.device, dtype=torch.float32)
-        return uniform.t().to(dtype).contiguous()
-
-
 @dataclass
 class GateSample:
-    """One draw of all experts' gates."""
+    """Gates given as values: the deterministic test gates, or a training draw a test built by hand."""
 
     z: torch.Tensor  # (M, G) in [0, 1]
     _: KW_ONLY
     sparsity: Optional[torch.Tensor] = None  # (M,) fraction of parameters whose gate is exactly 0
     stochastic: bool = True  # training draw (has a derivative) or test-time gates
+
+
+@dataclass
+class GateDraw:
+    """One training draw of all experts' gates, held as its noise keys: z is recomputed by every pass
+    that reads it (docs/algorithm.md#noise-generator), so no (M, G) buffer exists during a step."""
+
+    keys: torch.Tensor  # (M, 2) int32 counter-noise keys (smat_dist.smat.noise)
+    _: KW_ONLY
+    sparsity: Optional[torch.Tensor] = None  # (M,) fraction of parameters whose gate is exactly 0
+    stochastic: bool = True
+
+
+class _Consts(NamedTuple):
+    lo: float
+    hi: float
+    inv_beta: float
+    stretch: float
+    gamma: float
+    eps: float
+    l0_shift: float
+
+
+def _hard_concrete(phi: torch.Tensor, keys: torch.Tensor, start: int, c: _Consts) -> torch.Tensor:
+    """s = sigmoid((φ + l)/β) of the training draw, l = log(u/(1-u)) with u from the counter noise.
+
+    sigmoid((φ+l)/β) = 1 / (1 + exp(-φ/β)·((1-u)/u)^(1/β)): one transcendental per gate (and a square
+    root for the usual β = 2/3) instead of four.
+    """
+    u = counter_uniform(keys, start, phi.shape[-1]).to(phi.dtype) * (c.hi - c.lo) + c.lo
+    odds = (1.0 - u) / u
+    odds = odds * odds.sqrt() if abs(c.inv_beta - 1.5) < 1e-12 else odds.pow(c.inv_beta)
+    return 1.0 / (1.0 + odds * torch.exp(phi * -c.inv_beta))
+
+
+def _gate(s: torch.Tensor, c: _Consts) -> torch.Tensor:
+    return (s * c.stretch + c.gamma).clamp(0.0, 1.0)
+
+
+def _pass_draw(phi, keys, start, *, c):
+    return (_gate(_hard_concrete(phi, keys, start, c), c),)
+
+
+def _pass_count(phi, keys, start, sizes, *, c):
+    """Parameters with a nonzero training gate, per expert (int64: exact, in any order)."""
+    nonzero = (_gate(_hard_concrete(phi, keys, start, c), c) > 0).to(torch.int64)
+    return ((nonzero if sizes is None else nonzero * sizes).sum(-1),)
+
+
+def _pass_merge(phi, keys, start, alpha, sizes, *, c, with_density: bool):
+    """Σ_m α_m z_m per group (G,), and with ``with_density`` the experts' Σ_g k_g·P(z ≠ 0) (float64)."""
+    mask = None
+    for m in range(phi.shape[0]):  # expert by expert: one pointwise kernel over groups, no (M, G) temporary
+        term = alpha[m] * _gate(_hard_concrete(phi[m : m + 1], keys[m : m + 1], start, c), c)[0]
+        mask = term if mask is None else mask + term
+    if not with_density:
+        return (mask,)
+    keep = 1.0 - torch.sigmoid(c.l0_shift - phi).clamp(c.eps, 1.0 - c.eps)
+    if sizes is not None:
+        keep = keep * sizes
+    return mask, keep.sum(-1)
+
+
+def _pass_alpha_grad(phi, keys, start, row, *, c):
+    """<z_m, row> per expert (M,): ∇α of a task whose θδ⊙G reduced to groups is ``row``."""
+    return ((_gate(_hard_concrete(phi, keys, start, c), c) * row[None, :]).sum(-1),)
+
+
+def _pass_flush(phi, keys, start, alphas, rows, coef, sizes, *, c):
+    """∂L/∂φ (M, g) = dz/dφ ⊙ Σ_t α_t,m row_t + coef_m·∂E_m/∂φ.
+
+    dz/dφ = (ζ-γ)/β · s(1-s) where the hard clip is inactive; ∂E/∂φ = k_g·q(1-q)/|θ| inside the
+    [eps, 1-eps] clamp of q = Q(0; φ) = sigmoid(l0_shift - φ). The task sum is written as a broadcast
+    reduction over the (few) tasks so a compiled kernel fuses it (no (M, G) temporary).
+    """
+    s = _hard_concrete(phi, keys, start, c)
+    z = s * c.stretch + c.gamma
+    dz = s * (1.0 - s) * (c.stretch * c.inv_beta) * ((z > 0) & (z < 1))
+    grad = (alphas.t()[:, :, None] * rows[None, :, :]).sum(1) * dz
+    if coef is not None:
+        q = torch.sigmoid(c.l0_shift - phi)
+        slope = q * (1.0 - q) * ((q > c.eps) & (q < 1.0 - c.eps))
+        if sizes is not None:
+            slope = slope * sizes
+        grad = grad + slope * coef[:, None]
+    return (grad,)
+
+
+def _pass_test_count(phi, keys, start, sizes, *, c, threshold: float):
+    """Parameters whose deterministic test gate is nonzero (φ above ``threshold``), per expert."""
+    nonzero = (phi > threshold).to(torch.int64)
+    return ((nonzero if sizes is None else nonzero * sizes).sum(-1),)
+
+
+_PASSES = {"draw": _pass_draw, "count": _pass_count, "merge": _pass_merge, "alpha_grad": _pass_alpha_grad,
+           "flush": _pass_flush, "test_count": _pass_test_count}
+_COMPILED: dict = {}
+_COMPILE_FAILED: set = set()
+
+
+def _compiled(name: str):
+    """The pass compiled once per process (dynamic shapes: one kernel for every G and M)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_PASSES[name], dynamic=True)
+    return _COMPILED[name]
 
 
 class HardConcreteGates(nn.Module):
@@ -143,6 +241,14 @@ class HardConcreteGates(nn.Module):
         self.l0_shift = cfg.beta * math.log(-cfg.gamma / cfg.zeta)
         if cfg.noise not in ("hard_concrete", "reference"):
             raise ValueError(f"gates.noise must be hard_concrete or reference, got {cfg.noise!r}")
+        if cfg.kernel not in ("auto", "compiled", "eager"):
+            raise ValueError(f"gates.kernel must be auto, compiled or eager, got {cfg.kernel!r}")
+        if cfg.noise == "hard_concrete":
+            lo, hi = cfg.eps, 1.0 - cfg.eps
+        else:  # the authors' U(0.5-eps, 0.5+eps), i.e. practically no noise (docs/algorithm.md#d1-gate-noise)
+            lo, hi = 0.5 - cfg.eps, 0.5 + cfg.eps
+        self._consts = _Consts(lo=lo, hi=hi, inv_beta=1.0 / cfg.beta, stretch=cfg.zeta - cfg.gamma,
+                               gamma=cfg.gamma, eps=cfg.eps, l0_shift=self.l0_shift)
 
     @property
     def num_experts(self) -> int:
@@ -154,55 +260,108 @@ class HardConcreteGates(nn.Module):
         return out
 
     def chunks(self) -> Iterator[Tuple[int, int]]:
-        return column_chunks(self.layout.num_groups, self.num_experts)
+        return column_chunks(self.layout.num_groups, self.num_experts, self.logits.device)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the gate passes run as compiled kernels (one launch per pass) or eager chunks."""
+        kernel = self.cfg.kernel
+        if kernel == "auto":
+            return self.logits.numel() >= COMPILE_MIN_GATES
+        return kernel == "compiled"
+
+    def _sizes(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        sizes = self.layout.group_sizes
+        return None if sizes is None else sizes.to(dtype)
+
+    def _run(self, name: str, args: tuple, outs: Tuple[str, ...], keys: Optional[torch.Tensor] = None,
+             **static) -> tuple:
+        """Run pass ``name`` over every gate column: compiled in one call, or eagerly chunk by chunk.
+
+        ``args``: (value, sliced) pairs; a sliced value is a (..., G) tensor cut with the logits' columns.
+        Each output is "cols" (a (..., G) result written by columns) or "sum" (a per-expert total).
+        """
+        phi = self.logits.detach()
+        fn = _PASSES[name]
+        with torch.profiler.record_function(f"smat.gates.{name}"):
+            if self.compiled and name not in _COMPILE_FAILED:
+                try:
+                    return _compiled(name)(phi, keys, 0, *[value for value, _ in args], c=self._consts, **static)
+                except Exception as err:  # e.g. no C++ compiler or Triton: the same math, eagerly
+                    _COMPILE_FAILED.add(name)
+                    log.warning("gate pass %s: torch.compile failed (%s); running it eagerly", name,
+                                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            results: list = []
+            for start, stop in self.chunks():
+                chunk_args = [value[..., start:stop] if sliced and value is not None else value for value, sliced in args]
+                part = fn(phi[:, start:stop], keys, start, *chunk_args, c=self._consts, **static)
+                if not results:
+                    results = [torch.empty(*p.shape[:-1], phi.shape[1], dtype=p.dtype, device=p.device)
+                               if kind == "cols" else torch.zeros_like(p) for p, kind in zip(part, outs)]
+                for out, p, kind in zip(results, part, outs):
+                    if kind == "cols":
+                        out[..., start:stop] = p
+                    else:
+                        out += p
+            return tuple(results)
+
+    def _counted(self, nonzero: torch.Tensor) -> torch.Tensor:
+        """Sparsity (M,) from nonzero parameter counts (int64)."""
+        return (1.0 - nonzero.double() / self.layout.numel).to(self.logits.dtype)
 
     @torch.no_grad()
     def clamp_(self) -> None:
         clip = self.cfg.logit_clip
         self.logits.clamp_(-clip, clip)
 
+    def keys(self, seed: int) -> torch.Tensor:
+        """(M, 2) int32 noise keys of the draw ``seed`` (one draw = one key set, smat_dist.smat.noise)."""
+        return expert_keys(seed, self.num_experts, self.logits.device)
+
     @torch.no_grad()
-    def sample(self, seed: int) -> GateSample:
-        """Training gates z = clamp(sigmoid((phi + l)/beta)(zeta-gamma) + gamma, 0, 1), l logistic noise.
+    def sample(self, seed: int) -> GateDraw:
+        """Training draw ``seed``: its keys and its measured sparsity (one counting pass, z not kept).
 
-        With ``l = log(u/(1-u))``: sigmoid((phi+l)/beta) = 1 / (1 + exp(-phi/beta)·((1-u)/u)^(1/beta)),
-        one transcendental per gate instead of four (and a square root for the usual beta = 2/3).
+        z = clamp(sigmoid((φ + l)/β)(ζ-γ) + γ, 0, 1) with logistic noise l = log(u/(1-u)), u uniform in
+        [lo, hi] from the counter noise of (seed, expert, group).
         """
-        cfg = self.cfg
-        if cfg.noise == "hard_concrete":
-            lo, hi = cfg.eps, 1.0 - cfg.eps
-        else:  # the authors' U(0.5-eps, 0.5+eps), i.e. practically no noise (docs/algorithm.md#d1-gate-noise)
-            lo, hi = 0.5 - cfg.eps, 0.5 + cfg.eps
-        phi = self.logits.detach()
-        z = torch.empty_like(phi)
-        nonzero = torch.zeros(self.num_experts, dtype=torch.float64, device=phi.device)
-        stretch = cfg.zeta - cfg.gamma
-        inv_beta = 1.0 / cfg.beta
-        stream = UniformStream(seed, phi.device)
-        for start, stop in self.chunks():
-            uniform = stream.draw(stop - start, self.num_experts, phi.dtype).mul_(hi - lo).add_(lo)
-            odds = uniform.reciprocal_().sub_(1.0)  # (1-u)/u
-            if abs(inv_beta - 1.5) < 1e-12:
-                odds.mul_(odds.sqrt())
-            else:
-                odds.pow_(inv_beta)
-            sig = odds.mul_(torch.exp(phi[:, start:stop] * -inv_beta)).add_(1.0).reciprocal_()
-            z_chunk = sig.mul_(stretch).add_(cfg.gamma).clamp_(0.0, 1.0)
-            z[:, start:stop] = z_chunk
-            nonzero += self.layout.count((z_chunk > 0).to(z_chunk.dtype), start).double()
-        return GateSample(z=z, sparsity=(1.0 - nonzero / self.layout.numel).to(phi.dtype), stochastic=True)
+        keys = self.keys(seed)
+        (nonzero,) = self._run("count", ((self._sizes(torch.int64), True),), ("sum",), keys=keys)
+        return GateDraw(keys, sparsity=self._counted(nonzero))
 
-    def dz_dphi_(self, z: torch.Tensor) -> torch.Tensor:
-        """dz/dphi of a training draw, from z alone (in place on a chunk copy).
+    @torch.no_grad()
+    def draw(self, keys: torch.Tensor) -> torch.Tensor:
+        """The training gates z (M, G) of a draw, materialised (tests, the independent-experts merge)."""
+        return self._run("draw", (), ("cols",), keys=keys)[0]
 
-        Inside (0, 1), z = s(zeta-gamma)+gamma with s = sigmoid((phi+l)/beta), so
-        dz/dphi = (zeta-gamma)/beta · s(1-s); it is 0 where the hard clip is active.
+    @torch.no_grad()
+    def merge_mask(self, keys: torch.Tensor, alpha: torch.Tensor, *, with_density: bool = False):
+        """Σ_m α_m z_m per group (G,) of a draw; with ``with_density`` also E_m (M,) in the same pass."""
+        outs = ("cols", "sum") if with_density else ("cols",)
+        res = self._run("merge", ((alpha.to(self.logits.dtype), False), (self._sizes(self.logits.dtype), True)),
+                        outs, keys=keys, with_density=with_density)
+        if not with_density:
+            return res[0], None
+        return res[0], (res[1] / self.layout.numel).to(self.logits.dtype)
+
+    @torch.no_grad()
+    def alpha_grad(self, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """<z_m, row> (M,) for a draw and a per-group vector ``row`` (G,)."""
+        return self._run("alpha_grad", ((row.to(self.logits.dtype), True),), ("sum",), keys=keys)[0]
+
+    @torch.no_grad()
+    def flush_grad(self, keys: torch.Tensor, alphas: torch.Tensor, rows: torch.Tensor,
+                   density_coef: Optional[torch.Tensor]) -> torch.Tensor:
+        """∂L/∂φ (M, G) of a draw: dz/dφ ⊙ (αᵀ rows) + density_coef_m·∂E_m/∂φ, in one pass.
+
+        ``alphas`` (B, M), ``rows`` (B, G): the tasks' α and θδ⊙G reduced to groups (for independent
+        experts: B = M, ``alphas`` the identity, ``rows`` the per-expert gradients);
+        ``density_coef`` (M,) = ∂L/∂E or None.
         """
-        cfg = self.cfg
-        stretch = cfg.zeta - cfg.gamma
-        inside = (z > 0) & (z < 1)
-        sig = z.sub_(cfg.gamma).div_(stretch)
-        return sig.mul_(1.0 - sig).mul_(stretch / cfg.beta).mul_(inside)
+        dtype = self.logits.dtype
+        coef = None if density_coef is None else (density_coef.to(dtype) / self.layout.numel)
+        args = ((alphas.to(dtype), False), (rows.to(dtype), True), (coef, False), (self._sizes(dtype), True))
+        return self._run("flush", args, ("cols",), keys=keys)[0]
 
     @torch.no_grad()
     def deterministic(self) -> torch.Tensor:
@@ -220,17 +379,14 @@ class HardConcreteGates(nn.Module):
         cfg = self.cfg
         p0 = -cfg.gamma / (cfg.zeta - cfg.gamma)
         threshold = cfg.test_beta * math.log(p0 / (1.0 - p0))
-        phi = self.logits.detach()
-        nonzero = torch.zeros(self.num_experts, dtype=torch.float64, device=phi.device)
-        for start, stop in self.chunks():
-            nonzero += self.layout.count((phi[:, start:stop] > threshold).to(phi.dtype), start).double()
-        return (1.0 - nonzero / self.layout.numel).to(phi.dtype)
+        (nonzero,) = self._run("test_count", ((self._sizes(torch.int64), True),), ("sum",), threshold=threshold)
+        return self._counted(nonzero)
 
     @torch.no_grad()
     def sparsity(self, z: torch.Tensor) -> torch.Tensor:
         """Fraction of parameters whose gate is exactly zero, per expert: (M,)."""
         nonzero = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-        for start, stop in column_chunks(z.shape[1], z.shape[0]):
+        for start, stop in column_chunks(z.shape[1], z.shape[0], z.device):
             nonzero += self.layout.count((z[:, start:stop] > 0).to(z.dtype), start).double()
         return (1.0 - nonzero / self.layout.numel).to(z.dtype)
 

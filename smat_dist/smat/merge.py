@@ -10,10 +10,10 @@ meta-step (``GateConfig.noise_scope = "step"``), so the gate-logit gradient
 also adds the expected-L0 gradient: a task costs two passes over the (M, G) gates (the merge and
 ∇α) and the step one more, instead of the ~10 per task a generic autograd graph takes.
 
-Memory: only one (M, G) gradient buffer ever exists. The flush is the last use of the step's
-gate draw, so it writes ∇φ over z chunk by chunk (0.69 GB fewer at the step's peak for ViT-S,
-M=8). A task's backward only stores its reduced vector θδ⊙G_t (one row of a preallocated
-(tasks, G) block) and α_t until then.
+Memory: the step's gate draw is never stored (:class:`~smat_dist.smat.gates.GateDraw` holds the
+keys of its counter noise; the merge, ∇α and the flush each recompute z in their fused pass), so the
+only (M, G) buffer is ∇φ itself, allocated by the flush. A task's backward only stores its reduced
+vector θδ⊙G_t (one row of a preallocated (tasks, G) block) and α_t until then.
 
 Backward order. Each task merged against a :class:`MergePlan` gets a slot in forward order; the
 merge called with ``flush=True`` is the step's last and closes the plan. The flush runs in the
@@ -37,10 +37,11 @@ can only return ∇φ through a node that has φ as an input:
 
 (docs/algorithm.md#backward-order has the table.)
 
-A backward against a plan that has already flushed (its z is gone) always raises.
+A backward against a plan that has already flushed always raises.
 
-Precision: the merge, ∇α and ∇φ run in fp32 with autocast off (:mod:`smat_dist.smat.precision`);
-a bf16 Σ_m α_m z_m put a relative error of about 2.5e-3 on every merged weight m·θδ.
+Precision: the merge, ∇α and ∇φ run in fp32 (fp64 for an fp64 model) with autocast off
+(:mod:`smat_dist.smat.precision`); a bf16 Σ_m α_m z_m put a relative error of about 2.5e-3 on every
+merged weight m·θδ.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from typing import Dict, Optional
 
 import torch
 
-from smat_dist.smat.gates import GateLayout, GateSample, HardConcreteGates
+from smat_dist.smat.gates import GateDraw, GateLayout, GateSample, HardConcreteGates
 from smat_dist.smat.precision import full_precision
 
 
@@ -63,15 +64,22 @@ class MergePlan:
     def __init__(
         self,
         layout: GateLayout,
-        sample: Optional[GateSample],
+        sample: Optional[GateSample | GateDraw],
         *,
         gates: Optional[HardConcreteGates] = None,
         capacity: int = 0,
         joint_backward: bool = False,
     ):
         self.layout = layout
-        self.z = None if sample is None else sample.z
         self.gates = gates if (sample is not None and sample.stochastic) else None
+        if isinstance(sample, GateDraw) and self.gates is None:
+            raise ValueError("a training gate draw (GateDraw) needs its gates")
+        if isinstance(sample, GateSample) and sample.stochastic:
+            raise ValueError("a training gate draw is a GateDraw (its noise keys), not gate values")
+        # Given gate values (test time) or, for a training draw, its noise keys: z is recomputed.
+        self.z = sample.z if isinstance(sample, GateSample) else None
+        self.keys = sample.keys if isinstance(sample, GateDraw) else None
+        self._flushed = False
         self.capacity = capacity  # expected tasks: their rows go into one preallocated block
         self.joint_backward = joint_backward
         self.tasks = 0  # merges recorded against this draw (slots 0..tasks-1)
@@ -93,8 +101,8 @@ class MergePlan:
 
     @property
     def flushed(self) -> bool:
-        """∇φ has been formed over the draw (which it overwrote)."""
-        return self.stochastic and self.z is None
+        """∇φ of the draw has been formed: its tasks' deferred state is gone."""
+        return self._flushed
 
     def open_slot(self, *, flush: bool, records: bool) -> int:
         """Register one task's merge (forward order); ``flush`` closes the plan."""
@@ -118,8 +126,8 @@ class MergePlan:
         """Raise if the draw is gone: a backward after the flush cannot be correct."""
         if self.flushed:
             raise RuntimeError(
-                "merge: backward of a task after its step's gate gradient was formed (the gate "
-                "draw has been overwritten by it); each task of a MergePlan can be "
+                "merge: backward of a task after its step's gate gradient was formed; each task of "
+                "a MergePlan can be "
                 "backpropagated once, and all of them before the plan's last backward"
             )
 
@@ -177,20 +185,15 @@ class MergePlan:
         )
 
     def _flush(self, delta: torch.Tensor) -> torch.Tensor:
+        """∇φ (M, G) in one fused pass over the gates (smat_dist.smat.gates, ``flush_grad``)."""
         gates = self.gates
         row_stack = self._stacked_rows()  # (B, G) or (B, N)
         alphas = torch.stack([self._alphas[slot] for slot in range(len(self._alphas))]).to(row_stack.dtype)  # (B, M)
-        independent = delta.shape[0] > 1
-        per_expert = None
-        if independent:  # ablation path: expert m sees θδ_m ⊙ G_t; unchunked is fine
-            per_expert = self.layout.reduce((alphas.t() @ row_stack).mul_(delta))
-        grad_phi, self.z = self.z, None  # ∇φ is written over the consumed draw
-        for start, stop in gates.chunks():
-            chunk = per_expert[:, start:stop] if per_expert is not None else alphas.t() @ row_stack[:, start:stop]
-            chunk.mul_(gates.dz_dphi_(grad_phi[:, start:stop].clone()))
-            if self._density_grad is not None:
-                gates.density_grad_(chunk, self._density_grad, start, stop)
-            grad_phi[:, start:stop] = chunk
+        if delta.shape[0] > 1:  # independent experts: expert m sees θδ_m ⊙ G_t; unchunked is fine
+            row_stack = self.layout.reduce((alphas.t() @ row_stack).mul_(delta))  # (M, G)
+            alphas = torch.eye(delta.shape[0], dtype=row_stack.dtype, device=row_stack.device)
+        grad_phi = gates.flush_grad(self.keys, alphas, row_stack, self._density_grad)
+        self._flushed = True
         self._alphas.clear()
         self._rows.clear()
         self._row_block = None
@@ -198,60 +201,77 @@ class MergePlan:
         return grad_phi
 
 
+def _compute_dtype(delta: torch.Tensor) -> torch.dtype:
+    """The merge's precision: fp32 (even for bf16 inputs), fp64 for an fp64 model."""
+    return torch.float64 if delta.dtype == torch.float64 else torch.float32
+
+
 class _Merge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, delta, logits, alpha, pre, plan: MergePlan, slot: int, linked: bool, with_density: bool):
         ctx.plan, ctx.slot, ctx.linked = plan, slot, linked
-        z = plan.z
+        z, keys = plan.z, plan.keys
+        density = None
         if delta.shape[0] == 1:  # interpolated experts share θδ
-            if z is None:
+            if keys is not None:  # a training draw: z recomputed inside the fused merge pass
+                per_group, density = plan.gates.merge_mask(keys, alpha, with_density=with_density)
+                mask = plan.layout.expand(per_group.to(delta.dtype))
+            elif z is None:
                 mask = alpha.sum().expand(pre.shape[0])
             else:
                 mask = plan.layout.expand(alpha.to(z.dtype) @ z)
             theta = torch.addcmul(pre, mask, delta[0])
             ctx.save_for_backward(delta, alpha, mask)
-        else:  # independent experts θδ_m
-            weights = delta if z is None else delta * plan.layout.expand(z)
+        else:  # independent experts θδ_m: z materialised for this node only (θδ is (M, N) anyway)
+            if keys is not None:
+                z = plan.gates.draw(keys)
+                if with_density:
+                    density = plan.gates.density_value()
+            weights = delta if z is None else delta * plan.layout.expand(z.to(delta.dtype))
             theta = pre + alpha.to(weights.dtype) @ weights
             ctx.save_for_backward(delta, alpha, None)
         if with_density:
-            plan.density = plan.gates.density_value()
-            return theta, plan.density.clone()
+            plan.density = density
+            return theta, density.clone()
         return theta
 
     @staticmethod
     def backward(ctx, grad, grad_density=None):
         with full_precision(grad.device):
-            return _Merge._backward(ctx, grad.float(), grad_density)
+            return _Merge._backward(ctx, grad.to(_compute_dtype(ctx.saved_tensors[0])), grad_density)
 
     @staticmethod
     def _backward(ctx, grad, grad_density):
         delta, alpha, mask = ctx.saved_tensors
         plan: MergePlan = ctx.plan
         plan.require_draw()
-        z = plan.z
+        z, keys = plan.z, plan.keys
         need_delta, need_logits, need_alpha = ctx.needs_input_grad[:3]
         grad_delta = grad_logits = grad_alpha = None
         if delta.shape[0] == 1:
             if need_delta:
                 grad_delta = (mask * grad).unsqueeze(0)
             scaled = delta[0] * grad  # θδ ⊙ G_t
-            if z is None:
-                grad_alpha = scaled.sum().expand(alpha.shape[0]).to(alpha.dtype)
-            else:
+            if keys is not None:
                 per_group = plan.layout.reduce(scaled)
-                grad_alpha = (z @ per_group).to(alpha.dtype)
+                grad_alpha = plan.gates.alpha_grad(keys, per_group).to(alpha.dtype)
                 grad_logits = plan.gate_grad(ctx.slot, alpha.detach(), per_group, linked=ctx.linked,
                                              delta=delta, density_grad=grad_density)
+            elif z is None:
+                grad_alpha = scaled.sum().expand(alpha.shape[0]).to(alpha.dtype)
+            else:
+                grad_alpha = (z.to(scaled.dtype) @ plan.layout.reduce(scaled)).to(alpha.dtype)
         else:
-            expanded_z = None if z is None else plan.layout.expand(z)
+            if keys is not None:
+                z = plan.gates.draw(keys)
+            expanded_z = None if z is None else plan.layout.expand(z.to(delta.dtype))
             if need_delta:
                 grad_delta = alpha[:, None].to(grad.dtype) * grad[None, :]
                 if expanded_z is not None:
                     grad_delta = grad_delta * expanded_z
             weights = delta if expanded_z is None else delta * expanded_z
             grad_alpha = (weights @ grad).to(alpha.dtype)
-            if expanded_z is not None:
+            if keys is not None:
                 grad_logits = plan.gate_grad(ctx.slot, alpha.detach(), grad, linked=ctx.linked,
                                              delta=delta, density_grad=grad_density)
         if not need_alpha:
@@ -271,7 +291,7 @@ def merge(
     flush: bool = True,
     with_density: bool = False,
 ):
-    """Flat task weights θ_t (fp32); with ``with_density`` also the experts' expected density E (M,).
+    """Flat task weights θ_t (fp32; fp64 for an fp64 θδ); with ``with_density`` also the experts' expected density E (M,).
 
     ``flush`` marks the last task merged against a training ``plan`` (set it False for the
     others); a single-task or test-time plan keeps the default. A loss term built from the
@@ -292,4 +312,4 @@ def merge(
             # must see one gradient per step, not a None per task.
             logits = logits.detach()
     with full_precision(device):
-        return _Merge.apply(delta, logits, alpha.float(), pre, plan, slot, linked, with_density)
+        return _Merge.apply(delta, logits, alpha.to(_compute_dtype(delta)), pre, plan, slot, linked, with_density)

@@ -35,7 +35,7 @@ from torch import nn
 from smat_dist.episode import Episode, num_ways
 from smat_dist.smat.backbone import ParamSpace, backbone_dim, build_backbone, features
 from smat_dist.smat.config import ModelConfig
-from smat_dist.smat.gates import GateLayout, GateSample, HardConcreteGates
+from smat_dist.smat.gates import GateDraw, GateLayout, GateSample, HardConcreteGates
 from smat_dist.smat.hypernet import Hypernetwork
 from smat_dist.smat.losses import distill
 from smat_dist.smat.merge import MergePlan, merge
@@ -148,7 +148,7 @@ class SMAT(nn.Module):
         step's task losses (e.g. one backward of their sum) instead of one task at a time, last
         task last (:mod:`smat_dist.smat.merge` explains the difference).
         """
-        sample: Optional[GateSample] = None
+        sample: Optional[GateDraw] = None
         sparsity = violation = None
         if self.gates is not None:
             self.gates.clamp_()
@@ -174,8 +174,8 @@ class SMAT(nn.Module):
         """The step's shared draw, or (``noise_scope="task"``) a draw of this task's own."""
         if self.gates is None or self.cfg.gates.noise_scope == "step":
             return ctx.plan
-        sample = self.gates.sample(stream_seed("gates-task", ctx.seed, task_index))
-        return MergePlan(self.layout, sample, gates=self.gates)
+        draw = GateDraw(self.gates.keys(stream_seed("gates-task", ctx.seed, task_index)))  # its noise only
+        return MergePlan(self.layout, draw, gates=self.gates)
 
     def _alpha(self, proto_pre: Optional[torch.Tensor], temperature: float, *, stochastic: bool,
                generator: Optional[torch.Generator] = None):

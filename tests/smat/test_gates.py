@@ -1,13 +1,12 @@
 import math
 
-import numpy as np
-
 import pytest
 import torch
 
 from smat_dist.smat.backbone import ParamSlot
 from smat_dist.smat.config import GateConfig
 from smat_dist.smat.gates import GateLayout, HardConcreteGates
+from smat_dist.smat.noise import counter_uniform
 
 SLOTS = [
     ParamSlot("w", torch.Size([3, 4]), 0, 12),  # 2-D: 4 column groups of 3
@@ -24,6 +23,7 @@ def chunk_size(request, monkeypatch):
 
 
 def _gates(structured=False, **kw):
+    kw.setdefault("kernel", "eager")
     return HardConcreteGates(GateLayout(SLOTS, structured=structured), GateConfig(num_experts=3, **kw))
 
 
@@ -61,30 +61,38 @@ def test_deterministic_gates_are_exactly_zero_or_in_unit_interval():
     torch.testing.assert_close(z, (torch.sigmoid(phi) * 1.2 - 0.1).clamp(0, 1))
 
 
+def _dz_dphi(gates, keys):
+    """dz/dφ of a draw, from the flush pass with one unit row per expert and no density term."""
+    M, G = gates.logits.shape
+    return gates.flush_grad(keys, torch.eye(M), torch.ones(M, G), None)
+
+
 def test_training_gates_follow_the_hard_concrete_formula_and_derivative():
     for noise in ("hard_concrete", "reference"):
         g = _gates(noise=noise)
+        keys = g.keys(3)
         sample = g.sample(3)
-        # the noise of (expert m, group j) is element j*M + m of seed 3's PCG64 stream
-        u = torch.from_numpy(np.random.Generator(np.random.PCG64(3)).random((23, 3), dtype=np.float32)).t()
+        assert torch.equal(sample.keys, keys)
+        # the noise of (expert m, group j) is the counter generator's value at (keys_m, j)
+        u = counter_uniform(keys, 0, 23)
         lo, hi = (1e-6, 1 - 1e-6) if noise == "hard_concrete" else (0.5 - 1e-6, 0.5 + 1e-6)
         u = u * (hi - lo) + lo
         phi = g.logits.detach().clone().requires_grad_(True)
         z = (torch.sigmoid((phi + u.log() - (1 - u).log()) / (2 / 3)) * 1.2 - 0.1).clamp(0, 1)
-        torch.testing.assert_close(sample.z, z.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g.draw(keys), z.detach(), rtol=1e-5, atol=1e-6)
         z.sum().backward()
-        torch.testing.assert_close(g.dz_dphi_(sample.z.clone()), phi.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(_dz_dphi(g, keys), phi.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(sample.sparsity, (z == 0).float().mean(1))
     # the reference's noise is within 4e-6 of none: z = clamp(1.2 sigmoid(1.5 phi) - 0.1)
     ref = (torch.sigmoid(1.5 * g.logits.detach()) * 1.2 - 0.1).clamp(0, 1)
-    torch.testing.assert_close(sample.z, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g.draw(keys), ref, atol=1e-5, rtol=0)
 
 
 def test_real_noise_makes_gates_stochastic():
     g = _gates()
-    a = g.sample(0).z
-    b = g.sample(1).z
-    assert torch.equal(a, g.sample(0).z)
+    a = g.draw(g.keys(0))
+    b = g.draw(g.keys(1))
+    assert torch.equal(a, g.draw(g.keys(0)))
     assert not torch.equal(a, b)
 
 
@@ -126,3 +134,102 @@ def test_clamp_keeps_logits_within_ln100():
     g.clamp_()
     assert float(g.logits.detach().max()) == pytest.approx(math.log(100))
     assert float(g.logits.detach().min()) == pytest.approx(-math.log(100))
+
+
+# ---------------------------------------------------------------- the counter noise and the draw's law
+
+def test_counter_noise_is_a_pure_function_of_key_and_counter():
+    """Any slice of the counters gives the same words: chunking and order never change the noise."""
+    from smat_dist.smat.noise import counter_bits, expert_keys
+
+    keys = expert_keys(12345, 4)
+    assert keys.dtype == torch.int32 and keys.shape == (4, 2)
+    assert torch.equal(keys, expert_keys(12345, 4)) and not torch.equal(keys, expert_keys(12346, 4))
+    whole = counter_bits(keys, 0, 1000)
+    pieces = torch.cat([counter_bits(keys, a, b - a) for a, b in ((0, 7), (7, 500), (500, 1000))], 1)
+    assert torch.equal(whole, pieces)
+    assert torch.equal(counter_bits(keys[2:3], 300, 5), whole[2:3, 300:305])  # an expert alone
+    u = counter_uniform(keys, 0, 1000)
+    assert u.dtype == torch.float32 and float(u.min()) > 0 and float(u.max()) < 1
+    # exactly (k + 1/2)·2^-23 for an integer k: the float32 conversion loses nothing
+    k = u.double() * 2 ** 23 - 0.5
+    assert torch.equal(k, k.round())
+
+
+def test_counter_noise_is_uniform_and_uncorrelated():
+    """1M uniforms per expert: moments, a 64-bin chi-square, and no correlation between neighbouring
+    counters, experts or streams (the tolerances are ~5 standard errors)."""
+    from smat_dist.smat.noise import expert_keys
+
+    n = 1 << 20
+    u = counter_uniform(expert_keys(7, 3), 0, n).double()
+    se = 1 / math.sqrt(n)
+    assert (u.mean(1) - 0.5).abs().max() < 5 * se * math.sqrt(1 / 12)
+    assert (u.var(1) - 1 / 12).abs().max() < 5 * se * math.sqrt(1 / 180)
+    counts = torch.stack([torch.histc(row.float(), bins=64, min=0, max=1) for row in u])
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum(1)  # 63 degrees of freedom: mean 63, sd 11.2
+    assert float(chi2.max()) < 63 + 5 * 11.2
+    c = u - 0.5
+    for a, b in ((c[0, :-1], c[0, 1:]), (c[0], c[1]), (c[1], c[2]),
+                 (c[0], counter_uniform(expert_keys(8, 3), 0, n)[0].double() - 0.5)):
+        corr = float((a * b).mean() / (a.std() * b.std()))
+        assert abs(corr) < 5 * se, corr
+
+
+def test_the_draw_has_the_hard_concrete_law(monkeypatch):
+    """With the real counter noise, over 2^17 gates per logit value: P(z ≠ 0) = 1 - Q(0; φ) (the
+    expected density E), P(z = 1) and P(z ≤ ½) have their closed forms, and the draw's counted
+    sparsity is the share of exact zeros, all within 5 binomial standard errors."""
+    monkeypatch.setattr("smat_dist.smat.gates.CHUNK_ELEMENTS", 1 << 18)  # (chunking is tested elsewhere)
+    n = 1 << 17
+    layout = GateLayout([ParamSlot("b", torch.Size([n]), 0, n)], structured=False)
+    g = HardConcreteGates(layout, GateConfig(num_experts=4, kernel="eager"))
+    values = torch.tensor([-2.5, -0.5, 0.7, 3.0])
+    with torch.no_grad():
+        g.logits.copy_(values[:, None].expand(4, n))
+    draw = g.sample(2024)
+    z = g.draw(draw.keys)
+    beta, gamma, zeta = 2 / 3, -0.1, 1.1
+
+    def logit(p):
+        return math.log(p / (1 - p))
+
+    p_nonzero = 1 - torch.sigmoid(beta * math.log(-gamma / zeta) - values).double()
+    p_one = torch.sigmoid(values - beta * logit((1 - gamma) / (zeta - gamma))).double()
+    p_half = torch.sigmoid(beta * logit((0.5 - gamma) / (zeta - gamma)) - values).double()
+    for measured, p in (((z != 0).double().mean(1), p_nonzero), ((z == 1).double().mean(1), p_one),
+                        ((z <= 0.5).double().mean(1), p_half), (1 - draw.sparsity.double(), p_nonzero)):
+        se = (p * (1 - p) / n).sqrt()
+        assert bool(((measured - p).abs() < 5 * se + 1e-12).all()), (measured, p)
+    torch.testing.assert_close(g.density_value().double(), p_nonzero, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(draw.sparsity, g.sparsity(z))
+
+
+def test_compiled_passes_equal_the_eager_ones():
+    """One torch.compile kernel per pass over every column gives the eager chunks' results: the same
+    noise bits (exact counts), the merge, ∇α and the flush to float rounding."""
+    torch.manual_seed(0)
+    n = 4099  # not a multiple of any vector width: exercises the kernels' tails
+    layout = GateLayout([ParamSlot("w", torch.Size([n]), 0, n)], structured=False)
+    eager = HardConcreteGates(layout, GateConfig(num_experts=3, kernel="eager"))
+    compiled = HardConcreteGates(layout, GateConfig(num_experts=3, kernel="compiled"))
+    with torch.no_grad():
+        compiled.logits.copy_(eager.logits * 4)
+        eager.logits.copy_(compiled.logits)
+    assert compiled.compiled and not eager.compiled
+    keys = eager.keys(99)
+    a, b = eager.sample(99), compiled.sample(99)
+    assert torch.equal(a.sparsity, b.sparsity)
+    torch.testing.assert_close(compiled.draw(keys), eager.draw(keys), rtol=1e-6, atol=1e-7)
+    assert torch.equal(compiled.draw(keys) == 0, eager.draw(keys) == 0)
+    alpha, row = torch.tensor([0.2, 0.5, 0.3]), torch.randn(n)
+    for x, y in zip(compiled.merge_mask(keys, alpha, with_density=True), eager.merge_mask(keys, alpha, with_density=True)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.alpha_grad(keys, row), eager.alpha_grad(keys, row), rtol=1e-5, atol=1e-4)
+    alphas, rows, coef = torch.rand(2, 3), torch.randn(2, n), torch.tensor([1.0, -2.0, 0.5])
+    torch.testing.assert_close(compiled.flush_grad(keys, alphas, rows, coef), eager.flush_grad(keys, alphas, rows, coef),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.equal(compiled.test_sparsity(), eager.test_sparsity())
+    from smat_dist.smat import gates as gates_module
+
+    assert not gates_module._COMPILE_FAILED, "torch.compile failed (a C++ compiler is needed; .ci/run installs g++)"

@@ -1,13 +1,13 @@
 """The merge node against a plain-autograd implementation of θ = θ_pre + Σ_m α_m z_m ⊙ θδ(_m)."""
 
-import numpy as np
 import pytest
 import torch
 
 from smat_dist.smat.backbone import ParamSlot
 from smat_dist.smat.config import GateConfig
-from smat_dist.smat.gates import GateLayout, GateSample, HardConcreteGates
+from smat_dist.smat.gates import GateDraw, GateLayout, GateSample, HardConcreteGates
 from smat_dist.smat.merge import MergePlan, merge
+from smat_dist.smat.noise import counter_uniform
 
 SLOTS = [ParamSlot("w", torch.Size([4, 5]), 0, 20), ParamSlot("b", torch.Size([4]), 20, 4)]
 N, M = 24, 3
@@ -17,6 +17,10 @@ N, M = 24, 3
 def chunk_size(request, monkeypatch):
     monkeypatch.setattr("smat_dist.smat.gates.CHUNK_ELEMENTS", request.param)
     return request.param
+
+
+def _gates(layout, **kw):
+    return HardConcreteGates(layout, GateConfig(num_experts=M, kernel="eager", **kw))
 
 
 def _reference(pre, delta, phi, u, alphas, structured, layout):
@@ -34,7 +38,7 @@ def _reference(pre, delta, phi, u, alphas, structured, layout):
 
 def _noise(gates, seed):
     """The uniforms of ``gates.sample(seed)``, as the hard-concrete formula uses them."""
-    u = torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(gates.logits.shape[::-1], dtype=np.float32)).t()
+    u = counter_uniform(gates.keys(seed), 0, gates.logits.shape[1]).to(gates.logits.dtype)
     return u * (1 - 2e-6) + 1e-6
 
 
@@ -50,12 +54,12 @@ def _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w, sam
     """Merge and backpropagate the tasks' losses <w_t, θ_t> (+ <density_w, E> on the last) in ``order``."""
     joint = order in ("summed", "reversed")
     shared = MergePlan(layout, gates.sample(sample_seed), gates=gates, capacity=2, joint_backward=joint)
-    z0 = gates.sample(sample_seed).z
     losses = []
     for t, (a, w) in enumerate(zip(alphas, weights)):
         last = t == len(alphas) - 1
-        # an own draw is flushed (consumed) by its task: give each task a copy
-        plan = MergePlan(layout, GateSample(z0.clone(), stochastic=True), gates=gates) if order == "own_draw" else shared
+        # an own draw is flushed by its task: each task gets a plan of its own (the same noise here)
+        own = GateDraw(gates.keys(sample_seed))
+        plan = MergePlan(layout, own, gates=gates) if order == "own_draw" else shared
         flush = last or order == "own_draw"
         if last:
             theta, density = merge(pre, delta, gates.logits, a, plan, flush=flush, with_density=True)
@@ -75,25 +79,29 @@ def _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w, sam
     return density
 
 
-def _three_tasks(*, seed, structured, interpolated):
+def _three_tasks(*, seed, structured, interpolated, dtype=torch.float32, kernel="eager"):
     """Gates, θ_pre, θδ (one shared offset, or one per expert), three tasks' α and loss weights w_t
     (task t's loss = <w_t, θ_t>), drawn in this order from ``seed``."""
     torch.manual_seed(seed)
     layout = GateLayout(SLOTS, structured=structured)
-    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
-    pre = torch.randn(N)
-    delta = torch.randn(1 if interpolated else M, N, requires_grad=True)
-    alphas = [torch.softmax(torch.randn(M), 0).requires_grad_(True) for _ in range(3)]
-    weights = [torch.randn(N) for _ in alphas]
+    gates = HardConcreteGates(layout, GateConfig(num_experts=M, kernel=kernel)).to(dtype)
+    pre = torch.randn(N, dtype=dtype)
+    delta = torch.randn(1 if interpolated else M, N, dtype=dtype, requires_grad=True)
+    alphas = [torch.softmax(torch.randn(M, dtype=dtype), 0).requires_grad_(True) for _ in range(3)]
+    weights = [torch.randn(N, dtype=dtype) for _ in alphas]
     return layout, gates, pre, delta, alphas, weights
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("interpolated", [True, False])
 @pytest.mark.parametrize("order", ORDERS)
-def test_merge_gradients_match_autograd(structured, interpolated, order):
-    layout, gates, pre, delta, alphas, weights = _three_tasks(seed=0, structured=structured, interpolated=interpolated)
-    density_w = torch.tensor([0.5, -2.0, 1.5])  # a loss term on the expected density, folded into ∇φ
+def test_merge_gradients_match_autograd(structured, interpolated, order, dtype):
+    """Every merge mode and backward order against plain autograd through z(φ, u); an fp64 model
+    stays fp64 throughout (its results match to fp64 precision)."""
+    layout, gates, pre, delta, alphas, weights = _three_tasks(seed=0, structured=structured,
+                                                              interpolated=interpolated, dtype=dtype)
+    density_w = torch.tensor([0.5, -2.0, 1.5], dtype=dtype)  # a loss term on the expected density, folded into ∇φ
     density = _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w)
 
     u = _noise(gates, 5)
@@ -102,20 +110,22 @@ def test_merge_gradients_match_autograd(structured, interpolated, order):
     a2 = [a.detach().clone().requires_grad_(True) for a in alphas]
     ref = _reference(pre, d2, phi, u, a2, structured, layout)
     q = torch.sigmoid(gates.l0_shift - phi).clamp(1e-6, 1 - 1e-6)
-    sizes = layout.group_sizes if structured else torch.ones(phi.shape[1])
+    sizes = layout.group_sizes.to(dtype) if structured else torch.ones(phi.shape[1], dtype=dtype)
     ref_density = ((1 - q) * sizes).sum(1) / N
     (sum((th * w).sum() for th, w in zip(ref, weights)) + (ref_density * density_w).sum()).backward()
-    torch.testing.assert_close(density.detach(), ref_density.detach())
+    tol = {} if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert density.dtype == dtype
+    torch.testing.assert_close(density.detach(), ref_density.detach(), **tol)
 
-    z0 = gates.sample(5).z
+    z0 = gates.draw(gates.keys(5))
     for th_ref, a in zip(ref, alphas):  # forward values
         with torch.no_grad():
             th = merge(pre, delta, None, a, MergePlan(layout, GateSample(z0, stochastic=False)))
-        torch.testing.assert_close(th, th_ref.detach())
-    torch.testing.assert_close(delta.grad, d2.grad)
-    torch.testing.assert_close(gates.logits.grad, phi.grad)
-    for a, ar in zip(alphas, a2):
-        torch.testing.assert_close(a.grad, ar.grad)
+        assert th.dtype == dtype
+        torch.testing.assert_close(th, th_ref.detach(), **tol)
+    for got, want in [(delta.grad, d2.grad), (gates.logits.grad, phi.grad), *zip([a.grad for a in alphas], [a.grad for a in a2])]:
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("interpolated", [True, False])
@@ -139,12 +149,12 @@ def test_every_backward_order_gives_the_one_at_a_time_gradients(interpolated):
 
 
 @pytest.mark.parametrize("order", ["one_at_a_time", "summed"])
-def test_the_flush_writes_the_gate_gradient_over_the_consumed_draw(order):
-    """One (M, G) buffer: φ.grad is the memory the step's gate draw z occupied."""
+def test_no_gate_buffer_exists_before_the_flush(order):
+    """A training plan holds only its noise keys (M, 2); the one (M, G) buffer is ∇φ, made by the flush."""
     layout = GateLayout(SLOTS, structured=False)
-    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
+    gates = _gates(layout)
     plan = MergePlan(layout, gates.sample(0), gates=gates, capacity=3, joint_backward=order == "summed")
-    draw = plan.z.data_ptr()
+    assert plan.z is None and plan.keys.shape == (M, 2) and plan.keys.dtype == torch.int32
     delta = torch.randn(1, N, requires_grad=True)
     losses = []
     for t in range(3):
@@ -154,13 +164,12 @@ def test_the_flush_writes_the_gate_gradient_over_the_consumed_draw(order):
             losses.pop().backward()
     if losses:
         sum(losses).backward()
-    assert plan.z is None and plan.flushed
-    assert gates.logits.grad.data_ptr() == draw
+    assert plan.flushed and gates.logits.grad.shape == (M, N)
 
 
 def _three_task_plan(joint_backward=False):
     layout = GateLayout(SLOTS, structured=False)
-    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
+    gates = _gates(layout)
     plan = MergePlan(layout, gates.sample(0), gates=gates, joint_backward=joint_backward)
     delta = torch.randn(1, N, requires_grad=True)
     alpha = torch.full((M,), 1 / M)
@@ -202,7 +211,7 @@ def test_merging_after_the_last_task_raises():
 def test_merge_is_fp32_and_unchanged_under_bf16_autocast():
     """Σ_m α_m z_m is one fp32 dot product per parameter whatever autocast region the caller is in."""
     layout = GateLayout(SLOTS, structured=True)
-    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
+    gates = _gates(layout)
     pre = torch.randn(N)
     results = []
     for autocast in (False, True):
@@ -224,7 +233,7 @@ def test_merge_is_fp32_and_unchanged_under_bf16_autocast():
 
 def test_deferred_gate_gradient_arrives_only_with_the_last_task():
     layout = GateLayout(SLOTS, structured=False)
-    gates = HardConcreteGates(layout, GateConfig(num_experts=M))
+    gates = _gates(layout)
     plan = MergePlan(layout, gates.sample(0), gates=gates)
     delta = torch.randn(1, N, requires_grad=True)
     a = torch.full((M,), 1 / M)

@@ -220,7 +220,7 @@ def test_bf16_model_feeds_the_merge_fp32_and_gets_fp32_back(tiny_cfg, toy, monke
 
     def recording_merge(pre, delta, logits, alpha, plan, **flags):
         out = real_merge(pre, delta, logits, alpha, plan, **flags)
-        calls.append((alpha.detach().clone(), plan.z.clone(), out[0] if isinstance(out, tuple) else out))
+        calls.append((alpha.detach().clone(), plan.gates.draw(plan.keys), out[0] if isinstance(out, tuple) else out))
         return out
 
     monkeypatch.setattr(meta_arch, "merge", recording_merge)
@@ -235,4 +235,5 @@ def test_bf16_model_feeds_the_merge_fp32_and_gets_fp32_back(tiny_cfg, toy, monke
     with torch.no_grad():
         expected = real_merge(model.theta_pre, model.delta, None, alpha,
                               MergePlan(model.layout, meta_arch.GateSample(z, stochastic=False)))
-    assert torch.equal(theta.detach(), expected)
+    # the training merge recomputes z inside its fused pass; the given-z merge is a matmul
+    torch.testing.assert_close(theta.detach(), expected, rtol=1e-6, atol=1e-7)
