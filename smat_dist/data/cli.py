@@ -3,7 +3,7 @@
     smat-data convert --format {tfrecord,h5,folder} SRC OUT --source NAME [--splits train=0.7,valid=0.15,test=0.15]
                       [--pack 1024 --pack-side 28]   (packed blocks of tiny grey images, e.g. QuickDraw)
     smat-data synth OUT [--seed 0] [--scale 1.0]
-    smat-data verify ROOT [--source S] [--quick]
+    smat-data verify ROOT [--source S] [--quick] [--set remote.stall_timeout_s=30]
     smat-data episodes ROOT --source S --split test -n 600 --seed 0 > episodes.jsonl
     smat-data show ROOT --source S --split test --index 0 -o episode.png   (or --episodes FILE --line K)
     smat-data info ROOT
@@ -47,6 +47,14 @@ def _data_cfg(root: str, overrides: Sequence[str]):
     return load_config(DataConfig, [], [f"root={root}", *overrides])
 
 
+def _root(root: str, overrides: Sequence[str]):
+    """``root`` as a DataRoot under the ``--set`` settings (``remote.*``: deadlines, redirects, pipe:)."""
+    from smat_dist.data.location import DataRoot
+
+    cfg = _data_cfg(root, overrides)
+    return DataRoot(cfg.root, cfg.remote)
+
+
 def _write_opts(a):
     from smat_dist.data.writer import WriteOptions
 
@@ -87,7 +95,7 @@ def cmd_synth(a) -> int:
 def cmd_verify(a) -> int:
     from smat_dist.data.verify import verify_root
 
-    res = verify_root(a.out, [a.source] if a.source else None, deep=not a.quick)
+    res = verify_root(_root(a.out, a.set), [a.source] if a.source else None, deep=not a.quick)
     if not res:
         print(f"no source (*/manifest.json) under {a.out}", file=sys.stderr)
         return 2
@@ -165,7 +173,7 @@ def cmd_show(a) -> int:
 def cmd_stage(a) -> int:
     from smat_dist.data.transfer import stage
 
-    for name in stage(a.out, a.dest, [a.source] if a.source else None):
+    for name in stage(_root(a.out, a.set), a.dest, [a.source] if a.source else None):
         print(f"staged {name} -> {Path(a.dest) / name}")
     return 0
 
@@ -173,7 +181,7 @@ def cmd_stage(a) -> int:
 def cmd_upload(a) -> int:
     from smat_dist.data.transfer import upload
 
-    for name, n in upload(a.out, a.dest, [a.source] if a.source else None):
+    for name, n in upload(a.out, _root(a.dest, a.set), [a.source] if a.source else None):
         print(f"uploaded {name}: {n} files -> {a.dest}")
     return 0
 
@@ -189,7 +197,7 @@ def cmd_index(a) -> int:
 def cmd_info(a) -> int:
     from smat_dist.data.store import Catalog
 
-    cat = Catalog(a.out)
+    cat = Catalog(_root(a.out, a.set))
     print(f"{'source':<14} {'spec':<13} {'split':<6} {'classes':>7} {'images':>8} {'shards':>6} {'MiB':>8}")
     for name in cat.sources():
         st = cat.store(name)
@@ -247,10 +255,15 @@ def _parser() -> argparse.ArgumentParser:
     write_args(q)
     q.set_defaults(fn=cmd_synth)
 
+    def set_arg(q):
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="DataConfig override, e.g. remote.stall_timeout_s=30")
+
     q = sub.add_parser("verify", help="checksums, counts, index consistency")
     q.add_argument("out")
     q.add_argument("--source")
     q.add_argument("--quick", action="store_true", help="checksums and counts only (no tar walk)")
+    set_arg(q)
     q.set_defaults(fn=cmd_verify)
 
     def ep_args(q, required_source=True):
@@ -258,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--source", required=required_source)
         q.add_argument("--split", default="test", choices=["train", "valid", "test"])
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="DataConfig override")
+        set_arg(q)
 
     q = sub.add_parser("episodes", help="frozen episode list (JSONL) on stdout")
     ep_args(q)
@@ -280,6 +293,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("info", help="sources, splits, counts and sizes")
     q.add_argument("out")
+    set_arg(q)
     q.set_defaults(fn=cmd_info)
 
     q = sub.add_parser("stage", help="copy converted sources (local or URL root) to node-local disk "
@@ -287,6 +301,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("out")
     q.add_argument("dest")
     q.add_argument("--source")
+    set_arg(q)
     q.set_defaults(fn=cmd_stage)
 
     q = sub.add_parser("upload", help="upload a local root to a URL (object storage), manifests and sources.json last")
@@ -294,6 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("dest", help="http(s)://... (HTTP PUT), s3://..., gs://..., or 'pipe:CMD ...{shard}...' "
                                 "(the command gets each file on stdin)")
     q.add_argument("--source")
+    set_arg(q)
     q.set_defaults(fn=cmd_upload)
 
     q = sub.add_parser("index", help="rewrite OUT/sources.json (the source list URL readers use)")
@@ -319,10 +335,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(a.fn(a) or 0)
     except (ConvertError, DataError, SpecError, SamplerError, ConfigError) as exc:
-        print(f"smat-data {a.cmd}: error: {exc}", file=sys.stderr)
+        print(f"smat-data {a.cmd}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # an output path that is a file, read-only, a full disk...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"smat-data {a.cmd}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
