@@ -207,23 +207,21 @@ class GuardedReader:
                 self._fail(_reason(val), retry=getattr(val, "retry", True))
 
     def read(self, size: int = -1) -> bytes:
-        """Exactly ``size`` bytes (all that is left if ``size`` < 0), fewer only at end of file."""
+        """Up to ``size`` bytes, at least one unless at end of file (all that is left if ``size`` < 0),
+        as a raw stream answers: consumers loop, and a slow source shows progress."""
         if self._closed:
             raise ValueError(f"{self.url}: read of a closed stream")
-        parts: List[bytes] = []
-        want = size if size is not None and size >= 0 else None
-        while want is None or want > 0:
-            if not self._buf:
-                if self._eof:
-                    break
-                self._next()
-                continue
-            take = self._buf if want is None else self._buf[:want]
-            self._buf = self._buf[len(take):]
-            parts.append(take)
-            if want is not None:
-                want -= len(take)
-        return b"".join(parts)
+        if size is None or size < 0:
+            parts: List[bytes] = []
+            while True:
+                b = self.read(CHUNK)
+                if not b:
+                    return b"".join(parts)
+                parts.append(b)
+        while not self._buf and not self._eof:
+            self._next()
+        take, self._buf = self._buf[:size], self._buf[size:]
+        return take
 
     def close(self) -> None:
         if not self._closed:
