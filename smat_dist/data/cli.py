@@ -78,7 +78,9 @@ def cmd_convert(a) -> int:
 
 def cmd_synth(a) -> int:
     from smat_dist.data.synth import ALL_SOURCES, build_synth
+    from smat_dist.fsutil import check_writable_dir
 
+    check_writable_dir(a.out, "smat-data synth OUT")
     sources = a.sources.split(",") if a.sources else list(ALL_SOURCES)
     opts = _write_opts(a)
     if a.shard_size == "512MB":
