@@ -92,9 +92,9 @@ REDIRECT_RULES = ("same_host", "none", "any")
 
 @dataclass
 class RemoteConfig:
-    """How remote roots are read: deadlines, retries, redirects and ``pipe:`` commands
-    (``data.remote``; see docs/data.md#remote-reads). Every remote read of the data plane (manifests,
-    indexes, shards into the cache, streamed shards) goes through these limits."""
+    """How remote roots are read: deadlines, retries, redirects and ``pipe:`` commands (``data.remote``;
+    docs/data.md#remote-reads-deadlines-retries-redirects). Every remote read of the data plane
+    (manifests, indexes, shards into the cache, streamed shards) goes through these limits."""
 
     # Until the server answers: curl's connection plus the response headers; other openers until
     # their stream opens.
