@@ -228,6 +228,12 @@ class GuardedReader:
             self._closed = True
             self._att.abandon()
 
+    def __del__(self) -> None:  # an abandoned reader must not leave its helper (and process) behind
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def __enter__(self) -> "GuardedReader":
         return self
 
