@@ -164,4 +164,19 @@ class DirLock:
             self._fd = None
 
 
-__all__ = ["DirLock", "Locked", "pid_alive", "read_json", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "publish", "fsync_dir", "tmp_path_for"]
+def check_writable_dir(path: PathLike, what: str) -> Path:
+    """``path`` (expanded) if it is, or can be created as, a directory this process may write; else
+    NotADirectoryError / PermissionError naming it and ``what`` (the setting or option it came from).
+    Checked before work starts, so a bad output path costs a second, not a run."""
+    p = Path(os.path.expandvars(str(path))).expanduser()
+    existing = p if p.exists() else next((q for q in p.parents if q.exists()), None)
+    if existing is None:
+        raise PermissionError(f"{p}: no existing parent directory ({what})")
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{p}: {existing} is a file, not a directory ({what})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{p}: {existing} is not writable ({what})")
+    return p
+
+
+__all__ = ["DirLock", "Locked", "check_writable_dir", "pid_alive", "read_json", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "publish", "fsync_dir", "tmp_path_for"]

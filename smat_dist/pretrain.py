@@ -84,7 +84,7 @@ def load_train_images(root: str, sources: List[str], image_size: int) -> Tuple[t
             raise DataError(f"{store.url('manifest.json')}: source {name} has no train split")
         pos = {int(c): i for i, c in enumerate(sp["classes"])}
         n = 0
-        for sample in shard_samples(store.shard_refs("train")):
+        for sample in shard_samples(store.shard_refs("train"), limits=catalog.location.limits):
             label = offset + pos[int(sample["cls"])]
             if "npy" in sample:  # a packed block of grey images
                 block = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)

@@ -46,13 +46,21 @@ def worker_env(*, use_gpu: bool = False, include_pythonpath: bool = True) -> Dic
 def setup_worker() -> None:
     """Runs in every Ray worker process of our jobs (``worker_process_setup_hook``).
 
-    Ray Train's placement-group cleaner asks Ray's state API whether the trainer is alive. Without an
+    In a local session (Ray on 127.0.0.1) it also keeps torch's rendezvous store and gloo on
+    loopback (:mod:`smat_dist.loopback`). Ray Train's placement-group cleaner asks Ray's state API
+    whether the trainer is alive. Without an
     address it auto-detects "the" Ray instance, which fails on a machine with several (and prints a
     traceback); pointing it at the cluster this process belongs to makes it ask the right one.
     """
     import ray
 
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    from smat_dist import loopback
+
+    gcs = ray.get_runtime_context().gcs_address
+    os.environ.setdefault("RAY_ADDRESS", gcs)
+    if loopback.is_loopback(gcs.rsplit(":", 1)[0]):  # a local session: every listener on loopback
+        loopback.local_gloo()
+        loopback.bind_store_to_loopback()
 
 
 def keep_local() -> None:

@@ -15,10 +15,15 @@ keeps it under ``data.cache_dir``. Several actors and processes share one cache 
   entries in least-recently-used order (readers refresh an entry's mtime as they use it). Readers
   open an entry per read, so an evicted entry's disk space is free as soon as the read in
   progress ends, and a reader that finds its entry gone fetches it again;
-* a corrupt or short download is retried ``retries`` times, then :class:`DataError` names the URL.
+* a download reads through :func:`~smat_dist.data.location.open_url`, so the deadlines and retries
+  of ``data.remote`` apply (a silent or stalled server ends the download; its partial file is
+  removed on every way out); a download that arrives corrupt or short is retried up to
+  ``attempts`` times, then :class:`DataError` names the URL;
+* entry and partial-file names are built only from a checked sha256 (64 lowercase hex digits)
+  and a checked suffix, so a manifest cannot point the cache outside its directory.
 
 webdataset's own ``FileCache`` is not used: it has no checksums, checks the budget only
-periodically and has no cross-process locking; only its URL opener (``webdataset.gopen``) is.
+periodically and has no cross-process locking; only its URL openers are.
 """
 
 from __future__ import annotations
@@ -29,15 +34,17 @@ import itertools
 import logging
 import os
 import queue
+import re
 import socket
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
-from smat_dist.data.format import DataError
-from smat_dist.data.location import failure, openers
+from smat_dist.data.format import SHA256_RE, DataError
+from smat_dist.data.deadline import RemoteReadError
+from smat_dist.data.location import failure, open_url
 from smat_dist.fsutil import pid_alive
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 GiB = 1 << 30
 STALE_PARTIAL_S = 1800.0  # a partial file not written for this long belongs to a dead download
 TOUCH_EVERY_S = 10.0  # how often a reader refreshes an entry's mtime (its LRU time)
+_SUFFIX_RE = re.compile(r"^(\.[A-Za-z0-9]{1,8})?$")
 
 
 class Ref(NamedTuple):
@@ -62,13 +70,18 @@ _serial = itertools.count()
 class ShardCache:
     """See the module docstring. Thread-safe; one instance per reader is fine (state is on disk)."""
 
-    def __init__(self, directory: str | Path, max_bytes: int, *, retries: int = 3, wait_s: float = 600.0,
-                 retry_delay_s: float = 0.5):
+    def __init__(self, directory: str | Path, max_bytes: int, *, limits: Any = None, retries: Optional[int] = None,
+                 wait_s: float = 600.0, retry_delay_s: Optional[float] = None):
+        if limits is None:
+            from smat_dist.data.config import RemoteConfig
+
+            limits = RemoteConfig()
+        self.limits = limits  # data.remote: deadlines and retries of each download
         self.dir = Path(os.path.expandvars(str(directory))).expanduser()
         self.max_bytes = int(max_bytes)
-        self.retries = max(1, int(retries))
+        self.retries = max(1, int(limits.attempts if retries is None else retries))
         self.wait_s = float(wait_s)
-        self.retry_delay_s = float(retry_delay_s)
+        self.retry_delay_s = float(limits.retry_backoff_s if retry_delay_s is None else retry_delay_s)
         self.objects, self.partial, self.locks = self.dir / "objects", self.dir / "partial", self.dir / "locks"
         for d in (self.objects, self.partial, self.locks):
             d.mkdir(parents=True, exist_ok=True)
@@ -82,7 +95,12 @@ class ShardCache:
     # -- reading ------------------------------------------------------------------------
 
     def entry(self, ref: Ref) -> Path:
-        return self.objects / ref.sha256[:2] / (ref.sha256 + Path(ref.name).suffix)
+        """Where ``ref`` is kept: built from its checked sha256 and suffix only."""
+        suffix = Path(ref.name).suffix
+        if not isinstance(ref.sha256, str) or not SHA256_RE.match(ref.sha256) or not _SUFFIX_RE.match(suffix):
+            raise DataError(f"{ref.url}: manifest sha256 {str(ref.sha256)[:80]!r} or name {ref.name[:80]!r} is "
+                            "malformed (64 lowercase hex digits, a plain suffix); refused")
+        return self.objects / ref.sha256[:2] / (ref.sha256 + suffix)
 
     def has(self, ref: Ref) -> bool:
         try:
@@ -130,7 +148,10 @@ class ShardCache:
                 part = self._reserve(ref)
                 t0 = time.perf_counter()
                 try:
-                    got, n = self._download(ref, part)
+                    try:
+                        got, n = self._download(ref, part)
+                    except RemoteReadError as exc:  # its deadlines and retries are spent: say so once
+                        raise DataError(str(exc)) from None
                     if n != ref.size:
                         last = f"{'short' if n < ref.size else 'long'} download: {n} bytes, manifest says {ref.size}"
                     elif got != ref.sha256:
@@ -155,8 +176,12 @@ class ShardCache:
         raise DataError(f"{ref.url}: download failed {self.retries} times: {last}")
 
     def _download(self, ref: Ref, part: Path) -> Tuple[str, int]:
-        with open(part, "r+b") as out, openers().gopen(ref.url, "rb") as src:
-            return copy_checked(src, out, ref.size, progress=lambda: os.utime(part))
+        with open(part, "r+b") as out, open_url(ref.url, self.limits) as src:
+            try:
+                return copy_checked(src, out, ref.size, progress=lambda: os.utime(part))
+            finally:
+                with self._mu:
+                    self.counters["cache_retries"] += getattr(src, "retries", 0)
 
     def _touch(self, p: Path, force: bool = False) -> None:
         now = time.time()

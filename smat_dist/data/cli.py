@@ -3,7 +3,7 @@
     smat-data convert --format {tfrecord,h5,folder} SRC OUT --source NAME [--splits train=0.7,valid=0.15,test=0.15]
                       [--pack 1024 --pack-side 28]   (packed blocks of tiny grey images, e.g. QuickDraw)
     smat-data synth OUT [--seed 0] [--scale 1.0]
-    smat-data verify ROOT [--source S] [--quick]
+    smat-data verify ROOT [--source S] [--quick] [--set remote.stall_timeout_s=30]
     smat-data episodes ROOT --source S --split test -n 600 --seed 0 > episodes.jsonl
     smat-data show ROOT --source S --split test --index 0 -o episode.png   (or --episodes FILE --line K)
     smat-data info ROOT
@@ -32,12 +32,14 @@ from smat_dist.config import ConfigError, load_config
 from smat_dist.data.builder import EpisodeBuilder, load_episode_list
 from smat_dist.data.config import DataConfig
 from smat_dist.data.convert import ConvertError, convert, export_folder
+from smat_dist.data.location import DataRoot
 from smat_dist.data.sampler import SamplerError
 from smat_dist.data.spec import SpecError
 from smat_dist.data.store import Catalog, DataError
 from smat_dist.data.synth import ALL_SOURCES, build_synth
 from smat_dist.data.transfer import stage, upload
 from smat_dist.data.verify import verify_root
+from smat_dist.fsutil import check_writable_dir
 from smat_dist.data.writer import WriteOptions, write_sources_index
 
 
@@ -53,6 +55,12 @@ def _size(text: str) -> int:
 
 def _data_cfg(root: str, overrides: Sequence[str]):
     return load_config(DataConfig, [], [f"root={root}", *overrides])
+
+
+def _root(root: str, overrides: Sequence[str]) -> DataRoot:
+    """``root`` as a DataRoot under the ``--set`` settings (``remote.*``: deadlines, redirects, pipe:)."""
+    cfg = _data_cfg(root, overrides)
+    return DataRoot(cfg.root, cfg.remote)
 
 
 def _write_opts(a):
@@ -73,6 +81,7 @@ def cmd_convert(a) -> int:
 
 
 def cmd_synth(a) -> int:
+    check_writable_dir(a.out, "smat-data synth OUT")
     sources = a.sources.split(",") if a.sources else list(ALL_SOURCES)
     opts = _write_opts(a)
     if a.shard_size == "512MB":
@@ -87,7 +96,7 @@ def cmd_synth(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    res = verify_root(a.out, [a.source] if a.source else None, deep=not a.quick)
+    res = verify_root(_root(a.out, a.set), [a.source] if a.source else None, deep=not a.quick)
     if not res:
         print(f"no source (*/manifest.json) under {a.out}", file=sys.stderr)
         return 2
@@ -159,13 +168,13 @@ def cmd_show(a) -> int:
 
 
 def cmd_stage(a) -> int:
-    for name in stage(a.out, a.dest, [a.source] if a.source else None):
+    for name in stage(_root(a.out, a.set), a.dest, [a.source] if a.source else None):
         print(f"staged {name} -> {Path(a.dest) / name}")
     return 0
 
 
 def cmd_upload(a) -> int:
-    for name, n in upload(a.out, a.dest, [a.source] if a.source else None):
+    for name, n in upload(a.out, _root(a.dest, a.set), [a.source] if a.source else None):
         print(f"uploaded {name}: {n} files -> {a.dest}")
     return 0
 
@@ -177,7 +186,7 @@ def cmd_index(a) -> int:
 
 
 def cmd_info(a) -> int:
-    cat = Catalog(a.out)
+    cat = Catalog(_root(a.out, a.set))
     print(f"{'source':<14} {'spec':<13} {'split':<6} {'classes':>7} {'images':>8} {'shards':>6} {'MiB':>8}")
     for name in cat.sources():
         st = cat.store(name)
@@ -233,10 +242,15 @@ def _parser() -> argparse.ArgumentParser:
     write_args(q)
     q.set_defaults(fn=cmd_synth)
 
+    def set_arg(q):
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="DataConfig override, e.g. remote.stall_timeout_s=30")
+
     q = sub.add_parser("verify", help="checksums, counts, index consistency")
     q.add_argument("out")
     q.add_argument("--source")
     q.add_argument("--quick", action="store_true", help="checksums and counts only (no tar walk)")
+    set_arg(q)
     q.set_defaults(fn=cmd_verify)
 
     def ep_args(q, required_source=True):
@@ -244,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--source", required=required_source)
         q.add_argument("--split", default="test", choices=["train", "valid", "test"])
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="DataConfig override")
+        set_arg(q)
 
     q = sub.add_parser("episodes", help="frozen episode list (JSONL) on stdout")
     ep_args(q)
@@ -266,6 +280,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("info", help="sources, splits, counts and sizes")
     q.add_argument("out")
+    set_arg(q)
     q.set_defaults(fn=cmd_info)
 
     q = sub.add_parser("stage", help="copy converted sources (local or URL root) to node-local disk "
@@ -273,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("out")
     q.add_argument("dest")
     q.add_argument("--source")
+    set_arg(q)
     q.set_defaults(fn=cmd_stage)
 
     q = sub.add_parser("upload", help="upload a local root to a URL (object storage), manifests and sources.json last")
@@ -280,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("dest", help="http(s)://... (HTTP PUT), s3://..., gs://..., or 'pipe:CMD ...{shard}...' "
                                 "(the command gets each file on stdin)")
     q.add_argument("--source")
+    set_arg(q)
     q.set_defaults(fn=cmd_upload)
 
     q = sub.add_parser("index", help="rewrite OUT/sources.json (the source list URL readers use)")
@@ -301,10 +318,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(a.fn(a) or 0)
     except (ConvertError, DataError, SpecError, SamplerError, ConfigError) as exc:
-        print(f"smat-data {a.cmd}: error: {exc}", file=sys.stderr)
+        print(f"smat-data {a.cmd}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # an output path that is a file, read-only, a full disk...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"smat-data {a.cmd}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -88,6 +88,46 @@ class AugmentConfig:
     jpeg_draft: bool = False
 
 
+REDIRECT_RULES = ("same_host", "none", "any")
+
+
+@dataclass
+class RemoteConfig:
+    """How remote roots are read: deadlines, retries, redirects and ``pipe:`` commands (``data.remote``;
+    docs/data.md#remote-reads-deadlines-retries-redirects). Every remote read of the data plane
+    (manifests, indexes, shards into the cache, streamed shards) goes through these limits."""
+
+    # Until the server answers: curl's connection plus the response headers; other openers until
+    # their stream opens.
+    connect_timeout_s: float = 30.0
+    # No byte for this long (while the reader waits for one) ends the attempt.
+    stall_timeout_s: float = 60.0
+    # The reader may wait this long in all for one file's bytes (a 512 MB shard at 1 MB/s: ~520 s).
+    file_timeout_s: float = 1800.0
+    # Attempts per file (1 = no retry); a retry resumes by re-reading and skipping the bytes already
+    # delivered, after retry_backoff_s, doubled for each further attempt.
+    attempts: int = 3
+    retry_backoff_s: float = 1.0
+    # HTTP(S) redirects: "same_host" follows those to the same scheme, host and port as the
+    # requested URL; "none" follows none; "any" follows any http(s) redirect.
+    redirects: str = "same_host"
+    # pipe:COMMAND roots run COMMAND with the user's rights. False refuses them (so does the
+    # environment variable SMAT_DATA_ALLOW_PIPE=0, which no config can override).
+    allow_pipe: bool = True
+
+    def validate(self) -> None:
+        for name in ("connect_timeout_s", "stall_timeout_s", "file_timeout_s"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise _error(f"data.remote.{name} must be a positive number of seconds, got {v}")
+        if self.attempts < 1:
+            raise _error(f"data.remote.attempts must be >= 1, got {self.attempts}")
+        if not (self.retry_backoff_s >= 0 and math.isfinite(self.retry_backoff_s)):
+            raise _error(f"data.remote.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        if self.redirects not in REDIRECT_RULES:
+            raise _error(f"data.remote.redirects must be one of {', '.join(REDIRECT_RULES)}, got {self.redirects!r}")
+
+
 @dataclass
 class DataConfig:
     """Where the shards are, which sources/splits feed training, and how episodes are delivered."""
@@ -124,6 +164,7 @@ class DataConfig:
     colocate: bool = True  # place a loader's actors on the node of the process that made it
     actor_start_timeout_s: float = 120.0
     max_open_files: int = 64  # shard file descriptors kept open per reader (LRU)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)  # deadlines, retries, redirects, pipe:
 
     def validate(self) -> None:
         self.episode.validate()
@@ -151,13 +192,15 @@ class DataConfig:
             raise _error(f"data.cache_max_gb must be > 0, got {self.cache_max_gb}")
         if self.prefetch_shards < 0:
             raise _error(f"data.prefetch_shards must be >= 0 (0 = off), got {self.prefetch_shards}")
+        self.remote.validate()
 
         try:
-            DataRoot(self.root)
+            DataRoot(self.root, self.remote)
         except RootError as exc:
             raise _error(f"data.root: {exc}") from None
         if len(self.transform.mean) != 3 or len(self.transform.std) != 3:
             raise _error("data.transform.mean/std need 3 values")
 
 
-__all__ = ["AugmentConfig", "DataConfig", "EpisodeConfig", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["AugmentConfig", "DataConfig", "EpisodeConfig", "IMAGENET_MEAN", "IMAGENET_STD", "REDIRECT_RULES",
+           "RemoteConfig"]

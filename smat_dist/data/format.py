@@ -46,6 +46,7 @@ BLOCK_KEY_RE = re.compile(r"^md_(?P<source>[A-Za-z0-9_-]+)_(?P<split>train|valid
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Paths a manifest may name (relative, no '..'): they are substituted into URLs and pipe: commands.
 REL_PATH_RE = re.compile(r"^(?!.*(^|/)\.\.(/|$))[A-Za-z0-9_][A-Za-z0-9_./-]*$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")  # how manifests record checksums (cache entries are named by them)
 
 
 class DataError(RuntimeError):
@@ -84,6 +85,48 @@ def check_rel_path(rel: str, origin: str) -> str:
     return rel
 
 
+def check_manifest(man: object, where: str) -> dict:
+    """``man`` if every name and checksum in it is safe to build a path, URL or cache entry from;
+    else :class:`DataError` naming ``where`` (the manifest) and the field. Readers call this
+    before using a manifest, so a hostile one cannot point outside its root or the cache."""
+
+    def bad(field: str, why: str, value: object) -> None:
+        raise DataError(f"{where}: field {field}: {why} (got {str(value)[:80]!r}); refused")
+
+    def rel(field: str, value: object) -> None:
+        if not isinstance(value, str) or not REL_PATH_RE.match(value):
+            bad(field, "not a relative path inside the source (no '..', no leading '/', no '\\')", value)
+
+    def record(field: str, rec: object) -> None:
+        if not isinstance(rec, dict):
+            bad(field, "not an object", rec)
+        rel(f"{field}.path", rec.get("path"))
+        if not isinstance(rec.get("sha256"), str) or not SHA256_RE.match(rec["sha256"]):
+            bad(f"{field}.sha256", "not 64 lowercase hex digits", rec.get("sha256"))
+        n = rec.get("bytes")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            bad(f"{field}.bytes", "not a byte count", n)
+
+    if not isinstance(man, dict):
+        bad("(top level)", "not a JSON object", man)
+    rel("spec", man.get("spec", SPEC_FILE))
+    splits = man.get("splits")
+    if not isinstance(splits, dict):
+        bad("splits", "not an object", splits)
+    for split, sp in splits.items():
+        if not NAME_RE.match(str(split)):
+            bad(f"splits.{split}", "not a split name", split)
+        if not isinstance(sp, dict):
+            bad(f"splits.{split}", "not an object", sp)
+        record(f"splits.{split}.index", sp.get("index"))
+        shards = sp.get("shards")
+        if not isinstance(shards, list):
+            bad(f"splits.{split}.shards", "not a list", shards)
+        for i, sh in enumerate(shards):
+            record(f"splits.{split}.shards[{i}]", sh)
+    return man
+
+
 def sha256_stream(f: BinaryIO, bufsize: int = 1 << 20) -> Tuple[str, int]:
     """(hex sha256, byte count) of everything left in ``f``."""
     h = hashlib.sha256()
@@ -112,7 +155,7 @@ def sources_doc(names) -> str:
 
 __all__ = [
     "BLOCK_EXT", "BLOCK_KEY_RE", "CLASSES_PATTERN", "DataError", "FORMAT", "FORMAT_VERSION", "IMAGE_EXTS", "INDEX_PATTERN",
-    "KEY_RE", "MANIFEST", "NAME_RE", "REL_PATH_RE", "ROW_DTYPE", "SHARD_PATTERN", "SOURCES_FILE", "SPEC_FILE",
-    "block_key", "check_rel_path", "parse_block_key", "parse_key", "sample_key", "sha256_bytes", "sources_doc", "sha256_file",
+    "KEY_RE", "MANIFEST", "NAME_RE", "REL_PATH_RE", "ROW_DTYPE", "SHA256_RE", "SHARD_PATTERN", "SOURCES_FILE",
+    "SPEC_FILE", "block_key", "check_manifest", "check_rel_path", "parse_block_key", "parse_key", "sample_key", "sha256_bytes", "sources_doc", "sha256_file",
     "sha256_stream",
 ]

@@ -3,14 +3,20 @@
 A root (``data.root``, ``smat-data ... ROOT``, ``smat-eval --data``) is one of
 
 * a local path (or ``file://`` URL): read in place, as before;
-* ``http://`` / ``https://`` (webdataset opens them with ``curl``), ``gs://`` (``gsutil``),
+* ``http://`` / ``https://`` (read with ``curl`` under the redirect rule of
+  :mod:`smat_dist.data.curl`, uploaded with webdataset's curl opener), ``gs://`` (``gsutil``),
   ``s3://`` (``aws s3 cp``, registered below in webdataset's scheme table, which has no s3
   entry of its own) and the other schemes of ``webdataset.gopen.gopen_schemes``: a file under the
   root is the root URL + ``/`` + its relative path;
 * ``pipe:COMMAND`` with a ``{shard}`` placeholder that is replaced by the relative path of the
   file wanted (manifests and indexes too, not only shards), e.g.
   ``pipe:aws s3 cp s3://bucket/md/{shard} -``. Relative paths are checked against a strict
-  pattern before they reach a shell.
+  pattern before they reach a shell. Such a root is code: it runs with the user's rights, so
+  ``data.remote.allow_pipe=false`` or ``SMAT_DATA_ALLOW_PIPE=0`` in the environment refuses it.
+
+Every remote read goes through :func:`open_url`: a
+:class:`~smat_dist.data.deadline.GuardedReader` with the connect, stall and whole-file deadlines
+and the retries of ``data.remote``.
 
 Remote roots cannot be listed, so their sources come from ``sources.json`` (written by the
 converters, ``smat-data upload`` and ``smat-data index``). Writing (``smat-data upload``) goes
@@ -20,10 +26,11 @@ http(s) is an HTTP PUT (``curl -T``), ``gs://`` ``gsutil cp -``, ``s3://`` ``aws
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import Any, BinaryIO, Optional
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -55,6 +62,33 @@ def openers():
     return gopen
 
 
+PIPE_ENV = "SMAT_DATA_ALLOW_PIPE"
+
+
+def open_url(url: str, limits: Any) -> BinaryIO:
+    """A read-only stream of ``url`` within the deadlines and retries of ``limits`` (a
+    RemoteConfig); http(s) through :class:`~smat_dist.data.curl.CurlStream`, other schemes and
+    ``pipe:`` commands through webdataset's openers."""
+    from smat_dist.data.deadline import GuardedReader
+
+    m = _SCHEME_RE.match(url)
+    if m and m["scheme"].lower() in ("http", "https"):
+        from smat_dist.data.curl import CurlStream
+
+        def opener():
+            return CurlStream(url, connect_timeout_s=limits.connect_timeout_s, redirects=limits.redirects)
+    else:
+        def opener():
+            return openers().gopen(url, "rb")
+    return GuardedReader(url, opener, limits)
+
+
+def _default_limits():
+    from smat_dist.data.config import RemoteConfig
+
+    return RemoteConfig()
+
+
 class RootError(ValueError):
     """A root string that cannot be used; the message names it."""
 
@@ -82,24 +116,34 @@ def failure(exc: BaseException) -> str:
     if m:
         code = int(m.group(1))
         hint = {22: "HTTP error status, e.g. 404 not found", 6: "host not resolved", 7: "connection refused",
-                28: "timed out", 127: "command not found"}.get(code)
+                18: "transfer cut short", 28: "timed out", 56: "connection reset",
+                127: "command not found"}.get(code)
         return f"command exited with status {code}" + (f" ({hint})" if hint else "")
     if isinstance(exc, FileNotFoundError):
         return "not found"
+    if getattr(exc, "reason", None):  # a RemoteReadError: the reason without the URL callers name
+        return str(exc.reason)[:300]
     return f"{type(exc).__name__}: {text}"[:300]
 
 
 class DataRoot:
-    """Where a dataset lives; maps relative paths (``glyphs/manifest.json``) to paths or URLs."""
+    """Where a dataset lives; maps relative paths (``glyphs/manifest.json``) to paths or URLs.
+    ``limits`` (a RemoteConfig, defaults if None) governs its remote reads and ``pipe:`` use."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, limits: Any = None):
         s = str(root)
         self.spec = s
+        self.limits = limits if limits is not None else _default_limits()
         self.remote = is_url(s)
         self.path: Optional[Path] = None
         if not self.remote:
             self.path = Path(url2pathname(urlparse(s).path)) if s.startswith("file://") else Path(s)
         elif s.startswith("pipe:"):
+            if os.environ.get(PIPE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+                raise RootError(f"{s!r}: pipe: roots run a command and are refused here ({PIPE_ENV}="
+                                f"{os.environ[PIPE_ENV]} in the environment)")
+            if not self.limits.allow_pipe:
+                raise RootError(f"{s!r}: pipe: roots run a command and are refused (data.remote.allow_pipe=false)")
             if PLACEHOLDER not in s:
                 raise RootError(f"pipe: root {s!r} needs a {PLACEHOLDER} placeholder for the relative file path, "
                                 f"e.g. 'pipe:aws s3 cp s3://bucket/md/{PLACEHOLDER} -'")
@@ -136,6 +180,8 @@ class DataRoot:
             if mode == "wb":
                 p.parent.mkdir(parents=True, exist_ok=True)
             return open(p, mode)
+        if mode == "rb":
+            return open_url(self.url(rel), self.limits)
         return openers().gopen(self.url(rel), mode)
 
     def read_bytes(self, rel: str) -> bytes:
@@ -169,4 +215,5 @@ class DataRoot:
             shutil.copyfileobj(fin, fout, 1 << 20)
 
 
-__all__ = ["DataRoot", "PLACEHOLDER", "RootError", "failure", "is_url", "openers", "resolve_root"]
+__all__ = ["DataRoot", "PIPE_ENV", "PLACEHOLDER", "RootError", "failure", "is_url", "open_url", "openers",
+           "resolve_root"]

@@ -32,7 +32,7 @@ from numpy.lib import format as npy_format
 from smat_dist.data.cache import GiB, Ref, ShardCache
 from smat_dist.data.config import DataConfig
 from smat_dist.data.format import (BLOCK_EXT, FORMAT, FORMAT_VERSION, IMAGE_EXTS, MANIFEST, ROW_DTYPE, SOURCES_FILE,
-                                   DataError, block_key, parse_key, sample_key, sha256_file)
+                                   NAME_RE, DataError, block_key, check_manifest, parse_key, sample_key, sha256_file)
 from smat_dist.data.location import DataRoot, RootError, failure
 from smat_dist.data.spec import SourceSpec, load_spec, spec_from_json
 from smat_dist.data.tario import BLOCK, padded, parse_header, split_name
@@ -215,6 +215,7 @@ class SourceStore:
                             f"expected {FORMAT} v{FORMAT_VERSION}")
         if self.manifest.get("source") != name:
             raise DataError(f"{where}: manifest is for source {self.manifest.get('source')!r}, not {name!r}")
+        check_manifest(self.manifest, where)  # names and checksums become paths, URLs and cache entries
         self._spec: Optional[SourceSpec] = None
         self._idx: Dict[str, SplitIndex] = {}
         self._refs: Dict[str, List[Ref]] = {}
@@ -432,12 +433,15 @@ class Catalog:
     Shards of a URL root go through a :class:`ShardCache` in ``cache_dir`` (created on first use).
     """
 
-    def __init__(self, root: str | Path, local_root: Optional[str | Path] = None, *,
-                 cache_dir: Optional[str] = None, cache_max_gb: Optional[float] = None):
+    def __init__(self, root: Union[str, Path, DataRoot], local_root: Optional[str | Path] = None, *,
+                 cache_dir: Optional[str] = None, cache_max_gb: Optional[float] = None, remote=None):
+        """``remote``: the ``data.remote`` settings (a RemoteConfig; a DataRoot's own, else defaults)."""
+        if remote is None and isinstance(root, DataRoot):
+            remote = root.limits
         if local_root is not None and Path(local_root).is_dir() and any(Path(local_root).glob("*/manifest.json")):
             root = local_root
         try:
-            self.location = DataRoot(root)
+            self.location = root if isinstance(root, DataRoot) else DataRoot(root, remote)
         except RootError as exc:
             raise DataError(str(exc)) from None
         self.remote = self.location.remote
@@ -460,13 +464,13 @@ class Catalog:
     @classmethod
     def for_config(cls, cfg) -> "Catalog":
         """The catalog a :class:`~smat_dist.data.config.DataConfig` describes (root, node-local copy, cache)."""
-        return cls(cfg.root, cfg.local_root, cache_dir=cfg.cache_dir, cache_max_gb=cfg.cache_max_gb)
+        return cls(cfg.root, cfg.local_root, cache_dir=cfg.cache_dir, cache_max_gb=cfg.cache_max_gb, remote=cfg.remote)
 
     @property
     def cache(self) -> ShardCache:
         with self._mu:
             if self._cache is None:
-                self._cache = ShardCache(self.cache_dir, int(self.cache_max_gb * GiB))
+                self._cache = ShardCache(self.cache_dir, int(self.cache_max_gb * GiB), limits=self.location.limits)
             return self._cache
 
     def sources(self) -> List[str]:
@@ -479,6 +483,9 @@ class Catalog:
                 names = doc["sources"]
                 if doc.get("format") != FORMAT or not all(isinstance(n, str) for n in names):
                     raise ValueError(f"format {doc.get('format')!r}")
+                unsafe = [n for n in names if not NAME_RE.match(n)]
+                if unsafe:  # names become directories and URLs
+                    raise ValueError(f"field sources: {unsafe[0][:80]!r} is not a source name; refused")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise DataError(f"source list unreadable: {where} ({failure(exc)}); a URL root needs {SOURCES_FILE} "
                                 "(`smat-data index ROOT` writes it, `smat-data upload` uploads it)") from None
@@ -487,6 +494,8 @@ class Catalog:
 
     def store(self, name: str) -> SourceStore:
         if name not in self._stores:
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                raise DataError(f"source name {str(name)[:80]!r} under {self.root}: only letters, digits, _ and -")
             if not self.remote and not (self.location.path / name).is_dir():
                 raise DataError(f"source {name!r} not found under {self.root} (have {self.sources()})")
             if self.remote:

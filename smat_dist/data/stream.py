@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from smat_dist.data.cache import Ref
 from smat_dist.data.format import DataError
-from smat_dist.data.location import failure, openers
+from smat_dist.data.location import failure, open_url
 
 # on_shard(ref, problem): problem is None when the shard matched its manifest record
 ShardCallback = Callable[[Ref, Optional[str]], None]
@@ -48,17 +48,17 @@ def raise_on_mismatch(ref: Ref, problem: Optional[str]) -> None:
         raise DataError(f"{ref.url}: {problem}")
 
 
-def _checked_streams(refs: List[Ref], on_shard: ShardCallback):
+def _checked_streams(refs: List[Ref], on_shard: ShardCallback, limits: Any):
     """Pipeline stage: ``dict(url=...)`` -> ``dict(url=..., stream=...)``; checks each stream
-    (drained to its end) once the tar expander has moved on from it."""
+    (drained to its end) once the tar expander has moved on from it. Streams are opened with
+    :func:`~smat_dist.data.location.open_url` (the deadlines and retries of ``limits``)."""
     by_url = {r.url: r for r in refs}
-    gopen = openers().gopen
 
     def stage(src: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         for sample in src:
             ref = by_url[sample["url"]]
             try:
-                reader = HashingReader(gopen(ref.url, "rb"))
+                reader = HashingReader(open_url(ref.url, limits))
             except (OSError, ValueError) as exc:
                 on_shard(ref, f"unreadable ({failure(exc)})")
                 continue
@@ -78,15 +78,22 @@ def _checked_streams(refs: List[Ref], on_shard: ShardCallback):
     return stage
 
 
-def shard_samples(refs: List[Ref], on_shard: ShardCallback = raise_on_mismatch) -> Iterator[Dict[str, Any]]:
-    """Every sample of ``refs``, in order, through webdataset's tar pipeline (see module docstring)."""
+def shard_samples(refs: List[Ref], on_shard: ShardCallback = raise_on_mismatch, *,
+                  limits: Any = None) -> Iterator[Dict[str, Any]]:
+    """Every sample of ``refs``, in order, through webdataset's tar pipeline (see module docstring).
+    ``limits``: a RemoteConfig (``data.remote``; defaults if None)."""
     if not refs:
         return iter(())
     import webdataset as wds
 
+    if limits is None:
+        from smat_dist.data.config import RemoteConfig
+
+        limits = RemoteConfig()
+
     return iter(wds.DataPipeline(
         wds.SimpleShardList([r.url for r in refs]),
-        _checked_streams(refs, on_shard),
+        _checked_streams(refs, on_shard, limits),
         wds.tariterators.tar_file_expander,
         wds.tariterators.group_by_keys,
     ))

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from smat_dist.data.cache import copy_checked
-from smat_dist.data.format import (CLASSES_PATTERN, MANIFEST, SOURCES_FILE, SPEC_FILE, DataError, check_rel_path,
-                                   sha256_file, sources_doc)
+from smat_dist.data.format import (CLASSES_PATTERN, MANIFEST, SOURCES_FILE, SPEC_FILE, DataError, check_manifest,
+                                   check_rel_path, sha256_file, sources_doc)
 from smat_dist.data.location import DataRoot, failure
 from smat_dist.data.store import Catalog
 from smat_dist.data.writer import write_sources_index
@@ -49,7 +49,7 @@ def stage(src_root: Root, dest_root: str | Path, sources: Optional[Sequence[str]
     """
     loc = _loc(src_root)
     dest_root = Path(dest_root)
-    names = list(sources) if sources else Catalog(loc.spec).sources()
+    names = list(sources) if sources else Catalog(loc).sources()
     for name in names:
         d = dest_root / name
         try:
@@ -57,6 +57,7 @@ def stage(src_root: Root, dest_root: str | Path, sources: Optional[Sequence[str]
             man = json.loads(mraw)
         except (OSError, ValueError) as exc:
             raise DataError(f"manifest unreadable: {loc.url(f'{name}/{MANIFEST}')} ({failure(exc)})") from None
+        check_manifest(man, loc.url(f"{name}/{MANIFEST}"))
         if (d / MANIFEST).exists():
             (d / MANIFEST).unlink()  # incomplete until the manifest lands again
         for rel, rec in source_files(man):
@@ -67,16 +68,20 @@ def stage(src_root: Root, dest_root: str | Path, sources: Optional[Sequence[str]
             t.parent.mkdir(parents=True, exist_ok=True)
             tmp = t.with_name(t.name + ".part")
             url = loc.url(f"{name}/{rel}")
+            published = False
             try:
                 with loc.open(f"{name}/{rel}") as src, open(tmp, "wb") as out:
                     sha, n = copy_checked(src, out, rec["bytes"] if rec else 1 << 62)
+                if rec and (n != rec["bytes"] or sha != rec["sha256"]):
+                    raise DataError(f"{url}: copied {n} bytes that do not match the manifest (size {rec['bytes']}, "
+                                    "sha256)")
+                publish(tmp, t)
+                published = True
             except (OSError, ValueError) as exc:
-                tmp.unlink(missing_ok=True)
                 raise DataError(f"{url}: copy failed ({failure(exc)})") from None
-            if rec and (n != rec["bytes"] or sha != rec["sha256"]):
-                tmp.unlink(missing_ok=True)
-                raise DataError(f"{url}: copied {n} bytes that do not match the manifest (size {rec['bytes']}, sha256)")
-            publish(tmp, t)
+            finally:  # on every way out (an interrupt included), a partial copy goes
+                if not published:
+                    tmp.unlink(missing_ok=True)
         atomic_write_bytes(d / MANIFEST, mraw)  # last, synced: the staged source is complete
     if names:
         write_sources_index(dest_root)

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from smat_dist.data.cache import Ref
-from smat_dist.data.format import (BLOCK_EXT, IMAGE_EXTS, MANIFEST, ROW_DTYPE, SPEC_FILE, check_rel_path,
-                                   parse_block_key, parse_key, sha256_bytes, sha256_file)
+from smat_dist.data.format import (BLOCK_EXT, IMAGE_EXTS, MANIFEST, ROW_DTYPE, SPEC_FILE, DataError, check_manifest,
+                                   check_rel_path, parse_block_key, parse_key, sha256_bytes, sha256_file)
 from smat_dist.data.location import DataRoot, failure
 from smat_dist.data.spec import SpecError, spec_from_json
 from smat_dist.data.store import Catalog, Packing
@@ -47,6 +47,10 @@ def verify_source(root: Root, name: str, deep: bool = True) -> List[str]:
         man = json.loads(loc.read_bytes(f"{name}/{MANIFEST}"))
     except (OSError, ValueError) as exc:
         return [f"{where(MANIFEST)}: unreadable manifest ({failure(exc)})"]
+    try:
+        check_manifest(man, where(MANIFEST))
+    except DataError as exc:
+        return [str(exc)]
     problems: List[str] = []
     srel = man.get("spec", SPEC_FILE)
     try:
@@ -102,7 +106,7 @@ def verify_source(root: Root, name: str, deep: bool = True) -> List[str]:
             check = _Check(where(sh["path"]), name, split, si, sh["samples"], expected, packed)
             if loc.remote:
                 problems.extend(_stream_shard(Ref(where(sh["path"]), sh["sha256"], int(sh["bytes"]), sh["path"]),
-                                              check, deep))
+                                              check, deep, loc.limits))
             else:
                 problems.extend(_local_shard(loc.local(f"{name}/{sh['path']}"), sh, check, deep))
     return problems
@@ -182,7 +186,7 @@ def _local_shard(p: Path, sh: dict, check: _Check, deep: bool) -> List[str]:
     return out + check.members(members, labels)
 
 
-def _stream_shard(ref: Ref, check: _Check, deep: bool) -> List[str]:
+def _stream_shard(ref: Ref, check: _Check, deep: bool, limits) -> List[str]:
     """One remote shard through webdataset's pipeline: size and sha256, and (deep) every sample."""
     out: List[str] = []
     members: Members = {}
@@ -193,11 +197,13 @@ def _stream_shard(ref: Ref, check: _Check, deep: bool) -> List[str]:
             out.append(f"{r.url}: {problem}")
 
     try:
-        for sample in shard_samples([ref], on_shard):
+        for sample in shard_samples([ref], on_shard, limits=limits):
             key = sample["__key__"]
             members[key] = {k: (None, len(v)) for k, v in sample.items() if not k.startswith("__")}
             if "cls" in sample:
                 labels[key] = _label(sample["cls"])
+    except OSError as exc:  # a deadline or retries spent (RemoteReadError names the URL)
+        return out + [" ".join(str(exc).split()) if str(exc).startswith(ref.url) else f"{ref.url}: {exc}"]
     except Exception as exc:  # tarfile.ReadError, a duplicate member, a dead reader...
         return out + [f"{ref.url}: unreadable tar ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"]
     if deep and not out:  # a shard whose bytes differ is reported once, by its checksum
@@ -207,7 +213,7 @@ def _stream_shard(ref: Ref, check: _Check, deep: bool) -> List[str]:
 
 def verify_root(root: Root, sources: Optional[Sequence[str]] = None, deep: bool = True) -> Dict[str, List[str]]:
     loc = _loc(root)
-    names = list(sources) if sources else Catalog(loc.spec).sources()
+    names = list(sources) if sources else Catalog(loc).sources()
     return {n: verify_source(loc, n, deep) for n in names}
 
 

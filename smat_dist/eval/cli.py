@@ -73,6 +73,10 @@ def cmd_eval(argv: List[str], *, say: Optional[Callable[[str], None]] = None, ta
     cfg = load_eval_config(ov, a.config)
     if not a.data and not any(o.startswith("data.root=") for o in ov):
         raise ConfigError("--data DATA_DIR is required (the dataset root holding <source>/manifest.json)")
+    if a.out:
+        from smat_dist.fsutil import check_writable_dir
+
+        check_writable_dir(a.out, "--out")  # before the evaluation, not after it
     spec = model_spec_for(cfg, a.checkpoint, a.method)
     _check_image_size(cfg, ov, spec.img_size)
     report = evaluate(cfg, a.checkpoint, a.method, a.label, a.out, say=(lambda m: None) if a.quiet else say)
@@ -137,6 +141,10 @@ def main(argv: Optional[List[str]] = None, *, say: Optional[Callable[[str], None
         return cmd_eval(argv, say=say, table=table)
     except (ConfigError, DataError, SamplerError, ReportError, FileNotFoundError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an --out that is read-only or under a file, a full disk...
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

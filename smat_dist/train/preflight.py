@@ -8,7 +8,6 @@ checkpoint) is checked there and reported the same way (:mod:`smat_dist.train.ru
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,13 +15,15 @@ from smat_dist.config import RunConfig
 from smat_dist.data import check_root
 from smat_dist.data.store import DataError
 from smat_dist.errors import ConfigError
+from smat_dist.fsutil import check_writable_dir
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train.runlock import RunLocked
 from smat_dist.weightsfile import WeightsError, check_weights_file
 
 
 def _user_errors() -> tuple:
-    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError, RunLocked)
+    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError,
+            NotADirectoryError, RunLocked)
 
 
 def check_backbone(cfg: RunConfig) -> None:
@@ -46,7 +47,41 @@ def check_resume(cfg: RunConfig, run_dir: Path, *, engine: str, world_size: int)
     meta = ckpt.inspect(point)
     ckpt.check_resumable(meta, point, tasks_per_step=cfg.train.tasks_per_step, world_size=world_size, engine=engine,
                          theta_pre=None)
+    check_same_model(cfg, point)
     return point
+
+
+# Model keys that decide which parameters exist and their shapes: a checkpoint written under other
+# values cannot be loaded (the ranks would find out only after Ray and DeepSpeed started).
+SHAPE_KEYS = ("method", "backbone.name", "backbone.img_size", "backbone.patch_size", "backbone.embed_dim",
+              "backbone.depth", "backbone.num_heads", "gates.enabled", "gates.num_experts", "gates.structured",
+              "hypernet.enabled", "hypernet.num_tokens", "hypernet.num_heads", "hypernet.mlp_ratio")
+
+
+def check_same_model(cfg: RunConfig, point: Path) -> None:
+    """Refuse to resume ``point`` under a model of other shapes, judged by the ``run_config.yaml``
+    its run wrote (checked before anything is written, so a refused resume leaves the run as it was)."""
+    from omegaconf import OmegaConf
+
+    from smat_dist.config import to_dict
+
+    saved = point.parent / "run_config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(saved)).get("model", {})
+    except Exception:  # noqa: BLE001 - an unreadable record is no reason to refuse; the ranks still check
+        return
+    new = to_dict(cfg.model)
+    for key in SHAPE_KEYS:
+        a, b = old, new
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if a is not None and a != b:
+            raise ckpt.CheckpointError(
+                f"{point}: written with model.{key}={a}, this run has model.{key}={b}: the checkpoint's parameters "
+                f"would not fit; keep model.{key}={a} to resume, or choose another train.run_name")
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -57,9 +92,7 @@ def check_data(cfg: RunConfig) -> None:
 
 
 def check_output(run_dir: Path) -> None:
-    parent = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK):
-        raise PermissionError(f"{run_dir}: cannot write the run directory (train.output_dir / dist.storage_path)")
+    check_writable_dir(run_dir, "the run directory: train.output_dir / dist.storage_path")
 
 
 def preflight(cfg: RunConfig, run_dir: Path, *, engine: str, world_size: int) -> Optional[Path]:

@@ -115,3 +115,18 @@ def test_stage_to_local_disk(small, tmp_path):
     shard.write_bytes(b"partial copy")
     smat_data("stage", small, local, "--source", "digits")  # repairs what does not match the manifest
     assert smat_data("verify", local).returncode == 0
+
+
+def test_output_paths_under_a_file_are_one_line_exit_2(tmp_path, capsys):
+    from smat_dist.data.cli import main as data_main
+    from smat_dist.eval.cli import main as eval_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert data_main(["synth", str(afile / "data")]) == 2
+    assert capsys.readouterr().err.strip() == (f"smat-data synth: error: {afile / 'data'}: {afile} is a file, not a "
+                                               "directory (smat-data synth OUT)")
+    assert eval_main(["--checkpoint", str(tmp_path / "none"), "--data", str(tmp_path), "--out", str(afile / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"smat-eval: error: {afile / 'o'}: {afile} is a file, not a directory (--out)"
+    assert not list(tmp_path.glob("**/*.tar"))

@@ -488,3 +488,16 @@ def test_shipped_toy_sweeps_are_the_study_on_the_demo_settings():
     select_cfg, select = cells["toy_select"]
     assert "split=valid" in select_cfg.eval.overrides  # settings are chosen on valid episodes, never test ones
     assert {c.run.model.method for c in select} == {"smat", "pmf"}
+
+
+def test_a_bad_cell_fails_the_sweep_before_any_cell_runs(tmp_path):
+    """Every cell's run config is loaded and validated up front (RunConfig.validate, so each section's
+    checks apply), naming the cell; deadlines of remote reads are placement, not identity."""
+    cfg = load_sweep_config(TINY)
+    cfg.axes["data.remote.attempts"] = [2, 0]
+    with pytest.raises(ConfigError, match=r'"data.remote.attempts": 0\}: data.remote.attempts must be >= 1'):
+        Sweep(cfg, TINY, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    ok = load_sweep_config(TINY)
+    ok.overrides.append("data.remote.stall_timeout_s=5")
+    assert [c.key for c in expand(ok, TINY)] == [c.key for c in expand(load_sweep_config(TINY), TINY)]

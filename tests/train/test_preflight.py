@@ -167,3 +167,22 @@ def test_a_missing_data_root_is_one_line_before_anything_starts(module, tmp_path
     assert_one_line_error(proc, str(tmp_path / "md"))
     assert time.perf_counter() - t0 < 5.0
     assert not (tmp_path / "r" / "train.log").exists()
+
+
+def test_a_resume_under_another_model_is_refused_in_preflight_and_leaves_the_run_alone(local_run, tmp_path):
+    run_dir = tmp_path / "r"
+    shutil.copytree(local_run, run_dir)
+    before = (run_dir / "run_config.yaml").read_text()
+    assert "num_experts: 8" in before
+    t0 = time.perf_counter()
+    proc = smat_train(tmp_path, "model.gates.num_experts=3", module="smat_dist.train")
+    elapsed = time.perf_counter() - t0
+    assert_one_line_error(proc, "written with model.gates.num_experts=8, this run has model.gates.num_experts=3")
+    assert elapsed < 15.0, f"{elapsed:.1f} s"
+    assert (run_dir / "run_config.yaml").read_text() == before  # the refused settings were not recorded
+
+
+def test_an_output_path_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = smat_train(tmp_path, f"train.output_dir={tmp_path / 'file' / 'runs'}")
+    assert_one_line_error(proc, f"{tmp_path / 'file'} is a file, not a directory", "train.output_dir")
