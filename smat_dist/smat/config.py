@@ -98,8 +98,11 @@ class TeacherConfig:
 @dataclass
 class LagrangianConfig:
     lr: float = 2e-3
-    # docs/algorithm.md#d10-lagrange-multiplier: the authors only zero lambda when the expert is sparser than
-    # tau; we also project
+    # docs/algorithm.md#d10-lagrange-multiplier: "dual" = per-expert dual ascent, λ_m += lr·(τ − s_m), with the
+    # relative usage M·ᾱ_m only in the gate-logit penalty, so the push on each expert does not shrink with M;
+    # "reference" = the authors' update, λ_m += lr·(τ − s_m)·ᾱ_m and penalty weight ᾱ_m (a push ∝ lr/M²).
+    update: str = "dual"  # dual | reference
+    # The authors only zero lambda when the expert is sparser than tau; we also project
     # lambda to >= 0 after each step so it is a proper multiplier.
     project_nonneg: bool = True
     reset_when_satisfied: bool = True
@@ -124,6 +127,10 @@ class OptimConfig:
     total_epochs: int = 50
     # The authors set every SGD group to an absolute 1e-6 in epoch 0; null = off.
     first_epoch_abs_lr: Optional[float] = None
+    # docs/algorithm.md#d10-lagrange-multiplier: after warm-up the λ and gate-logit groups never go below this
+    # fraction of their base lr, so the cosine cannot switch the constraint off before τ is reached;
+    # 0 = the authors' (every group follows the cosine to ≈ 0).
+    constraint_lr_floor: float = 0.5
 
 
 @dataclass
