@@ -52,6 +52,7 @@ SETTING_COLUMNS = ("method", "num_experts", "tau", "train_sources")
 
 if TYPE_CHECKING:
     from smat_dist.eval.report import ResultRow
+    from smat_dist.eval.stats import EpisodeScores
 
 
 def env() -> Dict[str, str]:
@@ -109,41 +110,42 @@ def num(v) -> Optional[float]:
 
 
 @functools.lru_cache(maxsize=None)
-def episode_acc(eval_dir: Path) -> Dict[tuple, float]:
-    """(source, episode index) -> accuracy (%) of one smat-eval output (mode none); read once per run of
-    the study (the summary, both contrasts and the choice read the same cells; callers do not mutate it)."""
-    return {(r["source"], int(r["index"])): float(r["accuracy"]) for r in read_csv(eval_dir / "episodes.csv")}
+def scores(eval_dir: Path) -> EpisodeScores:
+    """Per-episode accuracies (mode none) of one smat-eval output, with its episode-list hashes; read once
+    per run of the study (the summary, both contrasts and the choice read the same cells)."""
+    from smat_dist.eval.report import read_episode_scores
+
+    return read_episode_scores(eval_dir)
 
 
 @functools.lru_cache(maxsize=None)
 def per_source(eval_dir: Path) -> Dict[str, ResultRow]:
-    """source -> smat-eval's result row (mode none) of one evaluation (read once, as :func:`episode_acc`)."""
+    """source -> smat-eval's result row (mode none) of one evaluation (read once, as :func:`scores`)."""
     from smat_dist.eval.report import read_results
 
     return {r.source: r for r in read_results(eval_dir / "results.csv") if r.mode == "none"}
 
 
-def paired(a: Dict[tuple, float], b: Dict[tuple, float], sources: Sequence[str]):
-    """Mean over ``sources`` of the per-source mean difference a - b on the same episodes, and its 95 %
-    CI half-width sqrt(sum ci_s^2)/k with ci_s = 1.96 sd_s / sqrt(n_s) of the per-episode differences."""
-    from smat_dist.eval.stats import mean_ci95
-
-    means, cis = [], []
-    for s in sources:
-        m, ci, _, n = mean_ci95(a[k] - b[k] for k in a if k[0] == s and k in b)
-        if n < 2:
-            return None, None
-        means.append(m)
-        cis.append(ci)
-    if not means:
-        return None, None
-    return sum(means) / len(means), math.sqrt(sum(c * c for c in cis)) / len(cis)
+EQUIV_MARGIN = 0.5  # points: "equal ID" means the 90 % seeds × episodes interval lies inside ± this (TOST)
 
 
-def mean_episodes(dicts: List[Dict[tuple, float]]) -> Dict[tuple, float]:
-    """Per-episode mean over seeds (the seeds share the frozen episode lists)."""
-    keys = set.intersection(*(set(d) for d in dicts))
-    return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
+def paired(a: Sequence[EpisodeScores], b: Sequence[EpisodeScores], sources: Sequence[str]) -> dict:
+    """a − b averaged over ``sources`` on the same frozen episodes, seed ``s`` of a paired with seed ``s``
+    of b (smat_dist.eval.stats; mismatched episode lists stop the study). ``episodes``: the episode-only
+    95 % interval (seeds averaged per episode, as this study reported before); ``two_level``: seeds ×
+    episodes (None with one seed); ``equiv``: the TOST verdict at :data:`EQUIV_MARGIN` (two-level)."""
+    from smat_dist.eval.stats import EpisodeMismatch, episode_interval, equivalence, paired_differences, \
+        two_level_interval
+
+    if not sources or not a:
+        return dict(episodes=None, two_level=None, equiv=None)
+    try:
+        d = paired_differences(a, b, sources)
+    except EpisodeMismatch as exc:
+        raise SystemExit(f"study: {exc}") from None
+    multi = len(a) > 1
+    return dict(episodes=episode_interval(d), two_level=two_level_interval(d) if multi else None,
+                equiv=equivalence(d, EQUIV_MARGIN) if multi else None)
 
 
 def _ms(vals: List[Optional[float]], *, spread: bool = True) -> str:
@@ -156,8 +158,13 @@ def _ms(vals: List[Optional[float]], *, spread: bool = True) -> str:
     return f"{m:.2f} ± {sd:.2f}" if spread and n > 1 else f"{m:.2f}"
 
 
-def _pm(m, ci) -> str:
-    return "-" if m is None else f"{m:+.2f} ± {ci:.2f}"
+def _pm(interval) -> str:
+    return "-" if interval is None else str(interval)
+
+
+def _mci(interval) -> tuple:
+    """(mean, half-width) of an interval, (None, None) without one (the figures' format)."""
+    return (None, None) if interval is None else (interval.mean, interval.half)
 
 
 def setting_key(row: Dict[str, str], axes: Sequence[str]) -> tuple:
@@ -205,7 +212,7 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
     """(summary.md text, the paired SMAT − PMF differences per setting): one line per setting (seeds pooled)
     with paired differences to PMF."""
     done = [r for r in rows if r["status"] == "done"]
-    eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
+    eps = {r["cell"]: scores(Path(r["eval_dir"])) for r in done}
     src = {r["cell"]: per_source(Path(r["eval_dir"])) for r in done}
     # sources that are OOD in every cell (never trained on, whatever the cell's training sources)
     always_ood = sorted(set.intersection(*(set(s for s, x in src[r["cell"]].items() if x.kind == "OOD")
@@ -224,12 +231,17 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
              "cells' own 95 % CIs (episode sampling), the test-gate sparsity reached, and the **paired** "
              "difference to PMF with the same seed and training sources on the same frozen episodes "
              "(Δ ± 95 % CI over episodes, seeds averaged per episode; this CI covers episode sampling, not "
-             "training randomness, which the per-seed differences show). "
+             "training randomness), the same difference with its 95 % interval over **seeds × episodes** "
+             "(smat_dist.eval.stats.two_level_interval: what a claim about the method needs) and whether ID is "
+             f"equal within ±{EQUIV_MARGIN:g} points (TOST on the 90 % seeds × episodes interval: equivalent / "
+             "different / unresolved). "
              f"'Test-only OOD' = the sources no cell trains on ({', '.join(always_ood) or 'none'}).", "",
              f"Split: **{split}** episodes (100 per source).", ""]
     has_valid = bool(valid)
     head = ["setting", "seeds", "ID avg", "ID CI", "OOD avg", "OOD CI", "test-only OOD", "sparsity",
-            "Δ ID vs PMF", "Δ OOD vs PMF", "Δ test-only OOD vs PMF", "Δ ID / Δ OOD per seed"] + \
+            "Δ ID vs PMF", "Δ OOD vs PMF", "Δ test-only OOD vs PMF", "Δ ID vs PMF (seeds × episodes)",
+            "Δ OOD vs PMF (seeds × episodes)", f"ID equal to PMF within ±{EQUIV_MARGIN:g}?",
+            "Δ ID / Δ OOD per seed"] + \
         (["valid ID avg"] if has_valid else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     deltas = []
@@ -241,18 +253,21 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
         fixed_avg = [sum(src[m["cell"]][s].accuracy for s in always_ood) / len(always_ood)
                      for m in members] if always_ood else []
         cells = [m for m in members if refs.get((m["train_sources"], m["seed"]))]
-        d_id = d_ood = d_fix = (None, None)
+        none = dict(episodes=None, two_level=None, equiv=None)
+        d_id = d_ood = d_fix = none
         if r0["method"].lower() != "pmf" and cells:
-            mine = mean_episodes([eps[m["cell"]] for m in cells])
-            ref = mean_episodes([eps[reference(m, refs[(m["train_sources"], m["seed"])], axes)["cell"]] for m in cells])
-            d_id, d_ood = paired(mine, ref, ids), paired(mine, ref, oods)
-            d_fix = paired(mine, ref, always_ood)
-            deltas.append(dict(row=r0, id=d_id, ood=d_ood, fixed=d_fix))
+            cells = sorted(cells, key=lambda m: int(m["seed"]))
+            mine = [eps[m["cell"]] for m in cells]
+            ref = [eps[reference(m, refs[(m["train_sources"], m["seed"])], axes)["cell"]] for m in cells]
+            d_id, d_ood, d_fix = paired(mine, ref, ids), paired(mine, ref, oods), paired(mine, ref, always_ood)
+            deltas.append(dict(row=r0, id=_mci(d_id["episodes"]), ood=_mci(d_ood["episodes"]),
+                               fixed=_mci(d_fix["episodes"])))
         cols = [label, str(len(members)), _ms([num(m["id_avg"]) for m in members]),
                 _ms([num(m["id_ci95"]) for m in members], spread=False),
                 _ms([num(m["ood_avg"]) for m in members]), _ms([num(m["ood_ci95"]) for m in members], spread=False),
                 _ms(fixed_avg), _ms([num(m["sparsity_reached"]) for m in members]),
-                _pm(*d_id), _pm(*d_ood), _pm(*d_fix), per_seed(cells, refs, axes)]
+                _pm(d_id["episodes"]), _pm(d_ood["episodes"]), _pm(d_fix["episodes"]), _pm(d_id["two_level"]),
+                _pm(d_ood["two_level"]), d_id["equiv"].verdict if d_id["equiv"] else "-", per_seed(cells, refs, axes)]
         if has_valid:
             cols.append(_ms([valid.get(m["cell"], {}).get("id_avg") for m in members]))
         lines.append("| " + " | ".join(cols) + " |")
@@ -263,7 +278,7 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
         p = read_eval_results(pre["test"] / "results.csv")
         cols = ["Pre (θ_pre ProtoNet, all 4 ID sources as ID)", "-", f"{p['id_avg']:.2f}", f"{p['id_ci95']:.2f}",
                 f"{p['ood_avg']:.2f}", f"{p['ood_ci95']:.2f}",
-                f"{sum(pre_src[s].accuracy for s in always_ood) / len(always_ood):.2f}" if always_ood else "-"] + ["-"] * 5
+                f"{sum(pre_src[s].accuracy for s in always_ood) / len(always_ood):.2f}" if always_ood else "-"] + ["-"] * 8
         if has_valid:
             cols.append(f"{valid_eval_avg(pre['valid']):.2f}" if pre.get("valid") else "-")
         lines.append("| " + " | ".join(cols) + " |")
@@ -433,7 +448,7 @@ def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path, valid: Di
     groups = defaultdict(list)
     for r in done:
         groups[setting_key(r, axes)].append(r)
-    veps = {r["cell"]: episode_acc(out / "valid" / r["cell"]) for r in done}
+    veps = {r["cell"]: scores(out / "valid" / r["cell"]) for r in done}
     stats = {}
     for key, members in groups.items():
         tau = num(members[0]["tau"])
@@ -452,17 +467,18 @@ def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path, valid: Di
     chosen = best
     for key in sorted(stats, key=lambda k: _order(stats[k]["members"][0])):
         st = stats[key]
-        d = (None, None)
+        d = None
         if key != best:
-            mine = mean_episodes([veps[m["cell"]] for m in st["members"]])
-            ref = mean_episodes([veps[m["cell"]] for m in stats[best]["members"]])
-            ids = sorted({k[0] for k in ref})
-            d = paired(mine, ref, ids)
-            if key == demo_key and d[0] is not None and d[0] + d[1] >= 0:
+            mine = {m["seed"]: veps[m["cell"]] for m in st["members"]}
+            ref = {m["seed"]: veps[m["cell"]] for m in stats[best]["members"]}
+            seeds = sorted(set(mine) & set(ref), key=int)  # seeds matched
+            d = paired([mine[x] for x in seeds], [ref[x] for x in seeds],
+                       sorted(ref[seeds[0]].acc) if seeds else [])["episodes"]
+            if key == demo_key and d is not None and d.hi >= 0:
                 chosen = demo_key  # the demo's setting is not worse than the best beyond the CI: keep it
         mark = " **(best)**" if key == best else ""
         lines.append(f"| {_label(st['members'][0], axes)}{mark} | {'yes' if st['meets'] else 'no'} | "
-                     f"{st['valid']:.2f} | {'-' if key == best else _pm(*d)} |")
+                     f"{st['valid']:.2f} | {'-' if key == best else _pm(d)} |")
     text = "\n".join(lines) + "\n\n" + (
         f"Chosen: **{_label(stats[chosen]['members'][0], axes)}** "
         + ("(the demo's setting, within the CI of the best)" if chosen != best else "(the best)") + ".\n")
@@ -491,17 +507,21 @@ def contrasts(rows: List[Dict[str, str]], axis: str, within: str) -> str:
     """Paired test-episode differences between the largest and smallest value of ``axis`` (sweep.csv column)
     at each value of ``within``, seeds matched: does tau trade ID for OOD, do more experts help?"""
     done = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf"]
-    eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
+    eps = {r["cell"]: scores(Path(r["eval_dir"])) for r in done}
     kinds = per_source(Path(done[0]["eval_dir"]))
     ids = [s for s, x in kinds.items() if x.kind == "ID"]
     oods = [s for s, x in kinds.items() if x.kind == "OOD"]
-    lines = [f"| {within} | {axis}: high − low | Δ ID | Δ OOD |", "|---|---|---|---|"]
+    lines = [f"| {within} | {axis}: high − low | Δ ID | Δ OOD | Δ ID (seeds × episodes) | Δ OOD (seeds × episodes) |",
+             "|---|---|---|---|---|---|"]
     for w in sorted({num(r[within]) for r in done}):
         at = [r for r in done if num(r[within]) == w]
         lo, hi = min(num(r[axis]) for r in at), max(num(r[axis]) for r in at)
-        a = mean_episodes([eps[r["cell"]] for r in at if num(r[axis]) == hi])
-        b = mean_episodes([eps[r["cell"]] for r in at if num(r[axis]) == lo])
-        lines.append(f"| {w:g} | {hi:g} − {lo:g} | {_pm(*paired(a, b, ids))} | {_pm(*paired(a, b, oods))} |")
+        by_seed = {v: {r["seed"]: eps[r["cell"]] for r in at if num(r[axis]) == v} for v in (hi, lo)}
+        seeds = sorted(set(by_seed[hi]) & set(by_seed[lo]), key=int)  # seeds matched
+        a, b = [by_seed[hi][x] for x in seeds], [by_seed[lo][x] for x in seeds]
+        di, do = paired(a, b, ids), paired(a, b, oods)
+        lines.append(f"| {w:g} | {hi:g} − {lo:g} | {_pm(di['episodes'])} | {_pm(do['episodes'])} | "
+                     f"{_pm(di['two_level'])} | {_pm(do['two_level'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -641,7 +661,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      pre=pre)
     if a.study == "tradeoff":
         text += ("\n## Paired contrasts\n\nSame seeds, same test episodes; Δ ± 95 % CI over episodes (seeds "
-                 "averaged per episode).\n\n" + contrasts(rows, "tau", "num_experts") + "\n"
+                 "averaged per episode), and over seeds × episodes.\n\n" + contrasts(rows, "tau", "num_experts") + "\n"
                  + contrasts(rows, "num_experts", "tau"))
         text += ("\n## The SMAT setting chosen on the valid split\n\n" + (choose.__doc__ or "").split("\n\n")[1]
                  .replace("\n    ", " ").strip() + f" Sparsity target met: test sparsity >= τ − {SPARSITY_SLACK}.\n\n"

@@ -1,0 +1,68 @@
+"""tools/study.py pairs cells through smat_dist.eval.stats: seeds matched, episode lists checked."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smat_dist.eval.stats import episode_interval, paired_differences, two_level_interval
+
+from .test_paired_stats import _write_eval
+
+STUDY = Path(__file__).resolve().parents[2] / "tools" / "study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_under_test", STUDY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cells(tmp_path, *, smat_sha="abc"):
+    rng = np.random.default_rng(0)
+    base = {"x": rng.uniform(40, 80, 20), "y": rng.uniform(10, 40, 20)}
+    rows = []
+    for method, shift in (("pmf", 0.0), ("smat", 1.0)):
+        for seed in range(3):
+            d = tmp_path / f"{method}{seed}"
+            noise = rng.normal(0, 1, 20)
+            _write_eval(d, method.upper(), {"x": ("ID", base["x"] + shift * seed),
+                                            "y": ("OOD", base["y"] + shift * (2 + noise))},
+                        sha=smat_sha if method == "smat" else "abc")
+            rows.append(dict(status="done", cell=f"{method}{seed}", eval_dir=str(d), run_dir=str(d), method=method,
+                             train_sources="x", seed=str(seed), id_avg="60", id_ci95="1", ood_avg="30",
+                             ood_ci95="1", sparsity_reached="0.8" if method == "smat" else "",
+                             num_experts="2" if method == "smat" else "1", tau="0.8" if method == "smat" else ""))
+    return rows
+
+
+def test_summary_reports_both_intervals_from_the_package(study, tmp_path):
+    study.scores.cache_clear()
+    study.per_source.cache_clear()
+    rows = _cells(tmp_path)
+    text, deltas = study.summarise(tmp_path, rows, ["config", "train.seed"], {})
+    from smat_dist.eval.report import read_episode_scores
+
+    a = [read_episode_scores(tmp_path / f"smat{s}") for s in range(3)]
+    b = [read_episode_scores(tmp_path / f"pmf{s}") for s in range(3)]
+    d = paired_differences(a, b, ["y"])
+    line = next(l for l in text.splitlines() if l.startswith("| SMAT M=2"))
+    cols = [c.strip() for c in line.strip("|").split("|")]
+    assert cols[9] == str(episode_interval(d)) and cols[12] == str(two_level_interval(d))
+    assert cols[8] == "+1.00 ± 0.00" and cols[11].startswith("+1.00 ± ")  # ID: seed s is s points better
+    assert float(cols[11].split("± ")[1]) > 1.0  # the seeds' spread (0, 1, 2) is in the two-level interval
+    assert cols[13] == "unresolved"
+    assert deltas[0]["ood"] == (episode_interval(d).mean, episode_interval(d).half)
+
+
+def test_study_stops_on_different_episode_lists(study, tmp_path):
+    study.scores.cache_clear()
+    study.per_source.cache_clear()
+    rows = _cells(tmp_path, smat_sha="zzz")
+    with pytest.raises(SystemExit, match="different episode lists"):
+        study.summarise(tmp_path, rows, ["config", "train.seed"], {})
