@@ -5,6 +5,7 @@
     python tools/study.py tradeoff   # tau x number of experts, PMF as the reference (toy_tradeoff.yaml)
     python tools/study.py sources    # number of training sources x {SMAT, PMF} (toy_sources.yaml)
     python tools/study.py tradeoff --fresh      # from scratch: drop the sweep's earlier cells first
+    python tools/study.py attribution  # which part of SMAT carries its OOD gain (toy_attribution.yaml, 5 seeds)
     python tools/study.py constraint # M x tau short runs of the demo's SMAT: does every expert reach tau?
 
 Each study:
@@ -341,7 +342,7 @@ def _order(r: Dict[str, str]):
 
 def _label(r: Dict[str, str], axes: Sequence[str]) -> str:
     parts = [r["method"].upper()]
-    if r["method"].lower() != "pmf":
+    if r["method"].lower() != "pmf" and num(r.get("tau")) is not None:  # no τ: no gates (e.g. the attribution's)
         parts.append(f"M={r['num_experts']} τ={num(r['tau']):g}")
     for k in axes:
         if k in ("config", "train.seed", "model.gates.num_experts", "model.gates.target_sparsity",
@@ -613,7 +614,7 @@ def constraint_study(a) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python tools/study.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", choices=["select", "tradeoff", "sources", "constraint"])
+    ap.add_argument("study", choices=["select", "tradeoff", "sources", "attribution", "constraint"])
     ap.add_argument("--fresh", action="store_true", help="delete the sweep's directory first (from scratch)")
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep's local Ray")
     ap.add_argument("--docs", type=Path, default=DOCS, help="where the published results go")
@@ -666,7 +667,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         text += ("\n## The SMAT setting chosen on the valid split\n\n" + (choose.__doc__ or "").split("\n\n")[1]
                  .replace("\n    ", " ").strip() + f" Sparsity target met: test sparsity >= τ − {SPARSITY_SLACK}.\n\n"
                  + choice + (f"\nAnalysed (`smat-eval analyse`, figures in analysis/): `{best}`.\n" if best else ""))
-    if a.study in ("select", "tradeoff"):
+    if a.study in ("select", "tradeoff", "attribution"):
         text += ("\n## Diagnostics\n\nPer cell, from metrics.jsonl and the exported model: the first step whose "
                  "training gates of every expert reach τ (within 0.01), the test-gate sparsity at the end, the largest λ, the mean "
                  "α entropy over the last quarter of the run relative to uniform (1 = no selection), the largest "
@@ -683,7 +684,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png", "sources_delta.png")}[a.study]
+    figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png", "sources_delta.png"),
+               "attribution": ()}[a.study]
     for name in ("sweep.csv", "valid.csv", "summary.md", *figures):
         if (out / name).exists():
             shutil.copy2(out / name, dest / name)

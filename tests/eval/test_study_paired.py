@@ -66,3 +66,9 @@ def test_study_stops_on_different_episode_lists(study, tmp_path):
     rows = _cells(tmp_path, smat_sha="zzz")
     with pytest.raises(SystemExit, match="different episode lists"):
         study.summarise(tmp_path, rows, ["config", "train.seed"], {})
+
+
+def test_labels_of_cells_without_gates(study):
+    row = dict(method="pmf-kd-pre", num_experts="1", tau="", train_sources="x")
+    assert study._label(row, ["config", "train.seed"]) == "PMF-KD-PRE"
+    assert study._label(dict(row, method="smat", num_experts="2", tau="0.8"), ["config"]) == "SMAT M=2 τ=0.8"
