@@ -72,3 +72,25 @@ def test_labels_of_cells_without_gates(study):
     row = dict(method="pmf-kd-pre", num_experts="1", tau="", train_sources="x")
     assert study._label(row, ["config", "train.seed"]) == "PMF-KD-PRE"
     assert study._label(dict(row, method="smat", num_experts="2", tau="0.8"), ["config"]) == "SMAT M=2 τ=0.8"
+
+
+def test_constraint_table_reads_the_end_of_each_run(study, tmp_path):
+    import json
+
+    def run(name, sparsity_by_step):
+        d = tmp_path / name
+        d.mkdir()
+        with (d / "metrics.jsonl").open("w") as f:
+            for step, sp in sparsity_by_step:
+                f.write(json.dumps(dict(step=step, sparsity=sp, sparsity_test=[0.9] * len(sp), **{"lambda": [0.1] * len(sp)}))
+                        + "\n")
+        return d
+
+    ok = run("ok", [(5, [0.2, 0.3]), (10, [0.79, 0.81])] + [(15 + 5 * i, [0.80, 0.81]) for i in range(4)])
+    late = run("late", [(5, [0.1, 0.1])] + [(10 + 5 * i, [0.95, 0.60]) for i in range(4)])
+    rows, table = study.constraint_table({(2, 0.8): ok, (2, 0.5): late})
+    by = {r["tau"]: r for r in rows}
+    assert by[0.8]["within"] and by[0.8]["at_least"] and by[0.8]["first_step"] == 10
+    assert by[0.8]["tail"] == [0.80, 0.81]  # the last 4 logged rows
+    assert not by[0.5]["within"] and by[0.5]["at_least"] and by[0.5]["first_step"] is None  # expert 0 overshoots
+    assert "| 2 | 0.8 | 0.800 0.810 | 0.805 (0.800–0.810) | yes | yes | 10 |" in table
