@@ -20,8 +20,12 @@ Each study:
 4. ``summary.md``: per setting, mean over seeds, and the paired difference to PMF of the same seed and
    training sources over the shared frozen episodes (every cell is evaluated on the same episode lists,
    so per-episode differences cancel most of the episode-to-episode variance);
-5. copies sweep.csv, the figures, summary.md and the wall times of every invocation (timing.jsonl) to
+5. copies sweep.csv, the figures, summary.md, the wall times of every invocation (timing.jsonl) and every
+   cell's results.csv + episodes.csv (per-episode accuracies, episode-list sha256: ``episodes/<cell>/``) to
    ``docs/results/<study>/``.
+
+Paired differences come from ``smat_dist.eval.stats`` (episode lists checked; the summary gives both the
+episode-only interval and the seeds × episodes one).
 """
 
 from __future__ import annotations
@@ -701,8 +705,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         for p in sorted((out / "analysis").iterdir()):
             if p.suffix in (".png", ".json", ".txt"):
                 shutil.copy2(p, dest / "analysis" / p.name)
+    # every cell's per-episode accuracies and episode-list hashes, so each paired number can be recomputed
+    for r in rows:
+        if r["status"] == "done" and r.get("eval_dir"):
+            cell_dest = dest / "episodes" / r["cell"]
+            cell_dest.mkdir(parents=True)
+            for name in ("results.csv", "episodes.csv"):
+                if (Path(r["eval_dir"]) / name).exists():
+                    shutil.copy2(Path(r["eval_dir"]) / name, cell_dest / name)
     # paths as paths inside the repository, not this machine's checkout
-    for p in [dest / "sweep.csv", *(dest / "analysis").glob("*.json")]:
+    for p in [dest / "sweep.csv", *(dest / "analysis").glob("*.json"), *(dest / "episodes").glob("*/results.csv")]:
         if p.exists():
             p.write_text(p.read_text().replace(f"{REPO}{os.sep}", ""))
     cells = [json.loads((out / "cells" / f"{r['cell']}.json").read_text()) for r in rows
