@@ -5,6 +5,8 @@
     python tools/study.py tradeoff   # tau x number of experts, PMF as the reference (toy_tradeoff.yaml)
     python tools/study.py sources    # number of training sources x {SMAT, PMF} (toy_sources.yaml)
     python tools/study.py tradeoff --fresh      # from scratch: drop the sweep's earlier cells first
+    python tools/study.py attribution  # which part of SMAT carries its OOD gain (toy_attribution.yaml, 5 seeds)
+    python tools/study.py constraint # M x tau short runs of the demo's SMAT: does every expert reach tau?
 
 Each study:
 
@@ -18,8 +20,12 @@ Each study:
 4. ``summary.md``: per setting, mean over seeds, and the paired difference to PMF of the same seed and
    training sources over the shared frozen episodes (every cell is evaluated on the same episode lists,
    so per-episode differences cancel most of the episode-to-episode variance);
-5. copies sweep.csv, the figures, summary.md and the wall times of every invocation (timing.jsonl) to
+5. copies sweep.csv, the figures, summary.md, the wall times of every invocation (timing.jsonl) and every
+   cell's results.csv + episodes.csv (per-episode accuracies, episode-list sha256: ``episodes/<cell>/``) to
    ``docs/results/<study>/``.
+
+Paired differences come from ``smat_dist.eval.stats`` (episode lists checked; the summary gives both the
+episode-only interval and the seeds × episodes one).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ SETTING_COLUMNS = ("method", "num_experts", "tau", "train_sources")
 
 if TYPE_CHECKING:
     from smat_dist.eval.report import ResultRow
+    from smat_dist.eval.stats import EpisodeScores
 
 
 def env() -> Dict[str, str]:
@@ -108,41 +115,42 @@ def num(v) -> Optional[float]:
 
 
 @functools.lru_cache(maxsize=None)
-def episode_acc(eval_dir: Path) -> Dict[tuple, float]:
-    """(source, episode index) -> accuracy (%) of one smat-eval output (mode none); read once per run of
-    the study (the summary, both contrasts and the choice read the same cells; callers do not mutate it)."""
-    return {(r["source"], int(r["index"])): float(r["accuracy"]) for r in read_csv(eval_dir / "episodes.csv")}
+def scores(eval_dir: Path) -> EpisodeScores:
+    """Per-episode accuracies (mode none) of one smat-eval output, with its episode-list hashes; read once
+    per run of the study (the summary, both contrasts and the choice read the same cells)."""
+    from smat_dist.eval.report import read_episode_scores
+
+    return read_episode_scores(eval_dir)
 
 
 @functools.lru_cache(maxsize=None)
 def per_source(eval_dir: Path) -> Dict[str, ResultRow]:
-    """source -> smat-eval's result row (mode none) of one evaluation (read once, as :func:`episode_acc`)."""
+    """source -> smat-eval's result row (mode none) of one evaluation (read once, as :func:`scores`)."""
     from smat_dist.eval.report import read_results
 
     return {r.source: r for r in read_results(eval_dir / "results.csv") if r.mode == "none"}
 
 
-def paired(a: Dict[tuple, float], b: Dict[tuple, float], sources: Sequence[str]):
-    """Mean over ``sources`` of the per-source mean difference a - b on the same episodes, and its 95 %
-    CI half-width sqrt(sum ci_s^2)/k with ci_s = 1.96 sd_s / sqrt(n_s) of the per-episode differences."""
-    from smat_dist.eval.stats import mean_ci95
-
-    means, cis = [], []
-    for s in sources:
-        m, ci, _, n = mean_ci95(a[k] - b[k] for k in a if k[0] == s and k in b)
-        if n < 2:
-            return None, None
-        means.append(m)
-        cis.append(ci)
-    if not means:
-        return None, None
-    return sum(means) / len(means), math.sqrt(sum(c * c for c in cis)) / len(cis)
+EQUIV_MARGIN = 0.5  # points: "equal ID" means the 90 % seeds × episodes interval lies inside ± this (TOST)
 
 
-def mean_episodes(dicts: List[Dict[tuple, float]]) -> Dict[tuple, float]:
-    """Per-episode mean over seeds (the seeds share the frozen episode lists)."""
-    keys = set.intersection(*(set(d) for d in dicts))
-    return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
+def paired(a: Sequence[EpisodeScores], b: Sequence[EpisodeScores], sources: Sequence[str]) -> dict:
+    """a − b averaged over ``sources`` on the same frozen episodes, seed ``s`` of a paired with seed ``s``
+    of b (smat_dist.eval.stats; mismatched episode lists stop the study). ``episodes``: the episode-only
+    95 % interval (seeds averaged per episode, as this study reported before); ``two_level``: seeds ×
+    episodes (None with one seed); ``equiv``: the TOST verdict at :data:`EQUIV_MARGIN` (two-level)."""
+    from smat_dist.eval.stats import EpisodeMismatch, episode_interval, equivalence, paired_differences, \
+        two_level_interval
+
+    if not sources or not a:
+        return dict(episodes=None, two_level=None, equiv=None)
+    try:
+        d = paired_differences(a, b, sources)
+    except EpisodeMismatch as exc:
+        raise SystemExit(f"study: {exc}") from None
+    multi = len(a) > 1
+    return dict(episodes=episode_interval(d), two_level=two_level_interval(d) if multi else None,
+                equiv=equivalence(d, EQUIV_MARGIN) if multi else None)
 
 
 def _ms(vals: List[Optional[float]], *, spread: bool = True) -> str:
@@ -155,8 +163,13 @@ def _ms(vals: List[Optional[float]], *, spread: bool = True) -> str:
     return f"{m:.2f} ± {sd:.2f}" if spread and n > 1 else f"{m:.2f}"
 
 
-def _pm(m, ci) -> str:
-    return "-" if m is None else f"{m:+.2f} ± {ci:.2f}"
+def _pm(interval) -> str:
+    return "-" if interval is None else str(interval)
+
+
+def _mci(interval) -> tuple:
+    """(mean, half-width) of an interval, (None, None) without one (the figures' format)."""
+    return (None, None) if interval is None else (interval.mean, interval.half)
 
 
 def setting_key(row: Dict[str, str], axes: Sequence[str]) -> tuple:
@@ -200,7 +213,7 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
     """(summary.md text, the paired SMAT − PMF differences per setting): one line per setting (seeds pooled)
     with paired differences to PMF."""
     done = [r for r in rows if r["status"] == "done"]
-    eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
+    eps = {r["cell"]: scores(Path(r["eval_dir"])) for r in done}
     src = {r["cell"]: per_source(Path(r["eval_dir"])) for r in done}
     # sources that are OOD in every cell (never trained on, whatever the cell's training sources)
     always_ood = sorted(set.intersection(*(set(s for s, x in src[r["cell"]].items() if x.kind == "OOD")
@@ -219,12 +232,17 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
              "cells' own 95 % CIs (episode sampling), the test-gate sparsity reached, and the **paired** "
              "difference to PMF with the same seed and training sources on the same frozen episodes "
              "(Δ ± 95 % CI over episodes, seeds averaged per episode; this CI covers episode sampling, not "
-             "training randomness, which the per-seed differences show). "
+             "training randomness), the same difference with its 95 % interval over **seeds × episodes** "
+             "(smat_dist.eval.stats.two_level_interval: what a claim about the method needs) and whether ID is "
+             f"equal within ±{EQUIV_MARGIN:g} points (TOST on the 90 % seeds × episodes interval: equivalent / "
+             "different / unresolved). "
              f"'Test-only OOD' = the sources no cell trains on ({', '.join(always_ood) or 'none'}).", "",
              f"Split: **{split}** episodes (100 per source).", ""]
     has_valid = bool(valid)
     head = ["setting", "seeds", "ID avg", "ID CI", "OOD avg", "OOD CI", "test-only OOD", "sparsity",
-            "Δ ID vs PMF", "Δ OOD vs PMF", "Δ test-only OOD vs PMF", "Δ ID / Δ OOD per seed"] + \
+            "Δ ID vs PMF", "Δ OOD vs PMF", "Δ test-only OOD vs PMF", "Δ ID vs PMF (seeds × episodes)",
+            "Δ OOD vs PMF (seeds × episodes)", f"ID equal to PMF within ±{EQUIV_MARGIN:g}?",
+            "Δ ID / Δ OOD per seed"] + \
         (["valid ID avg"] if has_valid else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     deltas = []
@@ -236,18 +254,21 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
         fixed_avg = [sum(src[m["cell"]][s].accuracy for s in always_ood) / len(always_ood)
                      for m in members] if always_ood else []
         cells = [m for m in members if refs.get((m["train_sources"], m["seed"]))]
-        d_id = d_ood = d_fix = (None, None)
+        none = dict(episodes=None, two_level=None, equiv=None)
+        d_id = d_ood = d_fix = none
         if r0["method"].lower() != "pmf" and cells:
-            mine = mean_episodes([eps[m["cell"]] for m in cells])
-            ref = mean_episodes([eps[reference(m, refs[(m["train_sources"], m["seed"])], axes)["cell"]] for m in cells])
-            d_id, d_ood = paired(mine, ref, ids), paired(mine, ref, oods)
-            d_fix = paired(mine, ref, always_ood)
-            deltas.append(dict(row=r0, id=d_id, ood=d_ood, fixed=d_fix))
+            cells = sorted(cells, key=lambda m: int(m["seed"]))
+            mine = [eps[m["cell"]] for m in cells]
+            ref = [eps[reference(m, refs[(m["train_sources"], m["seed"])], axes)["cell"]] for m in cells]
+            d_id, d_ood, d_fix = paired(mine, ref, ids), paired(mine, ref, oods), paired(mine, ref, always_ood)
+            deltas.append(dict(row=r0, id=_mci(d_id["episodes"]), ood=_mci(d_ood["episodes"]),
+                               fixed=_mci(d_fix["episodes"])))
         cols = [label, str(len(members)), _ms([num(m["id_avg"]) for m in members]),
                 _ms([num(m["id_ci95"]) for m in members], spread=False),
                 _ms([num(m["ood_avg"]) for m in members]), _ms([num(m["ood_ci95"]) for m in members], spread=False),
                 _ms(fixed_avg), _ms([num(m["sparsity_reached"]) for m in members]),
-                _pm(*d_id), _pm(*d_ood), _pm(*d_fix), per_seed(cells, refs, axes)]
+                _pm(d_id["episodes"]), _pm(d_ood["episodes"]), _pm(d_fix["episodes"]), _pm(d_id["two_level"]),
+                _pm(d_ood["two_level"]), d_id["equiv"].verdict if d_id["equiv"] else "-", per_seed(cells, refs, axes)]
         if has_valid:
             cols.append(_ms([valid.get(m["cell"], {}).get("id_avg") for m in members]))
         lines.append("| " + " | ".join(cols) + " |")
@@ -258,7 +279,7 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
         p = read_eval_results(pre["test"] / "results.csv")
         cols = ["Pre (θ_pre ProtoNet, all 4 ID sources as ID)", "-", f"{p['id_avg']:.2f}", f"{p['id_ci95']:.2f}",
                 f"{p['ood_avg']:.2f}", f"{p['ood_ci95']:.2f}",
-                f"{sum(pre_src[s].accuracy for s in always_ood) / len(always_ood):.2f}" if always_ood else "-"] + ["-"] * 5
+                f"{sum(pre_src[s].accuracy for s in always_ood) / len(always_ood):.2f}" if always_ood else "-"] + ["-"] * 8
         if has_valid:
             cols.append(f"{valid_eval_avg(pre['valid']):.2f}" if pre.get("valid") else "-")
         lines.append("| " + " | ".join(cols) + " |")
@@ -321,7 +342,7 @@ def _order(r: Dict[str, str]):
 
 def _label(r: Dict[str, str], axes: Sequence[str]) -> str:
     parts = [r["method"].upper()]
-    if r["method"].lower() != "pmf":
+    if r["method"].lower() != "pmf" and num(r.get("tau")) is not None:  # no τ: no gates (e.g. the attribution's)
         parts.append(f"M={r['num_experts']} τ={num(r['tau']):g}")
     for k in axes:
         if k in ("config", "train.seed", "model.gates.num_experts", "model.gates.target_sparsity",
@@ -428,7 +449,7 @@ def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path, valid: Di
     groups = defaultdict(list)
     for r in done:
         groups[setting_key(r, axes)].append(r)
-    veps = {r["cell"]: episode_acc(out / "valid" / r["cell"]) for r in done}
+    veps = {r["cell"]: scores(out / "valid" / r["cell"]) for r in done}
     stats = {}
     for key, members in groups.items():
         tau = num(members[0]["tau"])
@@ -447,17 +468,18 @@ def choose(rows: List[Dict[str, str]], axes: Sequence[str], out: Path, valid: Di
     chosen = best
     for key in sorted(stats, key=lambda k: _order(stats[k]["members"][0])):
         st = stats[key]
-        d = (None, None)
+        d = None
         if key != best:
-            mine = mean_episodes([veps[m["cell"]] for m in st["members"]])
-            ref = mean_episodes([veps[m["cell"]] for m in stats[best]["members"]])
-            ids = sorted({k[0] for k in ref})
-            d = paired(mine, ref, ids)
-            if key == demo_key and d[0] is not None and d[0] + d[1] >= 0:
+            mine = {m["seed"]: veps[m["cell"]] for m in st["members"]}
+            ref = {m["seed"]: veps[m["cell"]] for m in stats[best]["members"]}
+            seeds = sorted(set(mine) & set(ref), key=int)  # seeds matched
+            d = paired([mine[x] for x in seeds], [ref[x] for x in seeds],
+                       sorted(ref[seeds[0]].acc) if seeds else [])["episodes"]
+            if key == demo_key and d is not None and d.hi >= 0:
                 chosen = demo_key  # the demo's setting is not worse than the best beyond the CI: keep it
         mark = " **(best)**" if key == best else ""
         lines.append(f"| {_label(st['members'][0], axes)}{mark} | {'yes' if st['meets'] else 'no'} | "
-                     f"{st['valid']:.2f} | {'-' if key == best else _pm(*d)} |")
+                     f"{st['valid']:.2f} | {'-' if key == best else _pm(d)} |")
     text = "\n".join(lines) + "\n\n" + (
         f"Chosen: **{_label(stats[chosen]['members'][0], axes)}** "
         + ("(the demo's setting, within the CI of the best)" if chosen != best else "(the best)") + ".\n")
@@ -486,29 +508,139 @@ def contrasts(rows: List[Dict[str, str]], axis: str, within: str) -> str:
     """Paired test-episode differences between the largest and smallest value of ``axis`` (sweep.csv column)
     at each value of ``within``, seeds matched: does tau trade ID for OOD, do more experts help?"""
     done = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf"]
-    eps = {r["cell"]: episode_acc(Path(r["eval_dir"])) for r in done}
+    eps = {r["cell"]: scores(Path(r["eval_dir"])) for r in done}
     kinds = per_source(Path(done[0]["eval_dir"]))
     ids = [s for s, x in kinds.items() if x.kind == "ID"]
     oods = [s for s, x in kinds.items() if x.kind == "OOD"]
-    lines = [f"| {within} | {axis}: high − low | Δ ID | Δ OOD |", "|---|---|---|---|"]
+    lines = [f"| {within} | {axis}: high − low | Δ ID | Δ OOD | Δ ID (seeds × episodes) | Δ OOD (seeds × episodes) |",
+             "|---|---|---|---|---|---|"]
     for w in sorted({num(r[within]) for r in done}):
         at = [r for r in done if num(r[within]) == w]
         lo, hi = min(num(r[axis]) for r in at), max(num(r[axis]) for r in at)
-        a = mean_episodes([eps[r["cell"]] for r in at if num(r[axis]) == hi])
-        b = mean_episodes([eps[r["cell"]] for r in at if num(r[axis]) == lo])
-        lines.append(f"| {w:g} | {hi:g} − {lo:g} | {_pm(*paired(a, b, ids))} | {_pm(*paired(a, b, oods))} |")
+        by_seed = {v: {r["seed"]: eps[r["cell"]] for r in at if num(r[axis]) == v} for v in (hi, lo)}
+        seeds = sorted(set(by_seed[hi]) & set(by_seed[lo]), key=int)  # seeds matched
+        a, b = [by_seed[hi][x] for x in seeds], [by_seed[lo][x] for x in seeds]
+        di, do = paired(a, b, ids), paired(a, b, oods)
+        lines.append(f"| {w:g} | {hi:g} − {lo:g} | {_pm(di['episodes'])} | {_pm(do['episodes'])} | "
+                     f"{_pm(di['two_level'])} | {_pm(do['two_level'])} |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- constraint
+CONSTRAINT_MS = (2, 4, 8)
+CONSTRAINT_TAUS = (0.5, 0.8, 0.95)
+CONSTRAINT_TOL = 0.02  # "reaches τ": every expert's training sparsity within τ ± this at the end
+CONSTRAINT_TAIL = 4  # logged rows (log_every 5: the last 20 steps) averaged for the end-of-run sparsity
+
+
+def constraint_table(runs: Dict[tuple, Path]) -> tuple:
+    """(rows, Markdown table) of the training sparsity per expert at the end of each run: the last logged
+    row, the mean over the last :data:`CONSTRAINT_TAIL` logged rows, the first step whose every expert is
+    within τ ± tol, λ at the end, and the test-gate sparsity. ``runs``: (M, τ) -> run directory."""
+    from smat_dist.train.metrics import read_rows
+
+    out, lines = [], ["| M | τ | training sparsity per expert, last step | mean of the last 20 steps (min–max over "
+                      f"experts) | within τ ± {CONSTRAINT_TOL} | ≥ τ − {CONSTRAINT_TOL} | first step within | "
+                      "λ at the end (max) | test-gate sparsity (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (M, tau), run in sorted(runs.items()):
+        mr = [r for r in read_rows(run / "metrics.jsonl") if r.get("sparsity")]
+        last = mr[-1]["sparsity"]
+        tail = [sum(c) / len(c) for c in zip(*(r["sparsity"] for r in mr[-CONSTRAINT_TAIL:]))]
+        ok = all(abs(v - tau) <= CONSTRAINT_TOL for v in tail)
+        at_least = all(v >= tau - CONSTRAINT_TOL for v in tail)
+        first = next((r["step"] for r in mr if all(abs(v - tau) <= CONSTRAINT_TOL for v in r["sparsity"])), None)
+        row = dict(M=M, tau=tau, last=last, tail=tail, within=ok, at_least=at_least, first_step=first, lam=max(mr[-1]["lambda"]),
+                   test=sum(mr[-1]["sparsity_test"]) / M, steps=mr[-1]["step"])
+        out.append(row)
+        lines.append(f"| {M} | {tau:g} | {' '.join(f'{v:.3f}' for v in last)} | {sum(tail) / M:.3f} "
+                     f"({min(tail):.3f}–{max(tail):.3f}) | {'yes' if ok else '**no**'} | {'yes' if at_least else '**no**'} | "
+                     f"{first if first is not None else 'never'} | {row['lam']:.3f} | {row['test']:.3f} |")
+    return out, "\n".join(lines) + "\n"
+
+
+def constraint_study(a) -> int:
+    """M × τ short single-process runs of configs/demo/smat.yaml (training metrics only, no evaluation):
+    does every expert reach τ within the demo's run? Publishes docs/results/constraint/."""
+    global DEMO_OUT
+    if a.demo_out:
+        DEMO_OUT = Path(a.demo_out).resolve()
+    inputs = demo_inputs()
+    out = (Path(a.out) if a.out else REPO / "runs" / "constraint").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    t0 = time.time()
+    for M in a.experts or CONSTRAINT_MS:
+        for tau in a.tau or CONSTRAINT_TAUS:
+            name = f"m{M}_tau{tau:g}"
+            run = out / name
+            runs[(M, tau)] = run
+            if (run / "model.safetensors").exists() or a.publish_only:
+                continue
+            cmd = [sys.executable, "-m", "smat_dist.train", "--config", str(REPO / "configs" / "demo" / "smat.yaml"),
+                   f"model.gates.num_experts={M}", f"model.gates.target_sparsity={tau}", "dist.num_workers=1",
+                   f"data.root={inputs['data']}", f"model.backbone.checkpoint={inputs['backbone']}",
+                   f"train.output_dir={out}", f"train.run_name={name}", *a.set]
+            if a.lock:  # each run holds a shared lock alone, so other heavy jobs can run between them
+                cmd = ["flock", a.lock, *cmd]
+            say(" ".join(cmd[cmd.index("-m") + 1:]))
+            with (out / f"{name}.log").open("w") as f:
+                if subprocess.call(cmd, env=env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT) != 0:
+                    raise SystemExit(f"study: run {name} failed (see {f.name}); re-run to resume")
+    publish_constraint(runs, out, a.docs / (a.name or "constraint"), a.set)
+    say(f"constraint: done in {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+def publish_constraint(runs: Dict[tuple, Path], out: Path, dest: Path, sets: Sequence[str] = ()) -> str:
+    """summary.md (in ``out`` and ``dest``) and constraint.csv (``dest``) of the finished runs among ``runs``."""
+    runs = {k: v for k, v in runs.items() if (v / "metrics.jsonl").exists() and (v / "model.safetensors").exists()}
+    rows, table = constraint_table(runs)
+    met = sum(r["within"] for r in rows)
+    met_low = sum(r["at_least"] for r in rows)
+    text = ("# constraint: does every expert reach τ within the demo's run?\n\n"
+            "Generated by `python tools/study.py constraint`: `configs/demo/smat.yaml` (160 meta-steps × 4 tasks, "
+            "seed 0, one process) for M × τ" + (f", with `{' '.join(sets)}`" if sets else "") + ". Training "
+            "sparsity = the fraction of exactly-zero gates in the step's noisy draw (metrics.jsonl `sparsity`), "
+            f"per expert. {met} of {len(rows)} runs end with every expert within τ ± {CONSTRAINT_TOL}, "
+            f"{met_low} with every expert at least τ − {CONSTRAINT_TOL} (mean of the last 20 steps).\n\n" + table)
+    (out / "summary.md").write_text(text)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "summary.md").write_text(text)
+    with (dest / "constraint.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["num_experts", "tau", "sparsity_last", "sparsity_tail_mean", "within_tol", "at_least_tau_minus_tol",
+                    "first_step_within",
+                    "lambda_max_end", "sparsity_test_mean", "steps"])
+        for r in rows:
+            w.writerow([r["M"], r["tau"], " ".join(f"{v:.4f}" for v in r["last"]),
+                        " ".join(f"{v:.4f}" for v in r["tail"]), int(r["within"]), int(r["at_least"]),
+                        r["first_step"] or "",
+                        f"{r['lam']:.4f}", f"{r['test']:.4f}", r["steps"]])
+    say(f"constraint: {len(rows)} finished runs published to {dest}")
+    print(text)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python tools/study.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", choices=["select", "tradeoff", "sources"])
+    ap.add_argument("study", choices=["select", "tradeoff", "sources", "attribution", "constraint"])
     ap.add_argument("--fresh", action="store_true", help="delete the sweep's directory first (from scratch)")
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep's local Ray")
     ap.add_argument("--docs", type=Path, default=DOCS, help="where the published results go")
+    ap.add_argument("--demo-out", help="constraint: where the demo's benchmark and θ_pre are made (default runs/demo)")
+    ap.add_argument("--out", help="constraint: the runs' directory (default runs/constraint)")
+    ap.add_argument("--name", help="constraint: publish to docs/results/NAME (default constraint)")
+    ap.add_argument("--publish-only", action="store_true", help="constraint: publish the finished runs, start none")
+    ap.add_argument("--lock", help="constraint: run each training under `flock LOCK` (a shared machine)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="constraint: an extra run-config override for every run (repeatable)")
+    ap.add_argument("--experts", type=int, nargs="+", help=f"constraint: values of M (default {CONSTRAINT_MS})")
+    ap.add_argument("--tau", type=float, nargs="+", help=f"constraint: values of τ (default {CONSTRAINT_TAUS})")
     a = ap.parse_args(argv)
+    if a.study == "constraint":
+        return constraint_study(a)
     from smat_dist.sweep.config import load_sweep_config
 
     config = SWEEPS / f"toy_{a.study}.yaml"
@@ -545,12 +677,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                      pre=pre)
     if a.study == "tradeoff":
         text += ("\n## Paired contrasts\n\nSame seeds, same test episodes; Δ ± 95 % CI over episodes (seeds "
-                 "averaged per episode).\n\n" + contrasts(rows, "tau", "num_experts") + "\n"
+                 "averaged per episode), and over seeds × episodes.\n\n" + contrasts(rows, "tau", "num_experts") + "\n"
                  + contrasts(rows, "num_experts", "tau"))
         text += ("\n## The SMAT setting chosen on the valid split\n\n" + (choose.__doc__ or "").split("\n\n")[1]
                  .replace("\n    ", " ").strip() + f" Sparsity target met: test sparsity >= τ − {SPARSITY_SLACK}.\n\n"
                  + choice + (f"\nAnalysed (`smat-eval analyse`, figures in analysis/): `{best}`.\n" if best else ""))
-    if a.study in ("select", "tradeoff"):
+    if a.study in ("select", "tradeoff", "attribution"):
         text += ("\n## Diagnostics\n\nPer cell, from metrics.jsonl and the exported model: the first step whose "
                  "training gates of every expert reach τ (within 0.01), the test-gate sparsity at the end, the largest λ, the mean "
                  "α entropy over the last quarter of the run relative to uniform (1 = no selection), the largest "
@@ -567,7 +699,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png", "sources_delta.png")}[a.study]
+    figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png", "sources_delta.png"),
+               "attribution": ()}[a.study]
     for name in ("sweep.csv", "valid.csv", "summary.md", *figures):
         if (out / name).exists():
             shutil.copy2(out / name, dest / name)
@@ -576,8 +709,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         for p in sorted((out / "analysis").iterdir()):
             if p.suffix in (".png", ".json", ".txt"):
                 shutil.copy2(p, dest / "analysis" / p.name)
+    # every cell's per-episode accuracies and episode-list hashes, so each paired number can be recomputed
+    for r in rows:
+        if r["status"] == "done" and r.get("eval_dir"):
+            cell_dest = dest / "episodes" / r["cell"]
+            cell_dest.mkdir(parents=True)
+            for name in ("results.csv", "episodes.csv"):
+                if (Path(r["eval_dir"]) / name).exists():
+                    shutil.copy2(Path(r["eval_dir"]) / name, cell_dest / name)
     # paths as paths inside the repository, not this machine's checkout
-    for p in [dest / "sweep.csv", *(dest / "analysis").glob("*.json")]:
+    for p in [dest / "sweep.csv", *(dest / "analysis").glob("*.json"), *(dest / "episodes").glob("*/results.csv")]:
         if p.exists():
             p.write_text(p.read_text().replace(f"{REPO}{os.sep}", ""))
     cells = [json.loads((out / "cells" / f"{r['cell']}.json").read_text()) for r in rows

@@ -4,6 +4,7 @@
     smat-eval --method pre (--checkpoint RUN | model.backbone.checkpoint=FILE | model.backbone.name=T
               model.backbone.pretrained=true) --data DATA_DIR [...]
     smat-eval --compare a/results.csv b/results.csv ... [--out table.md]
+    smat-eval --compare REF/results.csv[,SEED2/results.csv...] OTHER/results.csv[,...] --paired [--margin 0.5]
     smat-eval analyse RUN_OR_FILE [--data DATA_DIR] [--out DIR] [key=value ...]
 
 ``key=value`` overrides :class:`smat_dist.eval.config.EvalConfig` (e.g. ``episodes=100
@@ -22,7 +23,8 @@ from smat_dist.data.sampler import SamplerError
 from smat_dist.data.store import DataError
 from smat_dist.errors import ConfigError
 from smat_dist.eval.config import load_eval_config
-from smat_dist.eval.report import ReportError, compare, write_results
+from smat_dist.eval.report import ReportError, compare, paired_table, read_episode_scores, write_results
+from smat_dist.eval.stats import EpisodeMismatch
 
 PROG = "smat-eval"
 
@@ -88,11 +90,36 @@ def cmd_eval(argv: List[str], *, say: Optional[Callable[[str], None]] = None, ta
 
 
 def cmd_compare(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"{PROG} --compare", description="Merge results.csv files into one table.")
-    p.add_argument("--compare", nargs="+", required=True, metavar="RESULTS_CSV")
+    p = argparse.ArgumentParser(prog=f"{PROG} --compare", description="Merge results.csv files into one table, "
+                                "or (--paired) compare them episode by episode against the first.")
+    p.add_argument("--compare", nargs="+", required=True, metavar="RESULTS_CSV",
+                   help="with --paired, an input may be A/results.csv,B/results.csv,...: one per seed")
     p.add_argument("--out", help="write the Markdown table here (and a merged CSV next to it)")
+    p.add_argument("--paired", action="store_true", help="paired per-episode differences of each input to the "
+                   "first (episodes.csv next to each results.csv; different episode lists are refused); with "
+                   "several seeds per input the ± covers seeds × episodes")
+    p.add_argument("--margin", type=float, help="with --paired: equivalence margin in points (TOST: "
+                   "'equivalent' when the 90%% interval lies inside ±margin)")
+    p.add_argument("--mode", default="none", help="with --paired: which fine-tuning mode (none, full, lora)")
     a = p.parse_args(argv)
 
+    if a.margin is not None and not a.paired:
+        raise ConfigError("--margin needs --paired")
+    if a.paired:
+        if len(a.compare) < 2:
+            raise ConfigError("--paired needs at least two inputs (the first is the reference)")
+        groups = [[read_episode_scores(x, a.mode) for x in arg.split(",") if x] for arg in a.compare]
+        if len({len(g) for g in groups}) != 1:
+            raise ConfigError(f"--paired: every input needs the same number of seeds, got {[len(g) for g in groups]}")
+        table = paired_table(groups, margin=a.margin)
+        print(table, end="")
+        if a.out:
+            out = Path(a.out)
+            out = out / "paired.md" if out.suffix.lower() != ".md" else out
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(table)
+            print(f"[smat-eval] wrote {out}")
+        return 0
     rows, table = compare(a.compare)
     print(table, end="")
     if a.out:
@@ -139,7 +166,7 @@ def main(argv: Optional[List[str]] = None, *, say: Optional[Callable[[str], None
         if "--compare" in argv:
             return cmd_compare(argv)
         return cmd_eval(argv, say=say, table=table)
-    except (ConfigError, DataError, SamplerError, ReportError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, SamplerError, ReportError, EpisodeMismatch, FileNotFoundError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an --out that is read-only or under a file, a full disk...

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from smat_dist.eval.stats import EpisodeScores, compare_sources, difference_interval, paired_differences
+
 RESULT_COLUMNS = ["source", "kind", "split", "method", "mode", "accuracy", "ci95", "std", "n", "episodes_sha256",
                   "seed", "lr", "hps", "checkpoint"]
 EPISODE_COLUMNS = ["source", "kind", "split", "index", "ways", "support", "query", "method", "accuracy"]
@@ -88,6 +90,35 @@ def read_results(path: str | Path) -> List[ResultRow]:
     return rows
 
 
+def read_episode_scores(path: str | Path, mode: str = "none") -> EpisodeScores:
+    """``path``: an evaluation's output directory or its results.csv (episodes.csv lies next to it)."""
+    p = Path(path)
+    results = p / "results.csv" if p.is_dir() else p
+    rows = [r for r in read_results(results) if r.mode == mode]
+    if not rows:
+        raise ReportError(f"{results}: no results of mode {mode!r}")
+    method = rows[0].method
+    episodes = results.parent / "episodes.csv"
+    if not episodes.is_file():
+        raise ReportError(f"{episodes}: no such file (per-episode accuracies, written by smat-eval next to "
+                          f"results.csv); paired differences need it")
+    acc: Dict[str, Dict[int, float]] = {r.source: {} for r in rows}
+    with open(episodes, newline="") as f:
+        for i, d in enumerate(csv.DictReader(f), 2):
+            if d.get("method") != method or d.get("source") not in acc:
+                continue
+            try:
+                acc[d["source"]][int(d["index"])] = float(d["accuracy"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ReportError(f"{episodes}:{i}: bad value: {exc}") from None
+    for r in rows:
+        if len(acc[r.source]) != r.n:
+            raise ReportError(f"{episodes}: {len(acc[r.source])} episodes of {r.source!r} for {method}, but "
+                              f"{results.name} says n = {r.n}")
+    return EpisodeScores(path=results, method=method, acc=acc, sha={r.source: r.episodes_sha256 for r in rows},
+                         kind={r.source: r.kind for r in rows}, split={r.source: r.split for r in rows})
+
+
 def _cell(acc: float, ci: float) -> str:
     return f"{acc:.2f}" if math.isnan(ci) else f"{acc:.2f} ± {ci:.2f}"
 
@@ -158,6 +189,46 @@ def markdown_table(rows: Sequence[ResultRow], title: Optional[str] = None) -> st
     return "\n".join(lines) + "\n"
 
 
+def paired_table(groups: Sequence[Sequence[EpisodeScores]], *, margin: Optional[float] = None) -> str:
+    """Markdown: each group's paired per-episode difference to the first group (``groups[g][s]`` = seed s),
+    per source and as ID / OOD averages (the first group's grouping). With ≥ 2 seeds per group the ±
+    covers seeds × episodes (:func:`~smat_dist.eval.stats.two_level_interval`), with one evaluation each
+    only episodes. ``margin``: an "equivalent within ±margin?" row per average (TOST). Different episode
+    lists raise :class:`~smat_dist.eval.stats.EpisodeMismatch`."""
+    ref = groups[0]
+    names = []
+    for g in groups:
+        tag = g[0].path.parent.name
+        label = f"{g[0].method} ({tag})" if tag else g[0].method
+        names.append(label + (f" × {len(g)} seeds" if len(g) > 1 else ""))
+    sources = list(ref[0].acc)
+    by_kind = {k: [s for s in sources if ref[0].kind[s] == k] for k in ("ID", "OOD")}
+    diffs = [paired_differences(g, ref, sources) for g in groups[1:]]
+    lines = [f"### Paired differences against {names[0]}", "",
+             "| source | kind | " + " | ".join(f"{n} − ref" for n in names[1:]) + " |",
+             "|---|---|" + "---|" * len(diffs)]
+    for kind, srcs in by_kind.items():
+        for s in srcs:
+            lines.append(f"| {s} | {kind} | " + " | ".join(str(difference_interval({s: d[s]})) for d in diffs) + " |")
+        if srcs:
+            lines.append(f"| **{kind} avg** | | " + " | ".join(
+                f"**{difference_interval({s: d[s] for s in srcs})}**" for d in diffs) + " |")
+    if margin is not None:
+        for kind, srcs in by_kind.items():
+            if srcs:
+                lines.append(f"| {kind} avg equivalent within ±{margin:g}? | | " + " | ".join(
+                    compare_sources(g, ref, srcs, margin=margin)[1].verdict for g in groups[1:]) + " |")
+    seeds = sorted({len(g) for g in groups})
+    lines += ["", "Differences in points on the same frozen episodes (episode-list sha256 checked); ± is the 95 % "
+              "interval " + ("over seeds × episodes (seeds paired by position; crossed random effects, t with "
+                             "Welch–Satterthwaite df)" if seeds[0] > 1 else "over episodes only (one evaluation per "
+                             "side: training randomness is not in it)") + "."]
+    if margin is not None:
+        lines.append(f"Equivalent: the 90 % interval lies inside ±{margin:g} (TOST); different: the 95 % interval "
+                     "excludes 0; unresolved: neither.")
+    return "\n".join(lines) + "\n"
+
+
 def compare(paths: Sequence[str | Path]) -> Tuple[List[ResultRow], str]:
     """Merge results.csv files into one table; a method label found in several files is suffixed
     with the file's run name so columns never silently overwrite each other."""
@@ -184,5 +255,5 @@ def compare(paths: Sequence[str | Path]) -> Tuple[List[ResultRow], str]:
     return merged, markdown_table(merged)
 
 
-__all__ = ["EPISODE_COLUMNS", "RESULT_COLUMNS", "ReportError", "ResultRow", "compare", "markdown_table",
-           "read_results", "write_episodes", "write_results"]
+__all__ = ["EPISODE_COLUMNS", "RESULT_COLUMNS", "EpisodeScores", "ReportError", "ResultRow", "compare",
+           "markdown_table", "paired_table", "read_episode_scores", "read_results", "write_episodes", "write_results"]

@@ -53,6 +53,7 @@ class BackboneConfig:
             value = getattr(self, name)
             require(value is None or value >= 1, f"{key}.{name}", ">= 1 or null", value)
 
+
 @dataclass
 class GateConfig:
     """Hard-concrete (L0) gates: one logit per parameter (or group) per expert."""
@@ -96,6 +97,7 @@ class GateConfig:
         _one_of(self, key, "noise", ("hard_concrete", "reference"))
         _one_of(self, key, "noise_scope", ("step", "task"))
 
+
 @dataclass
 class HypernetConfig:
     enabled: bool = True
@@ -121,6 +123,7 @@ class HypernetConfig:
                               "temperature_decay_tasks"))
         _non_negative(self, key, ("token_init_std", "prior_l2"))
 
+
 @dataclass
 class InnerConfig:
     steps: int = 1  # first-order SGD steps on the support set; 0 = plain ProtoNet (PMF)
@@ -129,6 +132,7 @@ class InnerConfig:
 
     def validate(self, key: str = "model.inner") -> None:
         _non_negative(self, key, ("steps", "lr"))
+
 
 @dataclass
 class TeacherConfig:
@@ -155,18 +159,23 @@ class TeacherConfig:
         _one_of(self, key, "data", ("query", "support_query"))
         _one_of(self, key, "kl_direction", ("reverse", "forward"))
 
+
 @dataclass
 class LagrangianConfig:
     lr: float = 2e-3
-    # docs/algorithm.md#d10-lagrange-multiplier: the authors only zero lambda when the expert is sparser than
-    # tau; we also project
+    # docs/algorithm.md#d10-lagrange-multiplier: "dual" = per-expert dual ascent, λ_m += lr·(τ − s_m), with the
+    # relative usage M·ᾱ_m only in the gate-logit penalty, so the push on each expert does not shrink with M;
+    # "reference" = the authors' update, λ_m += lr·(τ − s_m)·ᾱ_m and penalty weight ᾱ_m (a push ∝ lr/M²).
+    update: str = "dual"  # dual | reference
+    # The authors only zero lambda when the expert is sparser than tau; we also project
     # lambda to >= 0 after each step so it is a proper multiplier.
     project_nonneg: bool = True
     reset_when_satisfied: bool = True
 
-
     def validate(self, key: str = "model.lagrangian") -> None:
         _non_negative(self, key, ("lr",))
+        _one_of(self, key, "update", ("dual", "reference"))
+
 
 @dataclass
 class OptimConfig:
@@ -187,7 +196,10 @@ class OptimConfig:
     total_epochs: int = 50
     # The authors set every SGD group to an absolute 1e-6 in epoch 0; null = off.
     first_epoch_abs_lr: Optional[float] = None
-
+    # docs/algorithm.md#d10-lagrange-multiplier: after warm-up the λ and gate-logit groups never go below this
+    # fraction of their base lr, so the cosine cannot switch the constraint off before τ is reached;
+    # 0 = the authors' (every group follows the cosine to ≈ 0).
+    constraint_lr_floor: float = 0.5
 
     def validate(self, key: str = "model.optim") -> None:
         _non_negative(self, key, ("delta_lr", "delta_weight_decay", "mask_lr", "hypernet_lr", "hypernet_weight_decay",
@@ -202,6 +214,9 @@ class OptimConfig:
         require(self.total_epochs >= 1, f"{key}.total_epochs", ">= 1", self.total_epochs)
         require(self.first_epoch_abs_lr is None or self.first_epoch_abs_lr >= 0, f"{key}.first_epoch_abs_lr",
                 ">= 0 or null", self.first_epoch_abs_lr)
+        require(0.0 <= self.constraint_lr_floor <= 1.0, f"{key}.constraint_lr_floor", "in [0, 1]",
+                self.constraint_lr_floor)
+
 
 @dataclass
 class ModelConfig:

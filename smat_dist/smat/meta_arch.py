@@ -275,13 +275,20 @@ class SMAT(nn.Module):
         if self.gates is not None:
             alpha_value = alpha.detach().float()
             ctx.alpha_sum += alpha_value
-            # Only λ gets gradient: descending it raises λ_m while expert m is too dense.
-            lagrangian_term = (ctx.violation * self.lagrange * alpha_value).sum()
+            # Only λ gets gradient: descending it raises λ_m while expert m is too dense. The authors weight
+            # it by α (docs/algorithm.md#d10-lagrange-multiplier); dual ascent moves λ_m with τ − s_m alone.
+            reference = cfg.lagrangian.update == "reference"
+            if reference:
+                lagrangian_term = (ctx.violation * self.lagrange * alpha_value).sum()
+            else:
+                lagrangian_term = (ctx.violation * self.lagrange).sum()
             loss = loss + lagrangian_term
             metrics["lagrangian_term"] = lagrangian_term.detach()
             if density is not None:  # the L0 term depends on the step's tasks only through Σ_t α_t
                 target_density = 1.0 - cfg.gates.target_sparsity
-                sparsity_penalty = (self.lagrange.detach() * ctx.alpha_sum * (density - target_density)).sum()
+                # usage weight: Σ_t α_t (the authors'), or relative to uniform use, M·Σ_t α_t (dual)
+                usage = ctx.alpha_sum if reference else ctx.alpha_sum * self.num_experts
+                sparsity_penalty = (self.lagrange.detach() * usage * (density - target_density)).sum()
                 loss = loss + sparsity_penalty
                 metrics["sparsity_penalty"] = sparsity_penalty.detach()
         ctx.tasks += 1

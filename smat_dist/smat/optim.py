@@ -133,11 +133,17 @@ def lr_multiplier(epoch: int, cfg: OptimConfig) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+CONSTRAINT_GROUPS = ("lagrange", "masks")  # the groups that enforce the sparsity constraint
+
+
 def apply_schedule(opt: torch.optim.Optimizer, epoch: int, cfg: OptimConfig) -> float:
-    """Set every group's lr for ``epoch``; returns the multiplier."""
+    """Set every group's lr for ``epoch``; returns the common multiplier. After warm-up the constraint's
+    groups (λ, gate logits) keep at least ``cfg.constraint_lr_floor`` of their base lr
+    (docs/algorithm.md#d10-lagrange-multiplier)."""
     mult = lr_multiplier(epoch, cfg)
+    floored = max(mult, cfg.constraint_lr_floor) if epoch >= cfg.warmup_epochs else mult
     for group in opt.param_groups:
-        group["lr"] = group["base_lr"] * mult
+        group["lr"] = group["base_lr"] * (floored if group.get("name") in CONSTRAINT_GROUPS else mult)
         if epoch == 0 and cfg.first_epoch_abs_lr is not None and group.get("rule") == "sgd":
             group["lr"] = cfg.first_epoch_abs_lr  # the authors' epoch-0 override (docs/algorithm.md#d7-first-epoch-lr)
     return mult

@@ -28,6 +28,9 @@ EXPECTED = {
     "ablations/no_interpolated_experts.yaml": (8, True, True, True, 1, True),
     "ablations/no_meta_split.yaml": (1, True, True, True, 1, False),
     "ablations/no_sparsity_no_ie.yaml": (8, False, True, True, 1, True),
+    "ablations/no_distillation.yaml": (1, True, True, False, 1, True),
+    "ablations/pmf_distill_pre.yaml": (1, False, False, False, 0, True),
+    "ablations/single_dense_expert.yaml": (1, False, False, True, 1, True),
 }
 
 
@@ -84,3 +87,58 @@ def test_bf16_training_is_finite_and_close_to_fp32(name, toy):
     assert bool(torch.isfinite(losses["bf16"]).all())
     assert not torch.equal(losses["bf16"], losses["fp32"])  # the backbone really ran in bf16
     torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=BF16_LOSS_RTOL, atol=0)
+
+
+# The attribution study's variants (configs/sweeps/toy_attribution.yaml): the demo's SMAT or PMF with exactly
+# one part removed or added. Which model fields each changes, and the KD terms it trains with.
+ATTRIBUTION = {
+    "smat.yaml": ("smat", {}, (True, True)),
+    "attribution/no_dense_teacher.yaml": ("smat", {"teacher.enabled": False}, (False, True)),
+    "attribution/no_distillation.yaml": ("smat", {"teacher.enabled": False, "teacher.kd_weight": 0.0}, (False, False)),
+    "attribution/single_dense_expert.yaml": ("smat", {"gates.enabled": False, "gates.num_experts": 1,
+                                                      "hypernet.enabled": False, "optim.delta_lr": 0.01}, (True, True)),
+    "pmf.yaml": ("pmf", {}, (False, False)),
+    "attribution/pmf_distill_pre.yaml": ("pmf", {"teacher.kd_weight": 0.25},
+                                         (False, True)),
+}
+
+
+def _flat(obj, prefix=""):
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out.update(_flat(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else {f"{prefix}{f.name}": v})
+    return out
+
+
+def test_attribution_sweep_is_the_demo_with_one_part_changed_and_every_variant_trains(toy):
+    import dataclasses
+
+    from smat_dist.smat.config import BackboneConfig
+    from smat_dist.sweep.config import load_sweep_config
+    from smat_dist.sweep.grid import expand
+
+    sweep = CONFIGS / "sweeps" / "toy_attribution.yaml"
+    cells = expand(load_sweep_config(sweep), sweep)
+    demo = {m: load_config(RunConfig, [CONFIGS / "demo" / f"{m}.yaml"]) for m in ("smat", "pmf")}
+    by_config = {}
+    for c in cells:
+        by_config.setdefault(c.run.model.method, []).append(c)
+    assert len(by_config) == len(ATTRIBUTION) and all(len(v) >= 5 for v in by_config.values())  # >= 5 seeds each
+    assert all(sorted(x.run.train.seed for x in v) == [0, 1, 2, 3, 4] for v in by_config.values())
+    for name, (base, changes, (teacher, pre_kd)) in ATTRIBUTION.items():
+        cfg = load_config(RunConfig, [CONFIGS / "demo" / name])
+        got, ref = _flat(cfg.model), _flat(demo[base].model)
+        diff = {k: got[k] for k in got if got[k] != ref[k] and k != "method"}
+        assert diff == changes, name
+        assert cfg.train == dataclasses.replace(demo[base].train, run_name=cfg.train.run_name)
+        # builds and trains on a tiny backbone
+        model_cfg = dataclasses.replace(cfg.model, backbone=BackboneConfig(**TINY), precision="fp32")
+        model = SMAT(model_cfg)
+        trainer = Trainer(model, TrainConfig(tasks_per_step=2, tasks_per_epoch=1))
+        m = trainer.train_step(list(toy.iterate(range(2))))
+        assert torch.isfinite(torch.tensor(m.loss)), name
+        assert (m.teacher_ce is not None) == teacher, name
+        assert (m.pre_acc is not None) == pre_kd, name  # the θ_pre target is computed only when distilled from

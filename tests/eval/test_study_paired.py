@@ -1,0 +1,96 @@
+"""tools/study.py pairs cells through smat_dist.eval.stats: seeds matched, episode lists checked."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smat_dist.eval.stats import episode_interval, paired_differences, two_level_interval
+
+from .test_paired_stats import _write_eval
+
+STUDY = Path(__file__).resolve().parents[2] / "tools" / "study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_under_test", STUDY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cells(tmp_path, *, smat_sha="abc"):
+    rng = np.random.default_rng(0)
+    base = {"x": rng.uniform(40, 80, 20), "y": rng.uniform(10, 40, 20)}
+    rows = []
+    for method, shift in (("pmf", 0.0), ("smat", 1.0)):
+        for seed in range(3):
+            d = tmp_path / f"{method}{seed}"
+            noise = rng.normal(0, 1, 20)
+            _write_eval(d, method.upper(), {"x": ("ID", base["x"] + shift * seed),
+                                            "y": ("OOD", base["y"] + shift * (2 + noise))},
+                        sha=smat_sha if method == "smat" else "abc")
+            rows.append(dict(status="done", cell=f"{method}{seed}", eval_dir=str(d), run_dir=str(d), method=method,
+                             train_sources="x", seed=str(seed), id_avg="60", id_ci95="1", ood_avg="30",
+                             ood_ci95="1", sparsity_reached="0.8" if method == "smat" else "",
+                             num_experts="2" if method == "smat" else "1", tau="0.8" if method == "smat" else ""))
+    return rows
+
+
+def test_summary_reports_both_intervals_from_the_package(study, tmp_path):
+    study.scores.cache_clear()
+    study.per_source.cache_clear()
+    rows = _cells(tmp_path)
+    text, deltas = study.summarise(tmp_path, rows, ["config", "train.seed"], {})
+    from smat_dist.eval.report import read_episode_scores
+
+    a = [read_episode_scores(tmp_path / f"smat{s}") for s in range(3)]
+    b = [read_episode_scores(tmp_path / f"pmf{s}") for s in range(3)]
+    d = paired_differences(a, b, ["y"])
+    line = next(l for l in text.splitlines() if l.startswith("| SMAT M=2"))
+    cols = [c.strip() for c in line.strip("|").split("|")]
+    assert cols[9] == str(episode_interval(d)) and cols[12] == str(two_level_interval(d))
+    assert cols[8] == "+1.00 ± 0.00" and cols[11].startswith("+1.00 ± ")  # ID: seed s is s points better
+    assert float(cols[11].split("± ")[1]) > 1.0  # the seeds' spread (0, 1, 2) is in the two-level interval
+    assert cols[13] == "unresolved"
+    assert deltas[0]["ood"] == (episode_interval(d).mean, episode_interval(d).half)
+
+
+def test_study_stops_on_different_episode_lists(study, tmp_path):
+    study.scores.cache_clear()
+    study.per_source.cache_clear()
+    rows = _cells(tmp_path, smat_sha="zzz")
+    with pytest.raises(SystemExit, match="different episode lists"):
+        study.summarise(tmp_path, rows, ["config", "train.seed"], {})
+
+
+def test_labels_of_cells_without_gates(study):
+    row = dict(method="pmf-kd-pre", num_experts="1", tau="", train_sources="x")
+    assert study._label(row, ["config", "train.seed"]) == "PMF-KD-PRE"
+    assert study._label(dict(row, method="smat", num_experts="2", tau="0.8"), ["config"]) == "SMAT M=2 τ=0.8"
+
+
+def test_constraint_table_reads_the_end_of_each_run(study, tmp_path):
+    import json
+
+    def run(name, sparsity_by_step):
+        d = tmp_path / name
+        d.mkdir()
+        with (d / "metrics.jsonl").open("w") as f:
+            for step, sp in sparsity_by_step:
+                f.write(json.dumps(dict(step=step, sparsity=sp, sparsity_test=[0.9] * len(sp), **{"lambda": [0.1] * len(sp)}))
+                        + "\n")
+        return d
+
+    ok = run("ok", [(5, [0.2, 0.3]), (10, [0.79, 0.81])] + [(15 + 5 * i, [0.80, 0.81]) for i in range(4)])
+    late = run("late", [(5, [0.1, 0.1])] + [(10 + 5 * i, [0.95, 0.60]) for i in range(4)])
+    rows, table = study.constraint_table({(2, 0.8): ok, (2, 0.5): late})
+    by = {r["tau"]: r for r in rows}
+    assert by[0.8]["within"] and by[0.8]["at_least"] and by[0.8]["first_step"] == 10
+    assert by[0.8]["tail"] == [0.80, 0.81]  # the last 4 logged rows
+    assert not by[0.5]["within"] and by[0.5]["at_least"] and by[0.5]["first_step"] is None  # expert 0 overshoots
+    assert "| 2 | 0.8 | 0.800 0.810 | 0.805 (0.800–0.810) | yes | yes | 10 |" in table
