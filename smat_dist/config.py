@@ -64,10 +64,10 @@ class RunConfig:
         self.data.validate()
         self.dist.validate()
         self.debug.validate()
-        if self.train.tasks_per_step % self.dist.num_workers:
+        if self.train.tasks_per_step < self.dist.num_workers:  # any other split works (docs/training.md)
             raise ConfigError(
-                f"train.tasks_per_step ({self.train.tasks_per_step}) must be a multiple of "
-                f"dist.num_workers ({self.dist.num_workers}): every rank runs the same number of tasks"
+                f"train.tasks_per_step ({self.train.tasks_per_step}) is smaller than dist.num_workers "
+                f"({self.dist.num_workers}): some ranks would have no task"
             )
         if self.data.episodes == "shards" and self.data.image_size != self.model.backbone.img_size:
             raise ConfigError(
