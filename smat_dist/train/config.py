@@ -73,6 +73,13 @@ class DistConfig:
         self.deepspeed.validate()
 
 
+def uneven_zero_error(tasks: int, ranks: int, stage: int) -> str:
+    """Why ZeRO 1/2 need a meta-batch that the ranks share evenly (one message for both launchers)."""
+    return (f"train.tasks_per_step={tasks} on {ranks} ranks is uneven, which dist.zero_stage={stage} cannot run: ZeRO 1/2 "
+            f"reduce gradient buckets in the order a backward produces them, and a rank's padding micro-step "
+            f"produces them in another order; use dist.zero_stage=0 or a multiple of {ranks} tasks")
+
+
 @dataclass
 class DebugConfig:
     """Test hooks: crash or stop a run at a chosen meta-step to prove resume. Not for production runs;
@@ -94,4 +101,4 @@ class DebugConfig:
             raise ConfigError(f"debug.fault_rank must be >= 0, got {self.fault_rank}")
 
 
-__all__ = ["DistConfig", "DeepSpeedConfig", "DebugConfig"]
+__all__ = ["DistConfig", "DeepSpeedConfig", "DebugConfig", "uneven_zero_error"]

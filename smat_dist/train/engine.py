@@ -50,8 +50,11 @@ class Engine:
         """Backward of one task's loss (no host synchronisation)."""
         raise NotImplementedError
 
+    def complete_backward(self) -> None:
+        """After the meta-step's last task: every gradient reduction done (the same collectives on every rank)."""
+
     def finish_step(self) -> None:
-        """After the meta-step's last task: the optimiser step."""
+        """After :meth:`complete_backward`: the optimiser step."""
 
     def save(self, directory: Path, tag: str) -> None:
         raise NotImplementedError
@@ -162,11 +165,14 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(scaled)
         self._done += 1
 
-    def finish_step(self) -> None:
-        """Pad to the common micro-step count, then the boundary step (all-reduce and optimiser step)."""
+    def complete_backward(self) -> None:
+        """Pad to the common micro-step count: the last micro-step's backward reduces the gradients."""
         while self._done < self.micro_steps:
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.backward(sum((p * 0.0).sum() for p in params))
+
+    def finish_step(self) -> None:
+        """The boundary step: DeepSpeed's optimiser step."""
         self.engine.step()
         self._done = 0
 

@@ -34,9 +34,11 @@ from smat_dist.smat.optim import SMATOptimizer, apply_schedule, build_optimizer
 from smat_dist.smat.timing import StepTimer
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed, runlog
+from smat_dist.train.config import uneven_zero_error
 from smat_dist.train.distributed import Runtime
 from smat_dist.data.loader import tasks_of_rank
 from smat_dist.train.engine import DeepSpeedEngine, Engine, LocalEngine
+from smat_dist.train.prefetch import Prefetched
 from smat_dist.train.metrics import TASK_KEYS, MetricsLog, StepMetrics, TaskRecord
 
 log = logging.getLogger(__name__)
@@ -103,8 +105,8 @@ def meta_step(model: SMAT, episodes: Iterator[Episode], *, local_tasks: int, glo
 
     Nothing in the task loop waits for the device: each task's finiteness, α and metrics stay tensors,
     the phase times are CUDA events (:class:`~smat_dist.smat.timing.StepTimer`), and all of it is read
-    once, after the last backward and before the optimiser step (a non-finite loss on any rank stops
-    every rank before the parameters change)."""
+    once, after the gradients are reduced and before the optimiser step (a non-finite loss on any rank
+    stops every rank before the parameters change)."""
     model.train()
     device = model.device
     step_ctx = model.begin_step(step, seed, tasks=local_tasks)
@@ -126,9 +128,10 @@ def meta_step(model: SMAT, episodes: Iterator[Episode], *, local_tasks: int, glo
         sources.append(ep.source)
         indices.append(ep.index)
         outputs.append(out.metrics)
+    t3 = timer.mark()
+    engine.complete_backward()  # same collectives on every rank before the check's own
     if stop_on_nonfinite:
         _check_finite(finite, outputs, indices, step)
-    t3 = timer.mark()
     engine.finish_step()
     timer.add("reduce", t3)
     model.end_step(global_tasks)
@@ -209,6 +212,8 @@ class MetaTrainRecipe:
         if B < W:
             raise ConfigError(f"train.tasks_per_step={B} is smaller than the {W} ranks: {W - B} rank(s) would have "
                               f"no task; use at most {B} ranks or a larger meta-batch")
+        if B % W and cfg.dist.zero_stage > 0:
+            raise ConfigError(uneven_zero_error(B, W, cfg.dist.zero_stage))
         self.tasks_per_rank = tasks_of_rank(B, runtime.rank, W)  # ⌈B/W⌉ or ⌊B/W⌋
 
     # ------------------------------------------------------------------------------ setup
@@ -261,6 +266,8 @@ class MetaTrainRecipe:
             self.loader = self._provider if hasattr(self._provider, "stats") else None
         else:
             self._stream, self.loader = open_episodes(self.cfg, indices, use_ray=rt.launcher == "ray", device=rt.device)
+        if rt.launcher != "ray":  # Ray's actors build ahead already; here a thread does, as many episodes ahead
+            self._stream = Prefetched(self._stream, depth=self.cfg.data.max_in_flight)
 
     def run(self, resume: ContextManager[Optional[str | Path]]) -> None:
         """What every launcher does on every rank: set up (resuming from the directory ``resume`` yields,
@@ -296,6 +303,9 @@ class MetaTrainRecipe:
                 self._log(m, time.perf_counter() - t_run, self.step - first)
                 self._checkpoint_and_hooks(m)
         finally:
+            if isinstance(self._stream, Prefetched):
+                self._stream.close()
+                self._stream = None
             if self.loader is not None and self._provider is None:
                 self.loader.close()
 
