@@ -148,7 +148,9 @@ def cmd_summary(a) -> int:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     for r in rows:
         step = r.get("step")
-        if step == "bench":
+        if step == "bench" and "error" in r:
+            print(f"bench {r['backbone']} {r['kind']} M={r['experts']}: FAILED: {r['error'].splitlines()[-1]}")
+        elif step == "bench":
             mfu = f", MFU {100 * r['mfu']:.1f} %" if r.get("mfu") is not None else ""
             gpu = (f", peak {r['peak_gpu_gb']:.2f} GB alloc / {r['peak_reserved_gb']:.2f} GB reserved"
                    if r.get("peak_gpu_gb") is not None else "")

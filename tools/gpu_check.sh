@@ -88,6 +88,7 @@ step() {  # step NAME WANT_S COMMAND...: run within min(WANT_S, time left), log,
     if [ "$limit" -lt 10 ]; then
         echo "SKIP $name (deadline: ${left} s left)" | tee -a "$summary"
         printf '{"step": "result", "name": "%s", "status": "skip", "seconds": 0}\n' "$name" >> "$results"
+        failed=1
         return 1
     fi
     local t0=$SECONDS rc=0
