@@ -63,6 +63,10 @@ if ! err="$("$python" -c "$imports" 2>&1)"; then
 fi
 
 if [ "$smoke" = 1 ]; then
+    # the GPU machine has no Ray: hide it here too, so the rehearsal fails where that machine would
+    mkdir -p "$work/noray/ray"
+    echo 'raise ImportError("ray is hidden by gpu_check --smoke: the GPU machine has no Ray")' > "$work/noray/ray/__init__.py"
+    export PYTHONPATH="$work/noray:$PYTHONPATH"
     device=cpu; image=24; md_image=24; steps=4; eval_episodes=2; bench_tasks=1; tiny=--tiny
     bench_args="--backbones tiny --threads 2 --repeats 1"
     model_args="model.backbone.name=vit_tiny_patch16_224 model.backbone.img_size=$image model.backbone.patch_size=8
