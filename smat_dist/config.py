@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from smat_dist.data.config import DataConfig
-from smat_dist.train.config import DebugConfig, DistConfig, TrainConfig
+from smat_dist.train.config import DebugConfig, DistConfig, TrainConfig, uneven_zero_error
 from smat_dist.errors import ConfigError
 from smat_dist.monitoring.config import MonitorConfig
 from smat_dist.smat.config import ModelConfig
@@ -47,11 +47,13 @@ class RunConfig:
         self.dist.validate()
         self.monitor.validate()
         self.debug.validate()
-        if self.train.tasks_per_step % self.dist.num_workers:
+        if self.train.tasks_per_step < self.dist.num_workers:  # any other split works (docs/training.md)
             raise ConfigError(
-                f"train.tasks_per_step ({self.train.tasks_per_step}) must be a multiple of "
-                f"dist.num_workers ({self.dist.num_workers}): every rank runs the same number of tasks"
+                f"train.tasks_per_step ({self.train.tasks_per_step}) is smaller than dist.num_workers "
+                f"({self.dist.num_workers}): some ranks would have no task"
             )
+        if self.train.tasks_per_step % self.dist.num_workers and self.dist.zero_stage > 0:
+            raise ConfigError(uneven_zero_error(self.train.tasks_per_step, self.dist.num_workers, self.dist.zero_stage))
         if self.data.episodes == "shards" and self.data.image_size != self.model.backbone.img_size:
             raise ConfigError(
                 f"data.image_size ({self.data.image_size}) differs from model.backbone.img_size "

@@ -44,7 +44,9 @@ class Episode:
 
     @property
     def ways(self) -> int:
-        return num_ways(self.support_y)
+        """Number of classes: known on the host from ``classes`` when the builder set them (no device
+        synchronisation inside a meta-step), else read from the labels."""
+        return len(self.classes) if self.classes else num_ways(self.support_y)
 
     def to(self, device: torch.device | str) -> "Episode":
         """This episode on ``device`` (:func:`to_device`; the data plane's loader normalises on the device itself)."""

@@ -4,8 +4,11 @@
 For each backbone (tiny ViT D=64/depth 2, ViT-S/16; random init) on an episode (default 10-way 5-shot
 10-query; ``--episode md``: the Meta-Dataset protocol's largest, 50-way with 500 support and 500 query
 images), with M=1 and M=8 experts: seconds per SMAT task (a meta-step of ``--tasks-per-step`` tasks
-divided by its size), seconds per ProtoNet step on the same backbone and episode, their ratio, peak RSS
-and, on a GPU, peak GPU memory. Every configuration runs in its own subprocess so its peaks are its own.
+divided by its size), seconds per ProtoNet step on the same backbone and episode, their ratio, peak RSS,
+the matmul/attention FLOPs of one task counted by ``torch.utils.flop_counter`` and, on a GPU, peak
+allocated and reserved memory and the MFU against the device's peak bf16 rate (:data:`PEAK_BF16_TFLOPS`).
+Every configuration runs in its own subprocess so its peaks are its own; a configuration that fails is
+reported with its error and the others still run; ``--json`` is rewritten after every row.
 
     python tools/bench_step.py                    # CPU, 84 px, fp32, both backbones
     python tools/bench_step.py --backbones tiny   # seconds
@@ -30,6 +33,16 @@ BACKBONES = {
 
 
 EPISODES = {"10w5s10q": (10, 5, 10), "md": (50, 10, 10)}  # ways, shots, queries per class
+
+# Dense (no sparsity) bf16 tensor-core peak of each device, TFLOP/s, from the vendors' datasheets; the
+# first name contained in torch.cuda.get_device_name() wins (so the more specific names come first).
+PEAK_BF16_TFLOPS = {"H200": 989.5, "H100 PCIe": 756.0, "H100": 989.5, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                    "A10": 125.0}
+
+
+def peak_tflops(device_name: str):
+    """The table's peak for ``device_name``, or None (CPU, unknown GPU: no MFU is reported)."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
 def _episode(ways: int, shots: int, queries: int, size: int, device):
@@ -95,7 +108,13 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    from torch.utils.flop_counter import FlopCounterMode
+
     step(0)  # warm-up (allocator, lazy init, kernel selection)
+    sync()
+    with FlopCounterMode(display=False) as counter:  # one more step, counted (not timed)
+        step(args.repeats + 1)
+    flops_per_task = counter.get_total_flops() / per_call
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -105,10 +124,18 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
         step(r + 1)
         sync()
         times.append((time.perf_counter() - t0) / per_call)
+    best = min(times)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
-    row = dict(kind=kind, backbone=backbone, experts=experts, sec_per_task=min(times), tasks_per_s=1 / min(times),
-               peak_rss_gb=rss_gb, peak_gpu_gb=gpu_gb, threads=torch.get_num_threads(), device=args.device,
+    gpu_gb = reserved_gb = peak = None
+    if device.type == "cuda":
+        gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3
+        reserved_gb = torch.cuda.max_memory_reserved(device) / 1024**3
+        peak = peak_tflops(torch.cuda.get_device_name(device))
+    row = dict(kind=kind, backbone=backbone, experts=experts, sec_per_task=best, tasks_per_s=1 / best,
+               tflop_per_task=flops_per_task / 1e12, achieved_tflops=flops_per_task / best / 1e12,
+               mfu=None if peak is None else flops_per_task / best / (peak * 1e12), peak_tflops=peak,
+               peak_rss_gb=rss_gb, peak_gpu_gb=gpu_gb, peak_reserved_gb=reserved_gb,
+               threads=torch.get_num_threads(), device=args.device,
                precision=args.precision, image_size=args.image_size, episode=args.episode)
     if kind == "smat" and not args.no_gate_profile:
         gates = trainer.model.gates if hasattr(trainer, "model") else None
@@ -199,8 +226,9 @@ def interleaved_rounds(args, env, passthrough) -> None:
         for r in range(args.rounds):
             for experts in ((1, 8) if r % 2 == 0 else (8, 1)):
                 cmd = [sys.executable, __file__, "--child", f"smat:{backbone}:{experts}", *passthrough]
-                res = _child(cmd, env)
+                res, err = run_child(cmd, env)
                 if res is None:
+                    print(f"  FAILED   round {r + 1} {backbone} M={experts} {err}", file=sys.stderr, flush=True)
                     continue
                 per[experts].append(res["sec_per_task"])
                 print(f"  round {r + 1} {backbone} M={experts}: {res['sec_per_task']:.3f} s/task, "
@@ -213,12 +241,18 @@ def interleaved_rounds(args, env, passthrough) -> None:
                   f"best-of M8/M1 {min(per[8]) / min(per[1]):.3f}")
 
 
-def _child(cmd, env):
+def run_child(cmd, env):
+    """(row, None) from a measuring child, or (None, the last lines of its error output)."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"  child {cmd[3]} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        return None
-    return json.loads(proc.stdout.splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    try:
+        res = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    except json.JSONDecodeError:
+        res = None
+    if res is None:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        return None, f"(exit {proc.returncode}):\n{tail}"
+    return res, None
 
 
 def main() -> None:
@@ -231,12 +265,13 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--image-size", type=int, default=84)
     ap.add_argument("--episode", default="10w5s10q", choices=list(EPISODES))
-    ap.add_argument("--json", help="also write the measured rows to this file")
+    ap.add_argument("--json", help="also write the measured rows to this file (rewritten as each one finishes)")
     ap.add_argument("--rounds", type=int, default=0,
                     help="instead of the table: alternate M=1 and M=8 SMAT this many times per backbone")
     ap.add_argument("--gate-kernel", default="auto", choices=["auto", "compiled", "eager"],
                     help="model.gates.kernel: how the gate passes run")
     ap.add_argument("--no-gate-profile", action="store_true", help="skip the profiled gate-pass step")
+    ap.add_argument("--experts", type=int, nargs="+", default=[1, 8], help="SMAT expert counts (M) to measure")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -250,39 +285,67 @@ def main() -> None:
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows = {}
+    failed = []
     passthrough = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--tasks-per-step",
                    str(args.tasks_per_step), "--device", args.device, "--precision", args.precision, "--image-size",
                    str(args.image_size), "--episode", args.episode, "--gate-kernel", args.gate_kernel] + (["--no-gate-profile"] if args.no_gate_profile else [])
     if args.rounds:
         interleaved_rounds(args, env, passthrough)
         return
+    kinds = [("protonet", 0)] + [("smat", m) for m in args.experts]
     for backbone in args.backbones:
-        for kind, experts in (("protonet", 0), ("smat", 1), ("smat", 8)):
+        for kind, experts in kinds:
+            name = f"{backbone} {kind} M={experts}"
             cmd = [sys.executable, __file__, "--child", f"{kind}:{backbone}:{experts}", *passthrough]
-            res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            rows[(backbone, kind, experts)] = res
-            gpu = f", peak GPU {res['peak_gpu_gb']:.2f} GB" if res.get("peak_gpu_gb") is not None else ""
-            print(f"  measured {backbone:8s} {kind:8s} M={experts}: {res['sec_per_task']:.4f} s/task "
-                  f"({res['tasks_per_s']:.2f}/s), peak RSS {res['peak_rss_gb']:.2f} GB{gpu}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(list(rows.values()), f, indent=1)
+            res, err = run_child(cmd, env)
+            if res is None:
+                print(f"  FAILED   {name} {err}", file=sys.stderr, flush=True)
+                failed.append(dict(kind=kind, backbone=backbone, experts=experts, error=err[-2000:]))
+            else:
+                rows[(backbone, kind, experts)] = res
+                print(f"  measured {name}: {describe(res)}", flush=True)
+            if args.json:  # what has finished so far, in case a later configuration takes the machine down
+                tmp = args.json + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(list(rows.values()) + failed, f, indent=1)
+                os.replace(tmp, args.json)
     ways, shots, queries = EPISODES[args.episode]
     print()
     print(f"{ways}-way {shots}-shot {queries}-query, {args.image_size} px, {args.precision}, {args.device}, "
           f"{args.threads} threads, {args.tasks_per_step} tasks per meta-step")
     print(f"{'backbone':9s} {'M':>2s} {'SMAT s/task':>12s} {'ProtoNet s':>11s} {'SMAT/ProtoNet':>14s} "
-          f"{'M8/M1':>6s} {'peak RSS GB':>12s}")
+          f"{'M/M1':>6s} {'peak RSS GB':>12s}")
     for backbone in args.backbones:
-        pn = rows[(backbone, "protonet", 0)]
-        m1 = rows[(backbone, "smat", 1)]
-        for experts in (1, 8):
-            r = rows[(backbone, "smat", experts)]
-            ratio_m = r["sec_per_task"] / m1["sec_per_task"]
-            print(f"{backbone:9s} {experts:2d} {r['sec_per_task']:12.3f} {pn['sec_per_task']:11.3f} "
-                  f"{r['sec_per_task'] / pn['sec_per_task']:14.2f} {ratio_m:6.2f} {r['peak_rss_gb']:12.2f}")
-        print(f"{backbone:9s} ProtoNet peak RSS {pn['peak_rss_gb']:.2f} GB")
+        pn = rows.get((backbone, "protonet", 0))
+        m1 = rows.get((backbone, "smat", min(args.experts)))
+        for experts in args.experts:
+            r = rows.get((backbone, "smat", experts))
+            if r is None:
+                print(f"{backbone:9s} {experts:2d} {'failed':>12s}")
+                continue
+            vs_pn = f"{r['sec_per_task'] / pn['sec_per_task']:14.2f}" if pn else f"{'-':>14s}"
+            ratio_m = f"{r['sec_per_task'] / m1['sec_per_task']:6.2f}" if m1 else f"{'-':>6s}"
+            pn_s = f"{pn['sec_per_task']:11.3f}" if pn else f"{'-':>11s}"
+            print(f"{backbone:9s} {experts:2d} {r['sec_per_task']:12.3f} {pn_s} {vs_pn} {ratio_m} "
+                  f"{r['peak_rss_gb']:12.2f}")
+        if pn:
+            print(f"{backbone:9s} ProtoNet peak RSS {pn['peak_rss_gb']:.2f} GB")
     print_gate_table(rows, args.backbones)
+    if failed:
+        print(f"{len(failed)} configuration(s) failed: " + ", ".join(f"{f['backbone']} {f['kind']} M={f['experts']}"
+                                                                   for f in failed))
+        sys.exit(1)
+
+
+def describe(res: dict) -> str:
+    """One measured row as text: time, FLOPs, MFU and peaks where known."""
+    text = (f"{res['sec_per_task']:.4f} s/task ({res['tasks_per_s']:.2f}/s), {res['tflop_per_task']:.4f} TFLOP/task "
+            f"({res['achieved_tflops']:.3f} TFLOP/s), peak RSS {res['peak_rss_gb']:.2f} GB")
+    if res.get("mfu") is not None:
+        text += f", MFU {100 * res['mfu']:.1f} % of {res['peak_tflops']:.0f}"
+    if res.get("peak_gpu_gb") is not None:
+        text += f", peak GPU {res['peak_gpu_gb']:.2f} GB allocated / {res['peak_reserved_gb']:.2f} GB reserved"
+    return text
 
 
 if __name__ == "__main__":

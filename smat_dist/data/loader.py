@@ -45,15 +45,19 @@ def rank_indices(step_start: int, tasks_per_step: int, rank: int, world_size: in
                  num_steps: Optional[int] = None) -> Iterator[int]:
     """Global episode numbers of ``rank``: meta-step ``s`` owns ``g in [s*T, (s+1)*T)`` and
     rank ``r`` takes ``g = s*T + r, s*T + r + W, ...``. Disjoint across ranks, covering every g,
-    and a resume from step ``k`` is ``step_start=k``. Infinite when ``num_steps`` is None."""
-    if tasks_per_step % world_size:
-        raise ValueError(f"tasks_per_step {tasks_per_step} must be a multiple of world_size {world_size}")
+    and a resume from step ``k`` is ``step_start=k``. Any ``T``: rank ``r`` gets :func:`tasks_of_rank` of
+    them per step (⌈T/W⌉ or ⌊T/W⌋). Infinite when ``num_steps`` is None."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     s = step_start
     while num_steps is None or s < step_start + num_steps:
         yield from range(s * tasks_per_step + rank, (s + 1) * tasks_per_step, world_size)
         s += 1
+
+
+def tasks_of_rank(tasks_per_step: int, rank: int, world_size: int) -> int:
+    """How many of a meta-step's tasks :func:`rank_indices` gives ``rank``: ⌈T/W⌉ for the first T mod W ranks."""
+    return len(range(rank, tasks_per_step, world_size))
 
 
 LOOKAHEAD_PER_ACTOR = 2  # upcoming episodes per actor whose shards are prefetched
@@ -276,4 +280,4 @@ def materialise(spec: EpisodeSpec, builder: EpisodeBuilder, augment: bool = Fals
     return builder.materialise(spec, augment).to_episode(t.mean, t.std)
 
 
-__all__ = ["EpisodeActor", "EpisodeLoader", "materialise", "rank_indices"]
+__all__ = ["EpisodeActor", "EpisodeLoader", "materialise", "rank_indices", "tasks_of_rank"]

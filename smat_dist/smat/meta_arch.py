@@ -23,7 +23,6 @@ for a ProtoNet step; the reference runs ≈ 8·(S+Q).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -41,6 +40,7 @@ from smat_dist.smat.losses import distill
 from smat_dist.smat.merge import MergePlan, merge
 from smat_dist.smat.precision import backbone_autocast
 from smat_dist.smat.protonet import cosine_logits, prototypes
+from smat_dist.smat.timing import StepTimer
 
 
 def stream_seed(*keys: int | str) -> int:
@@ -67,6 +67,7 @@ class StepContext:
     violation: Optional[torch.Tensor] = None  # sparsity - tau
     alpha_sum: Optional[torch.Tensor] = None  # Σ_t stopgrad(α_t) over this worker's tasks so far
     tasks: int = 0
+    timer: Optional[StepTimer] = None  # the meta-step's phase clock (the dense teacher's time)
 
 
 @dataclass
@@ -226,7 +227,7 @@ class SMAT(nn.Module):
         proto_pre = None
         if self.hypernet is not None or use_pre_kd:
             with torch.no_grad():
-                proto_pre = prototypes(self._features(None, episode.support_x), episode.support_y, ways)
+                proto_pre = prototypes(self._features(None, episode.support_x), episode.support_y, ways, check=False)
         temperature = self.temperature(task_index)
         generator = _generator(self.device, "alpha", ctx.seed, task_index) if self.hypernet is not None else None
         alpha, selection_logits = self._alpha(proto_pre, temperature, stochastic=True, generator=generator)
@@ -242,7 +243,7 @@ class SMAT(nn.Module):
 
         # Support pass under θ_i: prototype head (with graph) and inner-loop gradient.
         support_features = self._features(self.space.views(theta), episode.support_x)
-        head = prototypes(support_features, episode.support_y, ways)
+        head = prototypes(support_features, episode.support_y, ways, check=False)
         theta_q, head_q = theta, head
         if cfg.inner.steps > 0:
             theta_q, head_q, support_ce = self._inner_loop(theta, head, support_features, episode)
@@ -252,9 +253,10 @@ class SMAT(nn.Module):
 
         kd_loss = logits.new_zeros(())
         if use_teacher:
-            started = self._clock()
+            started = ctx.timer.mark() if ctx.timer is not None else None
             teacher_logits = self._teacher(theta, head, theta_q, head_q, query_ce, episode)
-            metrics["time_teacher"] = torch.tensor(self._clock() - started)
+            if ctx.timer is not None:
+                ctx.timer.add("teacher", started)
             kd_loss = kd_loss + teacher_cfg.teacher_weight * distill(
                 logits, teacher_logits, teacher_cfg.temperature, teacher_cfg.kl_direction)
             with torch.no_grad():
@@ -339,11 +341,6 @@ class SMAT(nn.Module):
             theta_t, head_t = self._sgd_step(theta_t.detach(), head_t.detach(), images, labels, teacher_cfg.lr)
         with torch.no_grad():
             return self._logits(theta_t, head_t, episode.query_x)
-
-    def _clock(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
 
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()

@@ -15,13 +15,19 @@ from smat_dist.smat.precision import full_precision
 __all__ = ["cosine_logits", "num_ways", "prototypes"]
 
 
-def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
-    """Class means (ways, D) of ``features`` (S, D), fp32; every class must have >= 1 example."""
+def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int, *, check: bool = True) -> torch.Tensor:
+    """Class means (ways, D) of ``features`` (S, D), fp32; every class must have >= 1 example.
+
+    ``check=False`` skips the host-side test of that (a device synchronisation): meta-training passes
+    it inside a meta-step, where a class without examples gives a NaN prototype, a non-finite loss and
+    the step's one finiteness check fails instead.
+    """
     with full_precision(features.device):
         features = features.float()
-        onehot = F.one_hot(labels, ways).to(features.dtype)  # (S, C)
+        classes = torch.arange(ways, device=labels.device)
+        onehot = (labels[:, None] == classes[None, :]).to(features.dtype)  # (S, C); F.one_hot would sync
         counts = onehot.sum(0)
-        if bool((counts == 0).any()):
+        if check and bool((counts == 0).any()):
             missing = torch.nonzero(counts == 0).flatten().tolist()
             raise ValueError(f"support set has no example of class(es) {missing}")
         return (onehot.t() @ features) / counts[:, None]

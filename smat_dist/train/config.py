@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from smat_dist.errors import ConfigError, require
@@ -39,6 +39,40 @@ class TrainConfig:
         return (self.epochs * self.tasks_per_epoch) // self.tasks_per_step
 
 
+COMMUNICATION_TYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed's communication settings (``dist.deepspeed``), passed to every rank's engine.
+
+    The ZeRO stage itself is ``dist.zero_stage`` (checkpoints record it). Bucket sizes are in elements.
+    """
+
+    # Data type of the gradient all-reduce / reduce-scatter; None = the gradients' own (fp32). bf16 halves
+    # the bytes on the wire at ~3 significant digits per reduced value.
+    communication_data_type: Optional[str] = None
+    overlap_comm: bool = False  # ZeRO 1/2: reduce buckets while the backward still runs
+    reduce_bucket_size: int = 500_000_000  # elements per reduction bucket
+    allgather_bucket_size: int = 500_000_000  # ZeRO 1/2: elements per all-gather of updated partitions
+    contiguous_gradients: bool = True  # ZeRO 2: copy reduced gradients into one buffer (less fragmentation)
+    reduce_scatter: bool = True  # ZeRO 1/2: reduce-scatter instead of all-reduce of the gradients
+
+    def zero_settings(self) -> dict:
+        """The ``zero_optimization`` entries besides ``stage``."""
+        return dict(overlap_comm=self.overlap_comm, reduce_bucket_size=int(self.reduce_bucket_size),
+                    allgather_bucket_size=int(self.allgather_bucket_size),
+                    contiguous_gradients=self.contiguous_gradients, reduce_scatter=self.reduce_scatter)
+
+    def validate(self) -> None:
+        if self.communication_data_type is not None and self.communication_data_type not in COMMUNICATION_TYPES:
+            raise ConfigError(f"dist.deepspeed.communication_data_type must be one of {list(COMMUNICATION_TYPES)} "
+                              f"or null, got {self.communication_data_type!r}")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"dist.deepspeed.{name} must be >= 1 (elements), got {getattr(self, name)}")
+
+
 @dataclass
 class DistConfig:
     """How the ranks are placed. ``num_workers`` and the resource keys size the Ray launcher; under
@@ -58,6 +92,7 @@ class DistConfig:
     storage_path: Optional[str] = None
     local_num_cpus: Optional[int] = None  # local Ray (no RAY_ADDRESS): CPUs to offer; None = all
     object_store_mb: int = 256  # local Ray object store
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # communication settings
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -66,6 +101,14 @@ class DistConfig:
             raise ConfigError(f"dist.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.max_failures < 0:
             raise ConfigError(f"dist.max_failures must be >= 0, got {self.max_failures}")
+        self.deepspeed.validate()
+
+
+def uneven_zero_error(tasks: int, ranks: int, stage: int) -> str:
+    """Why ZeRO 1/2 need a meta-batch that the ranks share evenly (one message for both launchers)."""
+    return (f"train.tasks_per_step={tasks} on {ranks} ranks is uneven, which dist.zero_stage={stage} cannot run: ZeRO 1/2 "
+            f"reduce gradient buckets in the order a backward produces them, and a rank's padding micro-step "
+            f"produces them in another order; use dist.zero_stage=0 or a multiple of {ranks} tasks")
 
 
 KILL_POINTS = ("files", "sidecar", "committed")
@@ -100,4 +143,4 @@ class DebugConfig:
             raise ConfigError(f"debug.fault_rank must be >= 0, got {self.fault_rank}")
 
 
-__all__ = ["TrainConfig", "DistConfig", "DebugConfig"]
+__all__ = ["TrainConfig", "DistConfig", "DeepSpeedConfig", "DebugConfig", "uneven_zero_error"]

@@ -62,11 +62,17 @@ def served_devices(backend: str) -> FrozenSet[str]:
     return frozenset(out)
 
 
-def rank_device(use_gpu: bool, local_rank: int) -> torch.device:
+def rank_device(use_gpu: bool, local_rank: int, local_world_size: int = 1) -> torch.device:
+    """cuda:LOCAL_RANK with ``use_gpu``; more ranks on a node than it has GPUs is an error (ranks sharing a
+    GPU would run, slowly and out of memory, instead of failing here before any work)."""
     if not use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("dist.use_gpu=true but torch sees no CUDA device on this node")
+    if local_world_size > torch.cuda.device_count():
+        raise RuntimeError(f"{local_world_size} ranks on this node but torch sees {torch.cuda.device_count()} GPU(s): "
+                           f"start at most {torch.cuda.device_count()} (torchrun --nproc-per-node) with "
+                           f"dist.use_gpu=true")
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
@@ -76,7 +82,7 @@ def init_torchrun(use_gpu: bool, timeout_s: float = 1800.0) -> Runtime:
     """Join the process group torchrun describes in the environment (``env://`` rendezvous)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = rank_device(use_gpu, local_rank)
+    device = rank_device(use_gpu, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not is_initialized():
         tdist.init_process_group(backend=backend_for(device), timeout=timedelta(seconds=timeout_s))
     return Runtime("torchrun", rank, world, local_rank, device)

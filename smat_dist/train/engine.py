@@ -17,12 +17,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
 from smat_dist.smat.optim import SMATOptimizer
 from smat_dist.train import distributed
+from smat_dist.train.config import DeepSpeedConfig
 
 # Classes DeepSpeed writes into ZeRO optimizer-state files; the only globals our checkpoint
 # loader lets the weights-only unpickler rebuild (no arbitrary code from a checkpoint).
@@ -45,12 +46,15 @@ class Engine:
         self.model = model
         self.optimizer = optimizer
 
-    def backward(self, loss: torch.Tensor) -> float:
-        """Backward of one task's loss; returns seconds spent reducing/stepping (0 if none)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one task's loss (no host synchronisation)."""
         raise NotImplementedError
 
+    def complete_backward(self) -> None:
+        """After the meta-step's last task: every gradient reduction done (the same collectives on every rank)."""
+
     def finish_step(self) -> None:
-        """After the meta-step's last task."""
+        """After :meth:`complete_backward`: the optimiser step."""
 
     def save(self, directory: Path, tag: str) -> None:
         raise NotImplementedError
@@ -66,9 +70,8 @@ class LocalEngine(Engine):
         super().__init__(model, optimizer)
         self.tasks_per_step = int(tasks_per_step)
 
-    def backward(self, loss: torch.Tensor) -> float:
+    def backward(self, loss: torch.Tensor) -> None:
         (loss / self.tasks_per_step).backward()
-        return 0.0
 
     def finish_step(self) -> None:
         self.optimizer.step()
@@ -103,41 +106,75 @@ def import_deepspeed(use_gpu: bool):
     return deepspeed
 
 
-def ds_config(zero_stage: int, tasks_per_rank: int) -> Dict[str, Any]:
-    """One task per micro-step, accumulation over a rank's tasks, fp32 master weights (mixed
-    precision is autocast inside the model), clipping per group in the client optimiser (so
-    DeepSpeed's global-norm clipping is off)."""
-    return {
+def micro_steps(tasks_per_step: int, world_size: int) -> int:
+    """Micro-steps every rank runs per meta-step: ⌈B/W⌉ (DeepSpeed needs the same count on every rank)."""
+    return -(-int(tasks_per_step) // int(world_size))
+
+
+def ds_config(zero_stage: int, tasks_per_rank: int, settings: Optional[DeepSpeedConfig] = None) -> Dict[str, Any]:
+    """One task per micro-step, accumulation over ``tasks_per_rank`` micro-steps, fp32 master weights
+    (mixed precision is autocast inside the model), clipping per group in the client optimiser (so
+    DeepSpeed's global-norm clipping is off); the communication settings from ``dist.deepspeed``."""
+    settings = settings or DeepSpeedConfig()
+    config: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": int(tasks_per_rank),
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": int(zero_stage)},
+        "zero_optimization": {"stage": int(zero_stage), **settings.zero_settings()},
         "zero_allow_untested_optimizer": True,
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
+    if settings.communication_data_type is not None:
+        config["communication_data_type"] = settings.communication_data_type
+    return config
 
 
 class DeepSpeedEngine(Engine):
+    """DeepSpeed over ``world_size`` ranks for a meta-batch of ``tasks_per_step`` tasks, any split.
+
+    Ranks own ⌈B/W⌉ or ⌊B/W⌋ tasks, but DeepSpeed reduces at a fixed micro-step count, so every rank
+    runs ``n = ⌈B/W⌉`` micro-steps: a rank with fewer tasks adds one zero-loss backward. DeepSpeed
+    divides each micro-step's loss by ``n`` and the reduced gradient by ``W``; scaling every task loss
+    by ``W·n/B`` makes the step's gradient the mean over the B tasks, as on one rank.
+    """
+
     kind = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, optimizer: SMATOptimizer, *, zero_stage: int, tasks_per_rank: int):
+    def __init__(self, model: torch.nn.Module, optimizer: SMATOptimizer, *, zero_stage: int, tasks_per_step: int,
+                 world_size: int, settings: Optional[DeepSpeedConfig] = None):
         super().__init__(model, optimizer)
         deepspeed = import_deepspeed(model.device.type == "cuda")
+        self.micro_steps = micro_steps(tasks_per_step, world_size)
+        self.loss_scale = world_size * self.micro_steps / tasks_per_step
+        self.config = ds_config(zero_stage, self.micro_steps, settings)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(zero_stage, tasks_per_rank), dist_init_required=False)
+            model=model, optimizer=optimizer, config=self.config, dist_init_required=False)
         if zero_stage > 0:
             # ZeRO 1/2 hand each rank a partition of every group: per-group norms need a sum over ranks.
             optimizer.norm_reducer = distributed.all_reduce_sum
+        self._done = 0  # micro-steps of the current meta-step
         self._make_checkpoint_loading_safe()
 
-    def backward(self, loss: torch.Tensor) -> float:
-        self.engine.backward(loss)
-        t0 = time.perf_counter()
-        self.engine.step()  # the optimiser steps (after the all-reduce) at the last task only
-        return time.perf_counter() - t0
+    def backward(self, loss: torch.Tensor) -> None:
+        if self._done:  # the previous micro-step's (non-boundary) step: DeepSpeed counts micro-steps there
+            self.engine.step()
+        scaled = loss if self.loss_scale == 1.0 else loss * self.loss_scale
+        self.engine.backward(scaled)
+        self._done += 1
+
+    def complete_backward(self) -> None:
+        """Pad to the common micro-step count: the last micro-step's backward reduces the gradients."""
+        while self._done < self.micro_steps:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.backward(sum((p * 0.0).sum() for p in params))
+
+    def finish_step(self) -> None:
+        """The boundary step: DeepSpeed's optimiser step."""
+        self.engine.step()
+        self._done = 0
 
     def save(self, directory: Path, tag: str) -> None:
         """Every rank writes its part (ZeRO partitions); rank 0 also the module state."""
@@ -171,4 +208,4 @@ def _resolve(path: str):
         return None
 
 
-__all__ = ["Engine", "LocalEngine", "DeepSpeedEngine", "import_deepspeed", "ds_config", "LOCAL_STATE"]
+__all__ = ["Engine", "LocalEngine", "DeepSpeedEngine", "import_deepspeed", "ds_config", "micro_steps", "LOCAL_STATE"]

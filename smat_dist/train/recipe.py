@@ -8,7 +8,8 @@ engine it uses and how a checkpoint is published.
 
 Task parallelism: meta-step ``s`` owns global episodes ``s·B .. (s+1)·B-1`` and rank ``r`` of ``W``
 runs every W-th of them whole (hypernetwork, inner step, dense teacher, distillation, backward), so
-teacher work is spread over the ranks; the engine averages the meta-gradients.
+teacher work is spread over the ranks; any B >= W works (ranks take ⌈B/W⌉ or ⌊B/W⌋ tasks) and the
+engine weights the meta-gradient so that it is the mean over the B tasks, as on one rank.
 
 Global state stays identical on every rank by construction and is verified every step: gates are
 drawn from ``(seed, step)``, λ is a parameter updated from all-reduced gradients and reset by the
@@ -28,18 +29,22 @@ from typing import Callable, ContextManager, Iterable, Iterator, List, Optional,
 import torch
 
 from smat_dist.config import RunConfig, to_dict
-from smat_dist.data.loader import EpisodeLoader, rank_indices
+from smat_dist.data.loader import EpisodeLoader, rank_indices, tasks_of_rank
+from smat_dist.errors import ConfigError
 from smat_dist.episode import Episode
 from smat_dist.export import export_model
 from smat_dist.monitoring.recorder import StepMonitor, worker_monitor
 from smat_dist.record import TASK_KEYS, MetricsLog, StepMetrics, TaskRecord
 from smat_dist.smat import SMAT
 from smat_dist.smat.optim import SMATOptimizer, apply_schedule, build_optimizer
+from smat_dist.smat.timing import StepTimer
 from smat_dist.smat.toy import ToyEpisodes
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed, runlog
+from smat_dist.train.config import uneven_zero_error
 from smat_dist.train.distributed import Runtime
 from smat_dist.train.engine import DeepSpeedEngine, Engine, LocalEngine
+from smat_dist.train.prefetch import Prefetched
 
 log = logging.getLogger(__name__)
 
@@ -85,54 +90,86 @@ def rank_monitor(cfg: RunConfig, rank: int, *, default_backend: str) -> StepMoni
 
 
 def summarise(outputs: List[dict]) -> dict:
-    """Mean over the step's tasks of every per-task value the model reported."""
-    out: dict = {}
+    """Mean over the step's tasks of every per-task value the model reported, read to the host at once."""
     keys = sorted({k for o in outputs for k in o})
     unknown = [k for k in keys if k not in TASK_KEYS and k != "alpha"]
     if unknown:
         raise KeyError(f"the model reported task metrics StepMetrics does not know: {unknown}")
-    for k in keys:
-        vals = [o[k].float() for o in outputs if k in o]
-        mean = torch.stack(vals).mean(0)
-        out["alpha_mean" if k == "alpha" else k] = mean.tolist() if mean.ndim else float(mean)
+    if not keys:
+        return {}
+    means = [torch.stack([o[k].float().reshape(-1) for o in outputs if k in o]).mean(0) for k in keys]
+    flat = torch.cat([m.to(means[0].device) for m in means]).tolist()  # the step's one read of task metrics
+    out: dict = {}
+    i = 0
+    for k, mean in zip(keys, means):
+        n = mean.numel()
+        out["alpha_mean" if k == "alpha" else k] = flat[i:i + n] if k == "alpha" else flat[i]
+        i += n
     return out
 
 
 def meta_step(model: SMAT, episodes: Iterator[Episode], *, local_tasks: int, global_tasks: int, step: int,
               seed: int, engine: Engine, stop_on_nonfinite: bool = True) -> StepMetrics:
     """This rank's tasks of meta-step ``step``: forward and backward each, then the engine's step.
-    ``global_tasks`` (all ranks) advances the task counter that drives the selection temperature."""
+    ``global_tasks`` (all ranks) advances the task counter that drives the selection temperature.
+
+    Nothing in the task loop waits for the device: each task's finiteness, α and metrics stay tensors,
+    the phase times are CUDA events (:class:`~smat_dist.smat.timing.StepTimer`), and all of it is read
+    once, after the gradients are reduced and before the optimiser step (a non-finite loss on any rank
+    stops every rank before the parameters change)."""
     model.train()
     device = model.device
     step_ctx = model.begin_step(step, seed, tasks=local_tasks)
+    timer = step_ctx.timer = StepTimer(device)
     outputs: List[dict] = []
-    tasks: List[TaskRecord] = []
-    t_data = t_forward = t_backward = t_reduce = 0.0
+    finite: List[torch.Tensor] = []
+    sources: List[str] = []
+    indices: List[int] = []
     for j in range(local_tasks):
-        t0 = time.perf_counter()
+        t0 = timer.mark()
         ep = next(episodes).to(device)
-        t1 = time.perf_counter()
+        t1 = timer.add("data", t0)
         out = model(ep, step_ctx, task_index=ep.index, last=(j == local_tasks - 1))
-        t2 = time.perf_counter()
-        if stop_on_nonfinite and not torch.isfinite(out.loss):
-            raise NonFiniteLoss(f"meta-step {step + 1}, task {ep.index}: loss is {float(out.loss)}")
-        t_reduce += engine.backward(out.loss)
-        t3 = time.perf_counter()
-        alpha = out.metrics.get("alpha")
-        tasks.append(TaskRecord(ep.source, alpha.tolist() if alpha is not None else None))
+        t2 = timer.add("forward", t1)
+        if stop_on_nonfinite:
+            finite.append(torch.isfinite(out.loss.detach()))
+        engine.backward(out.loss)
+        timer.add("backward", t2)
+        sources.append(ep.source)
+        indices.append(ep.index)
         outputs.append(out.metrics)
-        t_data, t_forward, t_backward = t_data + t1 - t0, t_forward + t2 - t1, t_backward + t3 - t2
+    t3 = timer.mark()
+    engine.complete_backward()  # same collectives on every rank before the check's own
+    if stop_on_nonfinite:
+        _check_finite(finite, outputs, indices, step)
     engine.finish_step()
+    timer.add("reduce", t3)
     model.end_step(global_tasks)
     m = StepMetrics(**summarise(outputs))
     for key, value in model.step_metrics(step_ctx).items():
         setattr(m, "lagrange" if key == "lambda" else key, value.tolist() if value.ndim else float(value))
-    teacher = (m.time_teacher or 0.0) * local_tasks
-    m.time_data, m.time_student, m.time_backward = t_data, t_forward - teacher, t_backward  # incl. the engine step
-    m.time_teacher = teacher if m.time_teacher is not None else None
-    m.time_allreduce_step = t_reduce
-    m.tasks = tasks
+    times = timer.totals()
+    teacher = times.get("teacher")
+    m.time_data, m.time_student = times.get("data", 0.0), times.get("forward", 0.0) - (teacher or 0.0)
+    m.time_backward = times.get("backward", 0.0) + times.get("reduce", 0.0)  # incl. the engine step
+    m.time_teacher = teacher
+    m.time_allreduce_step = times.get("reduce", 0.0)
+    alphas = m.alpha_mean is not None and [o["alpha"] for o in outputs]
+    alpha_rows = torch.stack(alphas).float().tolist() if alphas else [None] * len(sources)
+    m.tasks = [TaskRecord(source, alpha) for source, alpha in zip(sources, alpha_rows)]
     return m
+
+
+def _check_finite(finite: List[torch.Tensor], outputs: List[dict], indices: List[int], step: int) -> None:
+    """One read of the step's finiteness flags (and one flag exchanged between ranks): raise on every
+    rank if any task's loss is not finite, naming the first such task of this rank."""
+    flags = torch.stack(finite).tolist() if finite else []
+    bad = [j for j, ok in enumerate(flags) if not ok]
+    if distributed.any_rank(bool(bad)):
+        if not bad:
+            raise NonFiniteLoss(f"meta-step {step + 1}: another rank's loss is not finite")
+        j = bad[0]
+        raise NonFiniteLoss(f"meta-step {step + 1}, task {indices[j]}: loss is {float(outputs[j]['loss'])}")
 
 
 def state_fingerprint(model: SMAT, m: StepMetrics) -> torch.Tensor:
@@ -182,9 +219,12 @@ class MetaTrainRecipe:
         self._stream: Optional[Iterator[Episode]] = None
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir is not None else None
         B, W = cfg.train.tasks_per_step, runtime.world_size
-        if B % W:
-            raise ValueError(f"train.tasks_per_step={B} is not a multiple of the {W} ranks")
-        self.tasks_per_rank = B // W
+        if B < W:
+            raise ConfigError(f"train.tasks_per_step={B} is smaller than the {W} ranks: {W - B} rank(s) would have "
+                              f"no task; use at most {B} ranks or a larger meta-batch")
+        if B % W and cfg.dist.zero_stage > 0:
+            raise ConfigError(uneven_zero_error(B, W, cfg.dist.zero_stage))
+        self.tasks_per_rank = tasks_of_rank(B, runtime.rank, W)  # ⌈B/W⌉ or ⌊B/W⌋
 
     # ------------------------------------------------------------------------------ setup
     @property
@@ -207,7 +247,8 @@ class MetaTrainRecipe:
             self.engine = LocalEngine(self.model, self.optimizer, cfg.train.tasks_per_step)
         else:
             self.engine = DeepSpeedEngine(self.model, self.optimizer, zero_stage=cfg.dist.zero_stage,
-                                          tasks_per_rank=self.tasks_per_rank)
+                                          tasks_per_step=cfg.train.tasks_per_step, world_size=rt.world_size,
+                                          settings=cfg.dist.deepspeed)
         if resume_dir is not None:
             self.resume(Path(resume_dir))
         return self
@@ -252,6 +293,8 @@ class MetaTrainRecipe:
             self.loader = self._provider if hasattr(self._provider, "stats") else None
         else:
             self._stream, self.loader = open_episodes(self.cfg, indices, use_ray=rt.launcher == "ray", device=rt.device)
+        if rt.launcher != "ray":  # Ray's actors build ahead already; here a thread does, as many episodes ahead
+            self._stream = Prefetched(self._stream, depth=self.cfg.data.max_in_flight)
 
     def run(self, resume: ContextManager[Optional[str | Path]]) -> None:
         """What every launcher does on every rank: set up (resuming from the directory ``resume`` yields,
@@ -287,6 +330,9 @@ class MetaTrainRecipe:
                 self._log(m, time.perf_counter() - t_run, self.step - first)
                 self._checkpoint_and_hooks(m)
         finally:
+            if isinstance(self._stream, Prefetched):
+                self._stream.close()
+                self._stream = None
             if self.loader is not None and self._provider is None:
                 self.loader.close()
 
@@ -308,10 +354,12 @@ class MetaTrainRecipe:
         else:
             m.global_state_max_spread = 0.0
         flat, sizes = [], []
+        share = self.tasks_per_rank * rt.world_size / B  # task means weighted by this rank's share of the tasks
         for k in averaged_fields(m):
             v = getattr(m, k)
             vals = v if isinstance(v, list) else [v]
-            flat += [float(x) for x in vals]
+            weight = share if k in TASK_MEANS else 1.0
+            flat += [float(x) * weight for x in vals]
             sizes.append((k, isinstance(v, list), len(vals)))
         flat = distributed.mean_over_ranks(flat)
         i = 0
@@ -333,7 +381,9 @@ class MetaTrainRecipe:
             return {}
         sources = sorted(self.loader.sources) if self.loader is not None and hasattr(self.loader, "sources") \
             else sorted({t.source for t in tasks})
-        rows = torch.full((len(tasks), 1 + M), -1.0, dtype=torch.float64)
+        # padded to ⌈B/W⌉ rows (source -1, dropped below): every rank gathers the same shape
+        per_rank = -(-self.cfg.train.tasks_per_step // self.runtime.world_size)
+        rows = torch.full((per_rank, 1 + M), -1.0, dtype=torch.float64)
         for i, t in enumerate(tasks):
             rows[i, 0] = float(sources.index(t.source)) if t.source in sources else -1.0
             rows[i, 1:] = torch.tensor(t.alpha, dtype=torch.float64)
@@ -423,9 +473,13 @@ class MetaTrainRecipe:
         runlog.append(self.run_dir, line)
 
 
+TASK_MEANS = frozenset(k for k in TASK_KEYS if not k.startswith("time_")) | {"alpha_mean"}
+
+
 def averaged_fields(m: StepMetrics) -> List[str]:
-    """Fields averaged over ranks: every task mean and time split (each rank runs the same number of
-    tasks, so the mean of rank means is the global mean) and the per-expert vectors (identical anyway)."""
+    """Fields averaged over ranks: every task mean (weighted by the rank's share of the step's tasks, see
+    :data:`TASK_MEANS`, so that the result is the mean over all tasks), the time split and the
+    per-expert vectors (identical anyway)."""
     keys = list(TASK_KEYS) + ["alpha_mean", "sparsity", "sparsity_test", "lagrange", "expected_density",
                               "temperature", "time_data", "time_student", "time_backward", "time_allreduce_step"]
     return [k for k in dict.fromkeys(keys) if getattr(m, k) is not None]

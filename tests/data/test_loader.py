@@ -10,7 +10,7 @@ import torch
 
 from smat_dist.data.builder import EpisodeBuilder
 from smat_dist.data.config import EpisodeConfig
-from smat_dist.data.loader import EpisodeLoader, rank_indices
+from smat_dist.data.loader import EpisodeLoader, rank_indices, tasks_of_rank
 from smat_dist.data.store import DataError
 from smat_dist.data.tario import BLOCK
 
@@ -32,8 +32,14 @@ def test_rank_indices_partition_the_stream():
     assert sorted(sum(parts, [])) == w1 and all(len(p) == 10 for p in parts)
     assert parts[1][:4] == [1, 5, 9, 13]
     assert list(rank_indices(3, 8, 1, 4, num_steps=2)) == parts[1][6:]  # resume at step 3
+    # any meta-batch on any world size: 3 tasks on 2 ranks, 2 + 1 per step, the union is one rank's
+    uneven = [list(rank_indices(0, 3, r, 2, num_steps=4)) for r in range(2)]
+    assert sorted(sum(uneven, [])) == list(range(12))
+    assert uneven[0][:2] == [0, 2] and uneven[1][:2] == [1, 4]
+    assert [tasks_of_rank(3, r, 2) for r in range(2)] == [2, 1] == [len(p) // 4 for p in uneven]
+    assert [tasks_of_rank(10, r, 4) for r in range(4)] == [3, 3, 2, 2]
     with pytest.raises(ValueError):
-        next(rank_indices(0, 6, 0, 4))
+        next(rank_indices(0, 6, 4, 4))
 
 
 def test_same_seed_same_episodes_with_1_and_3_actors(ray_clean, synth_root, make_cfg):

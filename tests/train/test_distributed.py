@@ -150,6 +150,17 @@ def test_use_gpu_without_a_gpu_is_a_clear_error(monkeypatch):
         distributed.rank_device(True, 0)
 
 
+def test_more_ranks_than_gpus_is_one_clear_error_before_any_work(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("a device was taken"))
+    for key, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tdist, "init_process_group", lambda *a, **k: pytest.fail("the group was joined"))
+    with pytest.raises(RuntimeError, match="2 ranks on this node but torch sees 1 GPU\\(s\\): start at most 1"):
+        distributed.init_torchrun(use_gpu=True)
+
+
 def test_state_fingerprint_needs_no_copy_of_the_parameters(tiny_cfg):
     """The per-step cross-rank check sums every trainable tensor chunk by chunk in fp64: the same numbers as a
     whole-tensor fp64 sum, without an fp64 copy of |θ|-sized tensors."""
