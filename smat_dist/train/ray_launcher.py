@@ -2,9 +2,8 @@
 
 The driver joins ``$RAY_ADDRESS`` (``ray job submit``) or starts a local Ray (:mod:`smat_dist.ray_session`),
 then starts ``dist.num_workers`` workers. Each worker is a rank of the recipe with a DeepSpeed engine;
-checkpoints are written by every rank into a temporary directory and handed to
-``ray.train.report``, which persists them as ``<run_dir>/checkpoint_step_<step>/``; rank 0 then commits
-each one (:class:`RayCheckpoints`). After a worker failure (``dist.max_failures``) the restarted group,
+checkpoints are uploaded by every rank into ``<run_dir>/checkpoint_step_<step>/`` (Ray Train's storage),
+committed by rank 0 and then reported to Ray Train (:class:`RayCheckpoints`). After a worker failure (``dist.max_failures``) the restarted group,
 and a re-run with the same ``train.run_name``, resume from the latest whole checkpoint.
 """
 
@@ -42,37 +41,42 @@ class RunResult:
 
 
 class RayCheckpoints:
-    """Every rank saves its part into a temporary directory and ``ray.train.report`` uploads it into
-    ``<run_dir>/checkpoint_step_<step>/`` (Ray Train's storage); once every rank's upload has returned,
-    rank 0 commits the checkpoint by writing its sidecar there (:func:`smat_dist.train.checkpoint.commit`).
-    A crash before the commit leaves an unfinished directory that every reader skips."""
+    """Every rank saves its part into a temporary directory and uploads it into
+    ``<run_dir>/checkpoint_step_<step>/`` through Ray Train's storage filesystem; once every upload is
+    done, rank 0 commits the checkpoint by writing its sidecar there
+    (:func:`smat_dist.train.checkpoint.commit`), and only then is it reported to Ray Train (without a
+    second upload). A crash before the commit leaves an unfinished directory that every reader skips and
+    Ray never heard of, so Ray's record of the run (which it checks on a re-run, and prunes by
+    ``train.keep_checkpoints``) only ever names whole checkpoints, each once."""
 
     def save(self, recipe: MetaTrainRecipe, step: int, metrics: StepMetrics, final: bool) -> None:
+        import pyarrow.fs
         import ray.train
+        from ray.train import CheckpointUploadMode
 
-        name = ckpt.dir_name(step)
+        storage = ray.train.get_context().get_storage()
+        fs = storage.storage_filesystem
+        dest = f"{storage.experiment_fs_path}/{ckpt.dir_name(step)}"
         meta = recipe.checkpoint_meta(step)
         tmp = Path(tempfile.mkdtemp(prefix="smat-ckpt-"))
         try:
             recipe.engine.save(tmp, meta.tag)
-            scalars = {k: v for k, v in metrics.row().items() if isinstance(v, (int, float))}
-            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=name)
+            fs.create_dir(dest)
+            pyarrow.fs.copy_files(str(tmp), dest, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         distributed.barrier()  # every rank's files are in the run's storage
         recipe.debug_kill("files")
         if recipe.runtime.is_main:
-            storage = ray.train.get_context().get_storage()
-            fs = storage.storage_filesystem
-            ckpt.commit(meta, fs, f"{storage.experiment_fs_path}/{name}")
+            ckpt.commit(meta, fs, dest)
             recipe.debug_kill("committed")
-            if type(fs).__name__ == "LocalFileSystem":
-                # Ours, not Ray's num_to_keep: Ray's record holds a step twice after a crash between its
-                # upload and our commit, and pruning the older entry would delete the newer one's directory.
-                # TODO(merge): object-storage run dirs need the same pruning through the storage filesystem.
-                ckpt.prune(recipe.run_dir, recipe.cfg.train.keep_checkpoints)
         distributed.barrier()
+        scalars = {k: v for k, v in metrics.row().items() if isinstance(v, (int, float))}
+        ray.train.report(scalars, checkpoint=ray.train.Checkpoint(dest, filesystem=fs),
+                         checkpoint_dir_name=ckpt.dir_name(step), checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        if recipe.runtime.is_main and type(fs).__name__ == "LocalFileSystem":
+            ckpt.prune(recipe.run_dir, 0)  # debris of crashed writes of earlier steps (Ray prunes whole ones)
 
 
 def quiet_ray_train_reports() -> None:
@@ -138,7 +142,7 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
                 logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
                 storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=None),  # RayCheckpoints prunes
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             ),
         )
         result = trainer.fit()
