@@ -60,7 +60,10 @@ def setup_worker() -> None:
     os.environ.setdefault("RAY_ADDRESS", gcs)
     if loopback.is_loopback(gcs.rsplit(":", 1)[0]):  # a local session: every listener on loopback
         loopback.local_gloo()
-        loopback.bind_store_to_loopback()
+        try:
+            loopback.bind_store_to_loopback()
+        except Exception as exc:  # noqa: BLE001 - a torch without this seam: the store keeps torch's binding
+            log.warning("rendezvous store not restricted to loopback: %s", exc)
 
 
 def keep_local() -> None:
