@@ -161,6 +161,8 @@ def cmd_summary(a) -> int:
             groups = ", ".join(f"{k[:-8]} {r[k]:.2g}/{r[k[:-8] + '_cosine']:.5f}" for k in r if k.endswith("_rel_err")
                                and not k.startswith("loss"))
             print(f"{r['compare']}: loss rel err {r['loss_rel_err']:.2g}; grad rel err/cos: {groups}")
+        elif step == "eval":
+            print(f"eval {r['precision']}: " + ", ".join(f"{x['source']} {float(x['accuracy']):.2f}" for x in r["rows"]))
         elif step == "result":
             print(f"{r['status'].upper():4s} {r['name']} ({r['seconds']} s)")
         else:
