@@ -19,7 +19,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from smat_dist.fsutil import atomic_write_text
 
@@ -61,11 +61,21 @@ def read_eval_results(path: Path, mode: str = "none") -> Dict[str, Any]:
     return out
 
 
-def read_training(run_dir: Path) -> Dict[str, Any]:
-    """Steps and sparsity reached (mean over experts of the last logged step) from metrics.jsonl."""
+def read_training(run_dir: Union[Path, str]) -> Dict[str, Any]:
+    """Steps and sparsity reached (mean over experts of the last logged step) from metrics.jsonl (of a run
+    directory or a run in object storage)."""
+    from smat_dist import objstore
     from smat_dist.train.metrics import read_rows
 
-    p = run_dir / "metrics.jsonl"
+    if isinstance(run_dir, str) and objstore.is_uri(run_dir):
+        from smat_dist.runstore import fetch_run_file
+
+        try:
+            p = fetch_run_file(run_dir, "metrics.jsonl")
+        except FileNotFoundError:
+            return {}
+    else:
+        p = Path(run_dir) / "metrics.jsonl"
     rows = read_rows(p) if p.exists() else []  # a torn last line (a crash mid-write) is skipped with a warning
     if not rows:
         return {}

@@ -33,9 +33,10 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import smat_dist
+from smat_dist import objstore
 from smat_dist.config import to_yaml
 from smat_dist.errors import ConfigError
 from smat_dist.sweep.config import CONFIG_AXIS, SweepConfig
@@ -140,6 +141,10 @@ class Sweep:
         first = self.cells[0].run
         self.out = Path(out or cfg.out or Path(first.train.output_dir) / "sweeps" / cfg.name).expanduser().resolve()
         self.store = CellStore(self.out)
+        # The cells' run directories: under the sweep directory, or in object storage when the base run
+        # config stores runs there (dist.storage_path=s3://...): <storage>/sweeps/<name>/<cell>.
+        storage = first.dist.storage_path or ""
+        self.runs = objstore.join(storage, "sweeps", cfg.name) if objstore.is_uri(storage) else str(self.out / "runs")
         self._lock = threading.Lock()
         self._procs: Dict[int, subprocess.Popen] = {}
         self._reaper = CellReaper()
@@ -150,8 +155,9 @@ class Sweep:
         self._owned = False
 
     # ----------------------------------------------------------------------------- paths, commands
-    def run_dir(self, cell: Cell) -> Path:
-        return self.out / "runs" / cell.id
+    def run_dir(self, cell: Cell) -> Union[Path, str]:
+        """The cell's run directory (a path, or its URI in object storage)."""
+        return objstore.join(self.runs, cell.id) if objstore.is_uri(self.runs) else Path(self.runs) / cell.id
 
     def eval_dir(self, cell: Cell) -> Path:
         return self.out / "eval" / cell.id
@@ -164,7 +170,8 @@ class Sweep:
     def train_cmd(self, cell: Cell) -> List[str]:
         configs = [a for p in cell.configs for a in ("--config", str(p))]
         return [sys.executable, "-m", "smat_dist.train.cli", *configs, *cell.overrides,
-                f"train.output_dir={self.out / 'runs'}", f"train.run_name={cell.id}", "dist.storage_path=null"]
+                f"train.output_dir={self.out / 'runs'}", f"train.run_name={cell.id}",
+                f"dist.storage_path={self.runs if objstore.is_uri(self.runs) else 'null'}"]
 
     def eval_cmd(self, cell: Cell) -> List[str]:
         return [sys.executable, "-m", "smat_dist.eval.cli", "--checkpoint", str(self.run_dir(cell)),
@@ -388,8 +395,11 @@ class Sweep:
         checkpoint and rewrites the export), instead of evaluation failing on it forever."""
         from smat_dist.weightsfile import WeightsError, check_weights_file
 
+        run_dir = self.run_dir(cell)
+        if isinstance(run_dir, str):  # object storage: an object appears whole or not at all
+            return objstore.kind(objstore.join(run_dir, "model.safetensors")) == "file"
         try:
-            check_weights_file(self.run_dir(cell) / "model.safetensors", "model export")
+            check_weights_file(run_dir / "model.safetensors", "model export")
             return True
         except WeightsError as exc:
             if (self.run_dir(cell) / "model.safetensors").exists():

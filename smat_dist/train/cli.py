@@ -34,19 +34,28 @@ def parse(prog: str, description: str, argv: Optional[List[str]]) -> Tuple[Optio
         return None, args.verbose, 2
 
 
-def _fail(prog: str, exc: BaseException, run_dir, *, rank: Optional[int] = None) -> int:
+def _fail(prog: str, exc: BaseException, store, *, rank: Optional[int] = None) -> int:
     """One line on the console; the traceback is in the run's log file. Exit 2 for what the user can fix.
 
-    ``rank``: the torchrun rank this process is (every rank checks the config, rank 0 alone reports
-    what the user can fix; any rank reports its own failure)."""
+    ``store``: the run's :class:`~smat_dist.runstore.RunStore`. ``rank``: the torchrun rank this process
+    is (every rank checks the config, rank 0 alone reports what the user can fix; any rank reports its
+    own failure)."""
     from smat_dist.train import runlog
     from smat_dist.train.preflight import USER_ERRORS
 
     cause, failed_rank = runlog.root_cause(exc)
     user_error = isinstance(cause, USER_ERRORS)
-    if failed_rank is None and not user_error:
-        runlog.log_exception(run_dir, exc, "driver")  # Ray workers and ranks have logged their own
-    where = "" if user_error else f" (traceback in {run_dir / runlog.RUN_LOG})"
+    if failed_rank is None and not user_error:  # Ray workers and ranks have logged their own
+        try:
+            store.pull(runlog.RUN_LOG)  # object storage: append to what the ranks wrote
+        except OSError:
+            pass
+        runlog.log_exception(store.local, exc, "driver")
+        try:
+            store.push(runlog.RUN_LOG)
+        except OSError:
+            pass
+    where = "" if user_error else f" (traceback in {store.url(runlog.RUN_LOG)})"
     if not (user_error and rank not in (None, 0)):
         prefix = f"rank {rank}: " if rank is not None and not user_error else ""
         print(f"{prog}: error: {prefix}{runlog.one_line(exc)}{where}", file=sys.stderr, flush=True)
@@ -63,15 +72,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return rc
     from smat_dist.train.preflight import preflight
 
-    run_dir = cfg.run_dir()
+    store = cfg.run_store()
     try:
-        preflight(cfg, run_dir, engine="deepspeed", world_size=cfg.dist.num_workers)
+        preflight(cfg, store, engine="deepspeed", world_size=cfg.dist.num_workers, cluster=True)
         from smat_dist.train.ray_launcher import train
 
-        result = train(cfg, verbose=verbose)
+        train(cfg, verbose=verbose)
     except Exception as exc:
-        return _fail(prog, exc, run_dir)
-    return _done(result.run_dir)
+        return _fail(prog, exc, store)
+    return _done(store)
 
 
 def main_local(argv: Optional[List[str]] = None) -> int:
@@ -86,12 +95,12 @@ def main_local(argv: Optional[List[str]] = None) -> int:
 
     from smat_dist.train.preflight import preflight
 
-    run_dir = cfg.run_dir()
+    store = cfg.run_store()
     # torchrun describes every rank in the environment; torch itself is imported after the checks
     torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
     try:
-        preflight(cfg, run_dir, engine="deepspeed" if torchrun else "local",
+        preflight(cfg, store, engine="deepspeed" if torchrun else "local",
                   world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
         from smat_dist.train import distributed
         from smat_dist.train.launch import run
@@ -102,14 +111,14 @@ def main_local(argv: Optional[List[str]] = None) -> int:
             runtime = distributed.Runtime("local", device=distributed.rank_device(cfg.dist.use_gpu, 0))
         run(cfg, runtime)  # an error ends this rank; torchrun then stops the others
     except Exception as exc:
-        return _fail(prog, exc, run_dir, rank=rank if torchrun else None)
+        return _fail(prog, exc, store, rank=rank if torchrun else None)
     distributed.shutdown()
-    return _done(run_dir) if runtime.is_main else 0
+    return _done(store) if runtime.is_main else 0
 
 
-def _done(run_dir) -> int:
-    print(f"[smat-train] done: run directory {run_dir}")
-    print(f"[smat-train] exported model {run_dir / 'model.safetensors'}")
+def _done(store) -> int:
+    print(f"[smat-train] done: run directory {store.uri}")
+    print(f"[smat-train] exported model {store.url('model.safetensors')}")
     return 0
 
 

@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from smat_dist import objstore, runstore
 from smat_dist.config import RunConfig
 from smat_dist.errors import ConfigError
+from smat_dist.runstore import RunStore
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.weightsfile import WeightsError, check_weights_file
 
@@ -21,7 +23,8 @@ from smat_dist.weightsfile import WeightsError, check_weights_file
 def _user_errors() -> tuple:
     from smat_dist.data.store import DataError
 
-    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError)
+    return (ConfigError, ckpt.CheckpointError, WeightsError, DataError, FileNotFoundError, PermissionError,
+            objstore.StorageError)
 
 
 def check_backbone(cfg: RunConfig) -> None:
@@ -30,19 +33,20 @@ def check_backbone(cfg: RunConfig) -> None:
         check_weights_file(b.checkpoint, "model.backbone.checkpoint")
 
 
-def check_resume(cfg: RunConfig, run_dir: Path, *, engine: str, world_size: int) -> Optional[Path]:
-    """Where the run will resume from (checked), or None for a fresh start."""
-    latest, broken = ckpt.scan(run_dir)
+def check_resume(cfg: RunConfig, store: RunStore, *, engine: str, world_size: int) -> Optional[str]:
+    """Where the run will resume from (checked; a path or URI), or None for a fresh start."""
+    latest, broken = store.scan()
     if latest is None and broken:
         newest, why = broken[-1]
-        raise ckpt.CheckpointError(f"{why}; the run {run_dir} has no complete checkpoint to resume from: "
+        raise ckpt.CheckpointError(f"{why}; the run {store.uri} has no complete checkpoint to resume from: "
                                    f"remove {newest} or choose another train.run_name")
     point = latest
     if point is None and cfg.dist.resume_from:
-        point = Path(cfg.dist.resume_from).expanduser().resolve()
+        point = cfg.dist.resume_from if objstore.is_uri(cfg.dist.resume_from) else \
+            str(Path(cfg.dist.resume_from).expanduser().resolve())
     if point is None:
         return None
-    meta = ckpt.inspect(point)
+    meta = runstore.inspect(point)
     ckpt.check_resumable(meta, point, tasks_per_step=cfg.train.tasks_per_step, world_size=world_size, engine=engine,
                          theta_pre=None)
     return point
@@ -56,22 +60,40 @@ def check_data(cfg: RunConfig) -> None:
     check_root(cfg.data, split="train", sources=cfg.data.train_sources or None)
 
 
-def check_output(run_dir: Path) -> None:
-    parent = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK):
-        raise PermissionError(f"{run_dir}: cannot write the run directory (train.output_dir / dist.storage_path)")
+def check_cluster_paths(cfg: RunConfig) -> None:
+    """Joining a running cluster (``RAY_ADDRESS``, as under ``ray job submit``), the driver's working
+    directory is a job's temporary copy and the workers' is another: a relative run location would
+    scatter the run over them, so it is refused."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return
+    for key, value in (("dist.storage_path", cfg.dist.storage_path),
+                       ("train.output_dir", None if cfg.dist.storage_path else cfg.train.output_dir),
+                       ("dist.resume_from", cfg.dist.resume_from)):
+        if value and not objstore.is_uri(value) and not os.path.isabs(os.path.expanduser(value)):
+            raise ConfigError(f"{key}={value!r} is relative, but this run joins the cluster at RAY_ADDRESS, whose "
+                              f"processes run in other directories: give an absolute path every node sees, or "
+                              f"object storage (dist.storage_path=s3://bucket/runs)")
 
 
-def preflight(cfg: RunConfig, run_dir: Path, *, engine: str, world_size: int) -> Optional[Path]:
-    """Run every check; returns the resume point. Raises one of :func:`user_errors`."""
-    check_output(run_dir)
+def check_output(store: RunStore) -> None:
+    """The run directory (or bucket) can be written, with this process's credentials."""
+    store.check_writable()
+
+
+def preflight(cfg: RunConfig, store: RunStore, *, engine: str, world_size: int,
+              cluster: bool = False) -> Optional[str]:
+    """Run every check; returns the resume point. Raises one of :func:`user_errors`. ``cluster``: the
+    launcher may join ``$RAY_ADDRESS`` (run locations must then be absolute or object storage)."""
+    if cluster:
+        check_cluster_paths(cfg)
+    check_output(store)
     check_backbone(cfg)
-    point = check_resume(cfg, run_dir, engine=engine, world_size=world_size)
+    point = check_resume(cfg, store, engine=engine, world_size=world_size)
     check_data(cfg)
     return point
 
 
 USER_ERRORS = _user_errors()
 
-__all__ = ["preflight", "check_weights_file", "check_backbone", "check_resume", "check_data", "WeightsError",
-           "USER_ERRORS"]
+__all__ = ["preflight", "check_weights_file", "check_backbone", "check_resume", "check_data", "check_output",
+           "check_cluster_paths", "WeightsError", "USER_ERRORS"]

@@ -3,8 +3,9 @@
 The driver joins ``$RAY_ADDRESS`` (``ray job submit``) or starts a local Ray (:mod:`smat_dist.ray_session`),
 then starts ``dist.num_workers`` workers. Each worker is a rank of the recipe with a DeepSpeed engine;
 checkpoints are written by every rank into a temporary directory and handed to
-``ray.train.report``, which persists them as ``<run_dir>/checkpoint_<time>/`` and restores the latest
-after a worker failure (``dist.max_failures``). Re-running with the same ``train.run_name`` resumes.
+``ray.train.report``, which persists them as ``<run_dir>/checkpoint_<time>/`` (Ray Train's
+``storage_path``: a shared directory or ``s3://``/``gs://``) and restores the latest after a worker
+failure (``dist.max_failures``). Re-running with the same ``train.run_name`` resumes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from smat_dist.config import RunConfig, from_dict, to_dict, to_yaml
-from smat_dist.fsutil import atomic_write_text
+from smat_dist.runstore import RunStore
 from smat_dist.train import distributed
 from smat_dist.train.distributed import Runtime, backend_for
 from smat_dist.train.launch import agreed_resume_point
@@ -32,10 +33,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Path  # the run directory, or for object storage this node's staging copy of it
     export: Path
     checkpoint: Optional[str]
     metrics: dict
+    uri: str = ""  # where the run is stored: the run directory or its s3:// / gs:// URI
 
 
 class RayCheckpoints:
@@ -78,7 +80,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     from smat_dist.monitoring.recorder import worker_monitor
 
     cfg: RunConfig = from_dict(RunConfig, config["run"])
-    run_dir = Path(config["run_dir"])
+    store = RunStore(config["storage"], cfg.train.run_name, cfg.dist.staging_dir)  # as the driver resolved it
     if not config.get("verbose"):
         quiet_ray_train_reports()
     ctx = ray.train.get_context()
@@ -86,9 +88,10 @@ def train_loop(config: Dict[str, Any]) -> None:
     runtime = Runtime("ray", ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device)
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     monitor = worker_monitor(cfg, runtime.rank, default_backend="ray")
-    recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=RayCheckpoints(), monitor=monitor)
+    recipe = MetaTrainRecipe(cfg, runtime, None, sink=RayCheckpoints(), monitor=monitor, store=store)
     own = ray.train.get_checkpoint()  # this run's latest (a restart after a failure, or a re-run)
-    resume = own.as_directory() if own is not None else nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from))
+    resume = own.as_directory() if own is not None else \
+        nullcontext(agreed_resume_point(store, cfg.dist.resume_from, runtime.local_rank))
     recipe.run(resume)
 
 
@@ -100,9 +103,8 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
 
     from smat_dist import ray_session
 
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
+    store = cfg.run_store()
+    store.write_text("run_config.yaml", to_yaml(cfg))
     started = ray_session.connect(num_cpus=cfg.dist.local_num_cpus, use_gpu=cfg.dist.use_gpu,
                                   object_store_mb=cfg.dist.object_store_mb)
     try:
@@ -112,7 +114,7 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
         backend = backend_for(torch.device("cuda" if cfg.dist.use_gpu else "cpu"))
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir), "verbose": verbose},
+            train_loop_config={"run": to_dict(cfg), "storage": store.storage, "verbose": verbose},
             torch_config=TorchConfig(backend=backend),
             scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
                                          resources_per_worker=resources),
@@ -121,7 +123,8 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
                 # Ray Train's own INFO lines (resource requests, every report with its metrics) only with
                 # --verbose; our progress lines and Ray's warnings and errors always show.
                 logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
-                storage_path=str(run_dir.parent),
+                # a local directory or object storage (Ray Train writes s3:// / gs:// through pyarrow.fs)
+                storage_path=store.storage,
                 failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             ),
@@ -130,8 +133,8 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
         if result.error is not None:
             raise result.error
         ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
-        return RunResult(run_dir=run_dir, export=run_dir / EXPORT_NAME, checkpoint=ckpt_path,
-                         metrics=dict(result.metrics or {}))
+        return RunResult(run_dir=store.local, export=store.local / EXPORT_NAME, checkpoint=ckpt_path,
+                         metrics=dict(result.metrics or {}), uri=store.uri)
     finally:
         ray_session.shutdown(started)
 
