@@ -159,10 +159,10 @@ def test_preflight_refuses_storage_a_cluster_run_cannot_use(case, s3_server, tmp
     """One line, exit 2, before Ray starts: a bucket that does not exist, a relative run location under
     RAY_ADDRESS, an endpoint nobody answers."""
     env = _env(**s3_server.env())
-    args = ["--config", str(REPO / "configs" / "smat.yaml"), "data.episodes=toy", "train.max_steps=1"]
+    args = ["--config", str(REPO / "configs" / "smat.yaml"), "data.episodes=toy", "train.max_steps=1", "train.run_name=p"]
     if case == "no-bucket":
         args += ["dist.storage_path=s3://no-such-bucket/runs"]
-        want = "s3://no-such-bucket/runs/smat: cannot write there: the bucket does not exist"
+        want = "s3://no-such-bucket/runs/p: cannot write there: the bucket does not exist"
     elif case == "relative-under-cluster":
         env["RAY_ADDRESS"] = "127.0.0.1:1"  # never contacted: the check comes first
         args += ["train.output_dir=runs"]
@@ -214,3 +214,24 @@ def test_single_process_run_in_object_storage_resumes_by_name_from_another_node(
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "resumed from" in objstore.read_bytes(f"{runs}/r/train.log").decode()
     assert not list(tmp_path.glob("s3*")), "nothing under a local folder named after the URL"
+
+
+def test_local_s3_command_prints_the_env_and_stops_by_process_group(tmp_path):
+    """tools/local_s3.py as the cluster scripts use it: start prints the variables, the bucket exists, stop ends it."""
+    pid_file = tmp_path / "s3.pid"
+    tool = str(REPO / "tools" / "local_s3.py")
+    out = subprocess.run([sys.executable, tool, "start", "--bucket", "bkt", "--pid-file", str(pid_file)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    env = dict(line[len("export "):].split("=", 1) for line in out.stdout.splitlines())
+    pid = int(pid_file.read_text())
+    try:
+        assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:") and os.getpgid(pid) == pid
+        probe = "from smat_dist import objstore; objstore.check_writable('s3://bkt/x'); print('ok')"
+        ok = subprocess.run([sys.executable, "-c", probe], env=_env(**env), capture_output=True, text=True, timeout=60)
+        assert ok.stdout.strip() == "ok", ok.stderr
+    finally:
+        stop = subprocess.run([sys.executable, tool, "stop", "--pid-file", str(pid_file)], timeout=60)
+    assert stop.returncode == 0 and not pid_file.exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
