@@ -88,6 +88,16 @@ class RunStore:
             if objstore.kind(self.url(rel)) == "file":
                 objstore.download(self.url(rel), self.local / rel)
 
+    def append(self, rel: str, text: str) -> None:
+        """Append ``text`` to ``rel`` in the store itself (read, extend, rewrite: objects cannot be appended to)."""
+        if not self.remote:
+            with open(self.local / rel, "a") as f:
+                f.write(text)
+            return
+        uri = self.url(rel)
+        old = objstore.read_bytes(uri) if objstore.kind(uri) == "file" else b""
+        objstore.write_bytes(uri, old + text.encode())
+
     def write_text(self, rel: str, text: str) -> None:
         self.local.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.local / rel, text)

@@ -45,16 +45,20 @@ def _fail(prog: str, exc: BaseException, store, *, rank: Optional[int] = None) -
 
     cause, failed_rank = runlog.root_cause(exc)
     user_error = isinstance(cause, USER_ERRORS)
-    if failed_rank is None and not user_error:  # Ray workers and ranks have logged their own
-        try:
-            store.pull(runlog.RUN_LOG)  # object storage: append to what the ranks wrote
-        except OSError:
-            pass
+    # Ray workers and ranks have logged their own, into the run directory or (object storage) into their
+    # node's staging copy, which may never be uploaded: there the driver logs what it received too.
+    if not user_error and store.remote and rank in (None, 0):
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            runlog.log_exception(Path(tmp), exc, "driver")
+            try:  # appended to the uploaded log; the local copy may be a rank's, still being written
+                store.append(runlog.RUN_LOG, (Path(tmp) / runlog.RUN_LOG).read_text())
+            except OSError:
+                pass
+    elif not user_error and failed_rank is None:
         runlog.log_exception(store.local, exc, "driver")
-        try:
-            store.push(runlog.RUN_LOG)
-        except OSError:
-            pass
     where = "" if user_error else f" (traceback in {store.url(runlog.RUN_LOG)})"
     if not (user_error and rank not in (None, 0)):
         prefix = f"rank {rank}: " if rank is not None and not user_error else ""
