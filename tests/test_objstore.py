@@ -68,6 +68,8 @@ def test_storage_path_uri_is_never_a_local_folder(tmp_path, monkeypatch):
                                                                      "s3://bucket/runs/r1/metrics.jsonl")
     assert store.local.parent == tmp_path / "stage" and cfg.run_dir() == store.local
     assert "s3:" not in str(store.local)
+    gcs = load_config(RunConfig, [], ["dist.storage_path=gs://bucket/runs", "train.run_name=r1"]).run_store()
+    assert (gcs.remote, gcs.uri) == (True, "gs://bucket/runs/r1")
     local = load_config(RunConfig, [], ["train.output_dir=out", "train.run_name=r1"]).run_store()
     assert (local.remote, local.local, local.uri) == (False, tmp_path / "out" / "r1", str(tmp_path / "out" / "r1"))
     with pytest.raises(ConfigError, match="dist.storage_path / train.output_dir 'https://host/runs'"):
@@ -131,6 +133,7 @@ def test_s3_data_root_reads_through_pyarrow_not_a_cli(s3_env, synth_tiny, tmp_pa
     uploaded = upload(synth_tiny, root)
     assert uploaded and all(n > 2 for _, n in uploaded)
     assert location.openers().gopen_schemes["s3"] is location._gopen_object_store
+    assert location.openers().gopen_schemes["gs"] is location._gopen_object_store  # not webdataset's gsutil
     env_path = os.environ["PATH"]
     os.environ["PATH"] = str(tmp_path)  # no CLI can be found
     try:
