@@ -34,15 +34,23 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # Prometheus metrics (smat_dist/monitoring)
     debug: DebugConfig = field(default_factory=DebugConfig)  # test hooks only
 
+    def run_store(self):
+        """The run directory ``<dist.storage_path or train.output_dir>/<train.run_name>`` (metrics,
+        checkpoints, export, log): a local path or an object-storage URI (:class:`smat_dist.runstore.RunStore`)."""
+        from smat_dist.runstore import RunStore
+
+        return RunStore(self.dist.storage_path or self.train.output_dir, self.train.run_name, self.dist.staging_dir)
+
     def run_dir(self) -> Path:
-        """``<dist.storage_path or train.output_dir>/<train.run_name>``: metrics, checkpoints, export, log."""
-        storage = self.dist.storage_path or self.train.output_dir
-        return Path(storage).expanduser().resolve() / self.train.run_name
+        """Where this node's processes write the run directory: the directory itself, or for object
+        storage its node-local staging copy (:meth:`run_store`)."""
+        return self.run_store().local
 
     def validate(self) -> None:
         """Every section's own checks, then the ones across sections; called by :func:`load_config`."""
         self.model.validate()
         self.train.validate()
+        self.run_store()  # an unsupported storage URL is a ConfigError naming the key
         self.data.validate()
         self.dist.validate()
         self.monitor.validate()

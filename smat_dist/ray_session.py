@@ -2,7 +2,9 @@
 
 * With ``RAY_ADDRESS`` set (``ray job submit`` sets it for the entrypoint) the process joins that
   cluster; the cluster's or job's runtime env applies and only the environment our workers need is
-  added.
+  added: Ray refuses to merge a driver's ``runtime_env`` with the job's when both set the same
+  field or env var (``_merge_runtime_env`` in ``ray/runtime_env/runtime_env.py``), so
+  :func:`driver_runtime_env` leaves out whatever the job already sets (the job's value wins).
 * Otherwise it starts a local Ray bound to 127.0.0.1: Ray resolves "localhost" to the machine's
   external address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which it reads at import time, so the
   setting goes into the environment (for Ray's own child processes) and into the already-imported
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -66,6 +69,35 @@ def setup_worker() -> None:
             log.warning("rendezvous store not restricted to loopback: %s", exc)
 
 
+def job_runtime_env() -> Dict:
+    """The runtime env of the Ray job this process is the driver of (``ray job submit``, a KubeRay
+    RayJob), as Ray's job supervisor hands it to the entrypoint; {} outside a submitted job."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return {}
+    try:
+        return dict(json.loads(raw).get("runtime_env") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
+def driver_runtime_env(wanted: Dict, job: Optional[Dict]) -> Dict:
+    """``wanted`` without the fields and env vars ``job`` already sets, so that Ray's merge of the two
+    (which refuses any overlap) succeeds and the job's own settings win."""
+    job = job or {}
+    job_vars = job.get("env_vars") or {}
+    out = {k: v for k, v in wanted.items() if k != "env_vars" and k not in job}
+    env_vars = {k: v for k, v in (wanted.get("env_vars") or {}).items() if k not in job_vars}
+    if env_vars:
+        out["env_vars"] = env_vars
+    skipped = sorted(k for k in wanted if k != "env_vars" and k in job)
+    if skipped:
+        log.info("the job's runtime env sets %s; ours is not added", skipped)
+    return out
+
+
 def keep_local() -> None:
     """Make a Ray started by this process use 127.0.0.1 for every address (single node)."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -92,7 +124,8 @@ def connect(*, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, u
     runtime_env = {"env_vars": env, "worker_process_setup_hook": "smat_dist.ray_session.setup_worker"}
     if address:
         env.pop("PYTHONPATH")  # the job's working dir / image provides the package
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=log_to_driver,
+                 runtime_env=driver_runtime_env(runtime_env, job_runtime_env()) or None)
         return False
     keep_local()
     ray.init(
@@ -118,4 +151,4 @@ def shutdown(started: bool) -> None:
         ray.shutdown()
 
 
-__all__ = ["connect", "shutdown", "worker_env", "keep_local", "LOCALHOST"]
+__all__ = ["connect", "shutdown", "worker_env", "keep_local", "job_runtime_env", "driver_runtime_env", "LOCALHOST"]

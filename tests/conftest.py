@@ -61,3 +61,40 @@ def ray_clean(ray_session):
                 remove_placement_group(PlacementGroup(ray_session.PlacementGroupID(bytes.fromhex(pg_id))))
             except Exception:
                 pass
+
+
+def _local_s3_module():
+    """tools/local_s3.py (the one moto start/stop helper, shared with the cluster scripts)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "local_s3.py"
+    spec = importlib.util.spec_from_file_location("smat_tools_local_s3", path)
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto) on 127.0.0.1 for the session, with the buckets ``data`` and
+    ``runs``; ``.env()`` are the standard AWS variables that point clients at it."""
+    local_s3 = _local_s3_module()
+    server = local_s3.start(["data", "runs"], log=tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process's S3 clients pointed at :func:`s3_server` (pyarrow filesystems cached per bucket are reset)."""
+    from smat_dist import objstore
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    objstore._filesystems.clear()
+    yield s3_server
+    objstore._filesystems.clear()

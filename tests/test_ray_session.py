@@ -73,3 +73,51 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
         # The check can fail: Ray started without the package's helper listens on this machine's address.
         plain = _listeners("plain", tmp_path)
         assert any(not _loopback(s[1]) for s in plain), plain
+
+
+# ------------------------------------------------------------------------------------ runtime-env merge
+def _shipped_job_envs() -> dict:
+    """The runtime envs users submit with: cluster/runtime_env.yaml and the KubeRay RayJob's runtimeEnvYAML."""
+    import yaml
+
+    job = yaml.safe_load((REPO / "cluster" / "k8s" / "rayjob-train.yaml").read_text())
+    return {"runtime_env.yaml": yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text()),
+            "rayjob-train.yaml": yaml.safe_load(job["spec"]["runtimeEnvYAML"])}
+
+
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "rayjob-train.yaml"])
+def test_driver_runtime_env_merges_with_the_shipped_job_env_through_rays_own_merge(name, monkeypatch):
+    """Ray's merge refuses overlapping env vars (our full env against the job's fails), ours minus what the
+    job sets merges: the job's values win and every variable our workers need that it lacks is added."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from smat_dist import ray_session
+
+    job = _shipped_job_envs()[name]
+    ours = {"env_vars": ray_session.worker_env(include_pythonpath=False),
+            "worker_process_setup_hook": "smat_dist.ray_session.setup_worker"}
+    assert set(job["env_vars"]) & set(ours["env_vars"]), "the test needs an overlap to mean anything"
+    assert _merge_runtime_env(job, ours) is None  # what failed before: Ray refuses the overlap
+    # the driver reads the job's env the way Ray's job supervisor hands it over
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": job, "metadata": {}}))
+    assert ray_session.job_runtime_env() == job
+    merged = _merge_runtime_env(job, ray_session.driver_runtime_env(ours, ray_session.job_runtime_env()))
+    assert merged is not None
+    assert merged["env_vars"] == {**ours["env_vars"], **job["env_vars"]}
+    assert merged["worker_process_setup_hook"] == ours["worker_process_setup_hook"]
+    # a job that sets the hook itself keeps it
+    job2 = dict(job, worker_process_setup_hook="their.hook")
+    merged2 = _merge_runtime_env(job2, ray_session.driver_runtime_env(ours, job2))
+    assert merged2 is not None and merged2["worker_process_setup_hook"] == "their.hook"
+
+
+def test_job_runtime_env_is_empty_outside_a_job(monkeypatch):
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from smat_dist import ray_session
+
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    assert ray_session.job_runtime_env() == {}
+    ours = {"env_vars": {"A": "1"}, "worker_process_setup_hook": "h"}
+    assert ray_session.driver_runtime_env(ours, {}) == ours

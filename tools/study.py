@@ -537,7 +537,7 @@ def constraint_table(runs: Dict[tuple, Path]) -> tuple:
     """(rows, Markdown table) of the training sparsity per expert at the end of each run: the last logged
     row, the mean over the last :data:`CONSTRAINT_TAIL` logged rows, the first step whose every expert is
     within τ ± tol, λ at the end, and the test-gate sparsity. ``runs``: (M, τ) -> run directory."""
-    from smat_dist.train.metrics import read_rows
+    from smat_dist.record import read_rows
 
     out, lines = [], ["| M | τ | training sparsity per expert, last step | mean of the last 20 steps (min–max over "
                       f"experts) | within τ ± {CONSTRAINT_TOL} | ≥ τ − {CONSTRAINT_TOL} | first step within | "

@@ -4,13 +4,13 @@ A root (``data.root``, ``smat-data ... ROOT``, ``smat-eval --data``) is one of
 
 * a local path (or ``file://`` URL): read in place, as before;
 * ``http://`` / ``https://`` (read with ``curl`` under the redirect rule of
-  :mod:`smat_dist.data.curl`, uploaded with webdataset's curl opener), ``gs://`` (``gsutil``),
-  ``s3://`` (``aws s3 cp``, registered below in webdataset's scheme table, which has no s3
-  entry of its own) and the other schemes of ``webdataset.gopen.gopen_schemes``: a file under the
+  :mod:`smat_dist.data.curl`, uploaded with webdataset's curl opener), ``s3://`` / ``gs://``
+  (object storage through pyarrow.fs, :mod:`smat_dist.objstore`, registered below in webdataset's
+  scheme table) and the other schemes of ``webdataset.gopen.gopen_schemes``: a file under the
   root is the root URL + ``/`` + its relative path;
 * ``pipe:COMMAND`` with a ``{shard}`` placeholder that is replaced by the relative path of the
   file wanted (manifests and indexes too, not only shards), e.g.
-  ``pipe:aws s3 cp s3://bucket/md/{shard} -``. Relative paths are checked against a strict
+  ``pipe:curl -sf https://host/md/{shard}``. Relative paths are checked against a strict
   pattern before they reach a shell. Such a root is code: it runs with the user's rights, so
   ``data.remote.allow_pipe=false`` or ``SMAT_DATA_ALLOW_PIPE=0`` in the environment refuses it.
 
@@ -21,7 +21,7 @@ and the retries of ``data.remote``.
 Remote roots cannot be listed, so their sources come from ``sources.json`` (written by the
 converters, ``smat-data upload`` and ``smat-data index``). Writing (``smat-data upload``) goes
 through the same openers in ``wb`` mode: ``pipe:`` commands receive the bytes on stdin,
-http(s) is an HTTP PUT (``curl -T``), ``gs://`` ``gsutil cp -``, ``s3://`` ``aws s3 cp -``.
+http(s) is an HTTP PUT (``curl -T``), ``s3://`` and ``gs://`` an object upload.
 """
 
 from __future__ import annotations
@@ -41,24 +41,29 @@ PLACEHOLDER = "{shard}"
 _SCHEME_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    """``s3://`` through the AWS CLI, as a webdataset :class:`~webdataset.gopen.Pipe`."""
-    from webdataset.gopen import Pipe
+def _gopen_object_store(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """``s3://`` / ``gs://`` through :mod:`smat_dist.objstore` (pyarrow.fs), in webdataset's opener
+    signature: the standard AWS/GCS endpoint and credential settings apply, no CLI is needed."""
+    from smat_dist import objstore
 
     if mode[0] == "r":
-        return Pipe(["aws", "s3", "cp", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141])
+        return objstore.open_input(url)
     if mode[0] == "w":
-        return Pipe(["aws", "s3", "cp", "-", url], mode=mode, bufsize=bufsize, ignore_status=[141])
+        return objstore.open_output(url)
     raise ValueError(f"{mode}: unknown mode")
 
 
 def openers():
-    """``webdataset.gopen`` with our s3 entry registered. Imported on first remote use only:
-    webdataset imports torch (~1 s), which local roots and light processes do without."""
+    """``webdataset.gopen`` with our object-storage entries registered (webdataset has no s3 entry and
+    shells out to ``gsutil`` for gs). Imported on first remote use only: webdataset imports torch
+    (~1 s), which local roots and light processes do without."""
     import importlib
 
+    from smat_dist.objstore import SCHEMES
+
     gopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function)
-    gopen.gopen_schemes.setdefault("s3", _gopen_s3)
+    for scheme in SCHEMES:
+        gopen.gopen_schemes[scheme] = _gopen_object_store
     return gopen
 
 
@@ -146,7 +151,7 @@ class DataRoot:
                 raise RootError(f"{s!r}: pipe: roots run a command and are refused (data.remote.allow_pipe=false)")
             if PLACEHOLDER not in s:
                 raise RootError(f"pipe: root {s!r} needs a {PLACEHOLDER} placeholder for the relative file path, "
-                                f"e.g. 'pipe:aws s3 cp s3://bucket/md/{PLACEHOLDER} -'")
+                                f"e.g. 'pipe:curl -sf https://host/md/{PLACEHOLDER}'")
         else:
             scheme = _SCHEME_RE.match(s)["scheme"].lower()
             schemes = openers().gopen_schemes

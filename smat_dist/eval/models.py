@@ -40,8 +40,27 @@ def column_label(base: str, mode: str) -> str:
     return base + MODE_SUFFIX[mode]
 
 
+def export_uri(path: str | Path) -> Optional[str]:
+    """The object-storage URI of the export a ``--checkpoint`` names (a run or the file), else None."""
+    from smat_dist import objstore
+
+    s = str(path)
+    if not objstore.is_uri(s):
+        return None
+    return s if s.endswith(".safetensors") else objstore.join(s, EXPORT_NAME)
+
+
 def resolve_export(path: str | Path) -> Path:
-    """A run directory (holding ``model.safetensors``) or the file itself."""
+    """A run directory (holding ``model.safetensors``) or the file itself, local or in object storage
+    (``s3://bucket/runs/NAME``: the export is downloaded, see :func:`smat_dist.runstore.fetch_run_file`)."""
+    uri = export_uri(path)
+    if uri is not None:
+        from smat_dist.runstore import fetch_run_file
+
+        try:
+            return fetch_run_file(uri, "")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--checkpoint {path}: no {uri} (training not finished?)") from None
     p = Path(path).expanduser()
     if p.is_dir():
         f = p / EXPORT_NAME
@@ -104,7 +123,8 @@ def describe_checkpoint(path: str | Path) -> ModelSpec:
     mcfg = json.loads(meta["model_config"])
     run = run_config_of(f) or {}
     sources = list(((run.get("data") or {}).get("train_sources")) or [])
-    return ModelSpec(kind="export", path=str(f.resolve()), method=str(mcfg.get("method", "smat")),
+    # a URI stays one: evaluation workers (possibly on other nodes) fetch it themselves
+    return ModelSpec(kind="export", path=export_uri(path) or str(f.resolve()), method=str(mcfg.get("method", "smat")),
                      cosine_scale=float(mcfg.get("cosine_scale", 10.0)),
                      img_size=int(mcfg.get("backbone", {}).get("img_size", 128)), train_sources=sources)
 
@@ -222,10 +242,10 @@ class TaskModel:
 
 def build_task_model(spec: ModelSpec, device: str | torch.device = "cpu") -> TaskModel:
     if spec.kind == "export":
-        smat = load_model(spec.path, device="cpu")
+        smat = load_model(resolve_export(spec.path), device="cpu")
         model = TaskModel(smat.backbone, spec.cosine_scale, smat)
     elif spec.kind == "pre" and spec.path:
-        backbone = _backbone_of_export(Path(spec.path))
+        backbone = _backbone_of_export(resolve_export(spec.path))
         model = TaskModel(backbone, spec.cosine_scale)
     elif spec.kind == "pre":
         bcfg = from_dict(BackboneConfig, spec.backbone or {})

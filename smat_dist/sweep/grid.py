@@ -24,7 +24,7 @@ from smat_dist.sweep.config import CONFIG_AXIS, SweepConfig
 PLACEMENT_KEYS = (
     ("train", "output_dir"), ("train", "run_name"), ("dist", "storage_path"), ("dist", "resume_from"),
     ("dist", "num_workers"), ("dist", "cpus_per_worker"), ("dist", "gpus_per_worker"), ("dist", "local_num_cpus"),
-    ("dist", "object_store_mb"), ("dist", "max_failures"), ("monitor",), ("data", "num_actors"),
+    ("dist", "object_store_mb"), ("dist", "max_failures"), ("dist", "staging_dir"), ("monitor",), ("data", "num_actors"),
     ("data", "actor_cpus"), ("data", "max_in_flight"), ("data", "local_root"), ("data", "max_open_files"),
     ("data", "actor_start_timeout_s"), ("data", "colocate"), ("data", "cache_dir"), ("data", "cache_max_gb"),
     ("data", "prefetch_shards"), ("data", "remote"), ("debug",),

@@ -19,7 +19,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from smat_dist.fsutil import atomic_write_text
 from smat_dist.plotting import pyplot, save
@@ -93,9 +93,20 @@ def cell_row(cell: Cell, st: CellState, *, axes: List[str], resources: CellResou
     return row
 
 
-def read_training(run_dir: Path) -> Dict[str, Any]:
-    """Steps and sparsity reached (mean over experts of the last logged step) from metrics.jsonl."""
-    p = run_dir / "metrics.jsonl"
+def read_training(run_dir: Union[Path, str]) -> Dict[str, Any]:
+    """Steps and sparsity reached (mean over experts of the last logged step) from metrics.jsonl (of a run
+    directory or a run in object storage)."""
+    from smat_dist import objstore
+
+    if isinstance(run_dir, str) and objstore.is_uri(run_dir):
+        from smat_dist.runstore import fetch_run_file
+
+        try:
+            p = fetch_run_file(run_dir, "metrics.jsonl")
+        except FileNotFoundError:
+            return {}
+    else:
+        p = Path(run_dir) / "metrics.jsonl"
     rows = read_rows(p) if p.exists() else []  # a torn last line (a crash mid-write) is skipped with a warning
     if not rows:
         return {}

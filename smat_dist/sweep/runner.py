@@ -33,9 +33,9 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
-from smat_dist import ray_session
+from smat_dist import objstore, ray_session
 from smat_dist.config import to_yaml
 from smat_dist.data.location import resolve_root
 from smat_dist.errors import ConfigError
@@ -72,6 +72,10 @@ class Sweep:
         first = self.cells[0].run
         self.out = Path(out or cfg.out or Path(first.train.output_dir) / "sweeps" / cfg.name).expanduser().resolve()
         self.store = CellStore(self.out)
+        # The cells' run directories: under the sweep directory, or in object storage when the base run
+        # config stores runs there (dist.storage_path=s3://...): <storage>/sweeps/<name>/<cell>.
+        storage = first.dist.storage_path or ""
+        self.runs = objstore.join(storage, "sweeps", cfg.name) if objstore.is_uri(storage) else str(self.out / "runs")
         self._lock = threading.Lock()
         self._procs: Dict[int, subprocess.Popen] = {}
         self._reaper = CellReaper()
@@ -82,8 +86,9 @@ class Sweep:
         self._owned = False
 
     # ----------------------------------------------------------------------------- paths, commands
-    def run_dir(self, cell: Cell) -> Path:
-        return self.out / "runs" / cell.id
+    def run_dir(self, cell: Cell) -> Union[Path, str]:
+        """The cell's run directory (a path, or its URI in object storage)."""
+        return objstore.join(self.runs, cell.id) if objstore.is_uri(self.runs) else Path(self.runs) / cell.id
 
     def eval_dir(self, cell: Cell) -> Path:
         return self.out / "eval" / cell.id
@@ -94,7 +99,8 @@ class Sweep:
     def train_cmd(self, cell: Cell) -> List[str]:
         configs = [a for p in cell.configs for a in ("--config", str(p))]
         return [sys.executable, "-m", "smat_dist.train.cli", *configs, *cell.overrides,
-                f"train.output_dir={self.out / 'runs'}", f"train.run_name={cell.id}", "dist.storage_path=null"]
+                f"train.output_dir={self.out / 'runs'}", f"train.run_name={cell.id}",
+                f"dist.storage_path={self.runs if objstore.is_uri(self.runs) else 'null'}"]
 
     def eval_cmd(self, cell: Cell) -> List[str]:
         return [sys.executable, "-m", "smat_dist.eval.cli", "--checkpoint", str(self.run_dir(cell)),
@@ -310,8 +316,11 @@ class Sweep:
     def _export_whole(self, cell: Cell) -> bool:
         """The cell's model file exists and is whole; if not, training runs again (it resumes at its last
         checkpoint and rewrites the export), instead of evaluation failing on it forever."""
+        run_dir = self.run_dir(cell)
+        if isinstance(run_dir, str):  # object storage: an object appears whole or not at all
+            return objstore.kind(objstore.join(run_dir, "model.safetensors")) == "file"
         try:
-            check_weights_file(self.run_dir(cell) / "model.safetensors", "model export")
+            check_weights_file(run_dir / "model.safetensors", "model export")
             return True
         except WeightsError as exc:
             if (self.run_dir(cell) / "model.safetensors").exists():

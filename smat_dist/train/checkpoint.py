@@ -58,10 +58,19 @@ class CheckpointMeta:
     @classmethod
     def from_json(cls, path: Path) -> "CheckpointMeta":
         try:
-            data = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise CheckpointError(f"{path.parent}: not a smat-dist checkpoint (no {META_FILE})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{path}: unreadable checkpoint sidecar ({exc})") from None
+        return cls.from_text(text, path)
+
+    @classmethod
+    def from_text(cls, text: str, path: str | Path) -> "CheckpointMeta":
+        """The sidecar's content read from ``path`` (a file or an object-storage URI, for messages)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: unreadable checkpoint sidecar ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__

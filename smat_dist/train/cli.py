@@ -37,16 +37,29 @@ def parse(prog: str, description: str, argv: Optional[List[str]]) -> Tuple[Optio
         return None, args.verbose, 2
 
 
-def _fail(prog: str, exc: BaseException, run_dir, *, rank: Optional[int] = None) -> int:
+def _fail(prog: str, exc: BaseException, store, *, rank: Optional[int] = None) -> int:
     """One line on the console; the traceback is in the run's log file. Exit 2 for what the user can fix.
 
-    ``rank``: the torchrun rank this process is (every rank checks the config, rank 0 alone reports
-    what the user can fix; any rank reports its own failure)."""
+    ``store``: the run's :class:`~smat_dist.runstore.RunStore`. ``rank``: the torchrun rank this process
+    is (every rank checks the config, rank 0 alone reports what the user can fix; any rank reports its
+    own failure)."""
     cause, failed_rank = runlog.root_cause(exc)
     user_error = isinstance(cause, USER_ERRORS)
-    if failed_rank is None and not user_error:
-        runlog.log_exception(run_dir, exc, "driver")  # Ray workers and ranks have logged their own
-    where = "" if user_error else f" (traceback in {run_dir / runlog.RUN_LOG})"
+    # Ray workers and ranks have logged their own, into the run directory or (object storage) into their
+    # node's staging copy, which may never be uploaded: there the driver logs what it received too.
+    if not user_error and store.remote and rank in (None, 0):
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            runlog.log_exception(Path(tmp), exc, "driver")
+            try:  # appended to the uploaded log; the local copy may be a rank's, still being written
+                store.append(runlog.RUN_LOG, (Path(tmp) / runlog.RUN_LOG).read_text())
+            except OSError:
+                pass
+    elif not user_error and failed_rank is None:
+        runlog.log_exception(store.local, exc, "driver")
+    where = "" if user_error else f" (traceback in {store.url(runlog.RUN_LOG)})"
     if not (user_error and rank not in (None, 0)):
         prefix = f"rank {rank}: " if rank is not None and not user_error else ""
         print(f"{prog}: error: {prefix}{runlog.one_line(exc)}{where}", file=sys.stderr, flush=True)
@@ -62,17 +75,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg is None:
         return rc
 
-    run_dir = cfg.run_dir()
+    store = cfg.run_store()
     try:
-        check_output(run_dir)
-        with run_lock(run_dir):  # the driver holds it for the life of the run (workers take none)
-            preflight(cfg, run_dir, engine="deepspeed", world_size=cfg.dist.num_workers)
+        check_output(store)
+        with run_lock(store.uri):  # the driver holds it for the life of the run (workers take none)
+            preflight(cfg, store, engine="deepspeed", world_size=cfg.dist.num_workers, cluster=True)
             from smat_dist.train.ray_launcher import train  # torch and Ray only after the checks
 
-            result = train(cfg, verbose=verbose)
+            train(cfg, verbose=verbose)
     except Exception as exc:
-        return _fail(prog, exc, run_dir)
-    return _done(result.run_dir)
+        return _fail(prog, exc, store)
+    return _done(store)
 
 
 def main_local(argv: Optional[List[str]] = None) -> int:
@@ -86,15 +99,15 @@ def main_local(argv: Optional[List[str]] = None) -> int:
     import os
     from contextlib import nullcontext
 
-    run_dir = cfg.run_dir()
+    store = cfg.run_store()
     # torchrun describes every rank in the environment; torch itself is imported after the checks
     torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
     try:
-        check_output(run_dir)
+        check_output(store)
         # rank 0 holds the run's lock for the life of the run; a refused rank 0 exits and torchrun stops the rest
-        with run_lock(run_dir) if rank == 0 else nullcontext():
-            preflight(cfg, run_dir, engine="deepspeed" if torchrun else "local",
+        with run_lock(store.uri) if rank == 0 else nullcontext():
+            preflight(cfg, store, engine="deepspeed" if torchrun else "local",
                       world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
             # torch and DeepSpeed only after the checks
             from smat_dist.train import distributed
@@ -106,14 +119,14 @@ def main_local(argv: Optional[List[str]] = None) -> int:
                 runtime = distributed.Runtime("local", device=distributed.rank_device(cfg.dist.use_gpu, 0))
             run(cfg, runtime)  # an error ends this rank; torchrun then stops the others
     except Exception as exc:
-        return _fail(prog, exc, run_dir, rank=rank if torchrun else None)
+        return _fail(prog, exc, store, rank=rank if torchrun else None)
     distributed.shutdown()
-    return _done(run_dir) if runtime.is_main else 0
+    return _done(store) if runtime.is_main else 0
 
 
-def _done(run_dir) -> int:
-    print(f"[smat-train] done: run directory {run_dir}")
-    print(f"[smat-train] exported model {run_dir / 'model.safetensors'}")
+def _done(store) -> int:
+    print(f"[smat-train] done: run directory {store.uri}")
+    print(f"[smat-train] exported model {store.url('model.safetensors')}")
     return 0
 
 

@@ -87,9 +87,12 @@ class DistConfig:
     # Resume explicitly from a checkpoint directory (any launcher's). Without it, re-running with the
     # same train.run_name resumes from that run's latest checkpoint.
     resume_from: Optional[str] = None
-    # Where the run directory lives; None = train.output_dir. Multi-node runs need a path every
-    # node sees (NFS, a PVC) for checkpoints and metrics.
+    # Where run directories live; None = train.output_dir. A local path (multi-node runs: one every
+    # node sees, e.g. NFS or a PVC) or object storage (s3://bucket/runs, gs://...), see smat_dist/runstore.py.
     storage_path: Optional[str] = None
+    # Node-local directory where ranks write a run stored in object storage before rank 0 uploads it;
+    # None = $TMPDIR/smat-staging.
+    staging_dir: Optional[str] = None
     local_num_cpus: Optional[int] = None  # local Ray (no RAY_ADDRESS): CPUs to offer; None = all
     object_store_mb: int = 256  # local Ray object store
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # communication settings

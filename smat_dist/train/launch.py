@@ -17,8 +17,9 @@ from typing import Callable, Iterable, Optional, Union
 
 from smat_dist.config import RunConfig, to_yaml
 from smat_dist.episode import Episode
-from smat_dist.fsutil import atomic_write_text, publish
+from smat_dist.fsutil import publish
 from smat_dist.record import StepMetrics
+from smat_dist.runstore import RunStore
 from smat_dist.smat import SMAT
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed
@@ -29,10 +30,12 @@ from smat_dist.train.recipe import EpisodeProvider, MetaTrainRecipe, rank_monito
 
 class LocalCheckpoints:
     """Checkpoints written by the ranks themselves into the run directory (shared storage for
-    multi-node torchrun)."""
+    multi-node torchrun), or into each node's staging directory and uploaded when the run is stored in
+    object storage (every node its own ranks' files, then rank 0 the sidecar that completes it)."""
 
     def save(self, recipe: MetaTrainRecipe, step: int, metrics: StepMetrics, final: bool) -> None:
         main = recipe.runtime.is_main
+        store = recipe.store
         final_dir = ckpt.local_dir(recipe.run_dir, step)
         partial = final_dir.with_name(final_dir.name + ckpt.PARTIAL_SUFFIX)
         if main:
@@ -43,33 +46,48 @@ class LocalCheckpoints:
         recipe.engine.save(partial, meta.tag)
         distributed.barrier()  # every rank's files are in place
         recipe.debug_kill("files")
+        remote = store is not None and store.remote
+        if remote and recipe.runtime.local_rank == 0:  # one uploader per node
+            store.upload_checkpoint(partial, sidecar=False)
+            if not main:
+                shutil.rmtree(partial, ignore_errors=True)
+        if remote:
+            distributed.barrier()  # every node's files are in the bucket
         if main:
             meta.write(partial)
             recipe.debug_kill("sidecar")
+            if remote:
+                store.upload_checkpoint(partial, sidecar=True)
+                store.prune(recipe.cfg.train.keep_checkpoints)
             publish(partial, final_dir)
             recipe.debug_kill("committed")
             ckpt.prune(recipe.run_dir, recipe.cfg.train.keep_checkpoints)
         distributed.barrier()
 
 
-def agreed_resume_point(run_dir: Path, resume_from: Optional[str]) -> Optional[Path]:
-    """Rank 0 decides where the run continues from; every rank gets the same answer."""
-    point = ckpt.resume_point(run_dir, resume_from) if distributed.rank() == 0 else None
-    text = distributed.broadcast_string(str(point) if point else "", max_len=4096)
-    return Path(text) if text else None
+def agreed_resume_point(store: RunStore, resume_from: Optional[str], local_rank: int = 0) -> Optional[Path]:
+    """Rank 0 decides where the run continues from; every rank gets the same answer, as a local
+    directory (one process per node downloads a checkpoint held in object storage)."""
+    point = store.resume_point(resume_from) if distributed.rank() == 0 else None
+    text = distributed.broadcast_string(point or "", max_len=4096)
+    if not text:
+        return None
+    if local_rank == 0:
+        local = store.fetch(text)
+    distributed.barrier()
+    return local if local_rank == 0 else store.fetch_target(text)
 
 
 def run(cfg: RunConfig, runtime: Runtime) -> Path:
     """Train (or resume) on this rank; returns the run directory. Rank 0 writes the export at the end."""
-    run_dir = cfg.run_dir()
+    store = cfg.run_store()
     if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
+        store.write_text("run_config.yaml", to_yaml(cfg))
     distributed.barrier()
     monitor = rank_monitor(cfg, runtime.rank, default_backend="prometheus")
-    recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=LocalCheckpoints(), monitor=monitor)
-    recipe.run(nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from)))
-    return run_dir
+    recipe = MetaTrainRecipe(cfg, runtime, None, sink=LocalCheckpoints(), monitor=monitor, store=store)
+    recipe.run(nullcontext(agreed_resume_point(store, cfg.dist.resume_from, runtime.local_rank)))
+    return store.local
 
 
 class Trainer:

@@ -2,9 +2,10 @@
 
 The driver joins ``$RAY_ADDRESS`` (``ray job submit``) or starts a local Ray (:mod:`smat_dist.ray_session`),
 then starts ``dist.num_workers`` workers. Each worker is a rank of the recipe with a DeepSpeed engine;
-checkpoints are uploaded by every rank into ``<run_dir>/checkpoint_step_<step>/`` (Ray Train's storage),
-committed by rank 0 and then reported to Ray Train (:class:`RayCheckpoints`). After a worker failure (``dist.max_failures``) the restarted group,
-and a re-run with the same ``train.run_name``, resume from the latest whole checkpoint.
+checkpoints are uploaded by every rank into ``<run_dir>/checkpoint_step_<step>/`` through Ray Train's
+storage (its ``storage_path``: a shared directory or ``s3://``/``gs://``), committed by rank 0 and then
+reported to Ray Train (:class:`RayCheckpoints`). After a worker failure (``dist.max_failures``) the
+restarted group, and a re-run with the same ``train.run_name``, resume from the latest whole checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 
 from smat_dist import ray_session
 from smat_dist.config import RunConfig, from_dict, to_dict, to_yaml
-from smat_dist.fsutil import atomic_write_text
 from smat_dist.record import StepMetrics
+from smat_dist.runstore import RunStore
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed
 from smat_dist.train.distributed import Runtime, backend_for
@@ -34,10 +35,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Path  # the run directory, or for object storage this node's staging copy of it
     export: Path
     checkpoint: Optional[str]
     metrics: dict
+    uri: str = ""  # where the run is stored: the run directory or its s3:// / gs:// URI
 
 
 class RayCheckpoints:
@@ -98,7 +100,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg: RunConfig = from_dict(RunConfig, config["run"])
-    run_dir = Path(config["run_dir"])
+    store = RunStore(config["storage"], cfg.train.run_name, cfg.dist.staging_dir)  # as the driver resolved it
     if not config.get("verbose"):
         quiet_ray_train_reports()
     ctx = ray.train.get_context()
@@ -106,11 +108,11 @@ def train_loop(config: Dict[str, Any]) -> None:
     runtime = Runtime("ray", ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device)
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     monitor = rank_monitor(cfg, runtime.rank, default_backend="ray")
-    recipe = MetaTrainRecipe(cfg, runtime, run_dir, sink=RayCheckpoints(), monitor=monitor)
+    recipe = MetaTrainRecipe(cfg, runtime, None, sink=RayCheckpoints(), monitor=monitor, store=store)
     # The run's latest whole checkpoint by the one definition every launcher and preflight use, not
     # ray.train.get_checkpoint(): Ray's record of reported checkpoints can lag the run directory by one
     # (a kill after the commit, before its snapshot file was written) and lists unfinished ones.
-    recipe.run(nullcontext(agreed_resume_point(run_dir, cfg.dist.resume_from)))
+    recipe.run(nullcontext(agreed_resume_point(store, cfg.dist.resume_from, runtime.local_rank)))
 
 
 def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
@@ -119,9 +121,8 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
+    store = cfg.run_store()
+    store.write_text("run_config.yaml", to_yaml(cfg))
     started = ray_session.connect(num_cpus=cfg.dist.local_num_cpus, use_gpu=cfg.dist.use_gpu,
                                   object_store_mb=cfg.dist.object_store_mb)
     try:
@@ -131,7 +132,7 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
         backend = backend_for(torch.device("cuda" if cfg.dist.use_gpu else "cpu"))
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir), "verbose": verbose},
+            train_loop_config={"run": to_dict(cfg), "storage": store.storage, "verbose": verbose},
             torch_config=TorchConfig(backend=backend),
             scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
                                          resources_per_worker=resources),
@@ -140,7 +141,8 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
                 # Ray Train's own INFO lines (resource requests, every report with its metrics) only with
                 # --verbose; our progress lines and Ray's warnings and errors always show.
                 logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
-                storage_path=str(run_dir.parent),
+                # a local directory or object storage (Ray Train writes s3:// / gs:// through pyarrow.fs)
+                storage_path=store.storage,
                 failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             ),
@@ -149,8 +151,8 @@ def train(cfg: RunConfig, *, verbose: bool = False) -> RunResult:
         if result.error is not None:
             raise result.error
         ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
-        return RunResult(run_dir=run_dir, export=run_dir / EXPORT_NAME, checkpoint=ckpt_path,
-                         metrics=dict(result.metrics or {}))
+        return RunResult(run_dir=store.local, export=store.local / EXPORT_NAME, checkpoint=ckpt_path,
+                         metrics=dict(result.metrics or {}), uri=store.uri)
     finally:
         ray_session.shutdown(started)
 

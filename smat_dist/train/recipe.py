@@ -49,6 +49,7 @@ from smat_dist.train.prefetch import Prefetched
 log = logging.getLogger(__name__)
 
 EXPORT_NAME = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
 STATE_CHUNK = 1 << 20  # elements per fingerprint chunk: O(1) extra memory in |θ|
 
 
@@ -200,9 +201,13 @@ class MetaTrainRecipe:
     def __init__(self, cfg: RunConfig, runtime: Runtime, run_dir: Optional[str | Path], *,
                  model: Optional[SMAT] = None, episodes: Optional[EpisodeProvider] = None,
                  sink: Optional[CheckpointSink] = None, monitor=None,
-                 on_step: Optional[Callable[[StepMetrics], None]] = None, progress: bool = True):
+                 on_step: Optional[Callable[[StepMetrics], None]] = None, progress: bool = True, store=None):
         self.cfg = cfg
         self.runtime = runtime
+        # ``store`` (a RunStore): rank 0 copies the run's files there after each checkpoint and at the end
+        self.store = store
+        if run_dir is None and store is not None:
+            run_dir = store.local
         self.run_dir = Path(run_dir) if run_dir is not None else None  # None: no files (tests, tools)
         self._model = model
         self._provider = episodes
@@ -217,7 +222,7 @@ class MetaTrainRecipe:
         self.total = cfg.train.total_steps()
         self.loader = None
         self._stream: Optional[Iterator[Episode]] = None
-        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir is not None else None
+        self.metrics_log = MetricsLog(self.run_dir / METRICS_FILE) if self.run_dir is not None else None
         B, W = cfg.train.tasks_per_step, runtime.world_size
         if B < W:
             raise ConfigError(f"train.tasks_per_step={B} is smaller than the {W} ranks: {W - B} rank(s) would have "
@@ -301,14 +306,22 @@ class MetaTrainRecipe:
         open only while the state is loaded), train to the end, write the export (rank 0). A failure's
         traceback goes to the run's log file; the monitor is closed either way."""
         try:
+            if self.store is not None and self.runtime.is_main:
+                self.store.pull(METRICS_FILE, runlog.RUN_LOG)  # a restart on another node continues them
             with resume as directory:
                 self.setup(Path(directory) if directory else None)
             self.train()
             if self.runtime.is_main:
                 self.export()
+                self._push(EXPORT_NAME)
             distributed.barrier()
         except Exception as exc:
             runlog.log_exception(self.run_dir, exc, f"rank {self.runtime.rank}")
+            if self.runtime.is_main:
+                try:
+                    self._push()
+                except Exception:  # the upload must not hide the error itself
+                    pass
             raise
         finally:
             if self.monitor is not None:
@@ -443,6 +456,8 @@ class MetaTrainRecipe:
         final = self.step == self.total
         if self.sink is not None and (self.step % cfg.train.checkpoint_every == 0 or final):
             self.sink.save(self, self.step, m, final)
+            if self.runtime.is_main:
+                self._push()
         halt = cfg.debug.halt_at_step
         if halt is not None and self.step == halt and self.runtime.is_main and self.run_dir is not None:
             marker = self.run_dir / f".halted_at_step_{halt}"
@@ -465,6 +480,11 @@ class MetaTrainRecipe:
         path = self.run_dir / EXPORT_NAME
         export_model(self.model, path, self.cfg.train, extra={"run_config": json.dumps(to_dict(self.cfg))})
         return path
+
+    def _push(self, *extra: str) -> None:
+        """Rank 0: the run's metrics and log (and ``extra`` files) to its store, if it is object storage."""
+        if self.store is not None:
+            self.store.push(METRICS_FILE, runlog.RUN_LOG, *extra)
 
     def say(self, text: str) -> None:
         """A line for the console (rank 0 calls this) and the run's log file."""

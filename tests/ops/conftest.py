@@ -69,14 +69,17 @@ def ray_temp_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_head(ray_temp_dir) -> RayHead:
-    """``ray start --head --block`` on 127.0.0.1 with a metrics export port; killed (its process group) at the end."""
+def ray_head(ray_temp_dir, s3_server) -> RayHead:
+    """``ray start --head --block`` on 127.0.0.1 with a metrics export port; killed (its process group) at the end.
+    The node reaches the session's S3 server the standard way (AWS_* variables of the node, as a cloud node
+    has its identity), never through a job's runtime env."""
     ray = BIN / "ray"
     if not ray.exists():
         pytest.skip("the ray CLI is not installed next to python")
     gcs, dash, metrics = free_port(), free_port(), free_port()
     log = (ray_temp_dir / "head.log").open("w")
-    env = base_env(RAY_metrics_report_interval_ms="1000", RAY_AUTH_MODE="token")  # Ray's default interval is 10 s
+    env = base_env(RAY_metrics_report_interval_ms="1000", RAY_AUTH_MODE="token",  # Ray's default interval is 10 s
+                   **s3_server.env())
     if not (Path.home() / ".ray" / "auth_token").exists():  # a fresh CI box: token auth needs the token first
         gen = subprocess.run([str(ray), "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
                              timeout=120)

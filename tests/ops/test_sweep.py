@@ -154,9 +154,18 @@ class FakeCluster(Sweep):
             return 1
         if phase == "train":
             run = self.run_dir(cell)
+            metrics = json.dumps({"step": 4, "sparsity_test": [0.5, 0.7]}) + "\n"
+            if isinstance(run, str):  # the cell's run is in object storage, as smat-train would put it
+                from smat_dist import objstore
+
+                assert f"dist.storage_path={run.rsplit('/', 1)[0]}" in cmd and f"train.run_name={cell.id}" in cmd
+                save_file({"delta": torch.zeros(2)}, str(log.with_suffix(".safetensors")))
+                objstore.upload(log.with_suffix(".safetensors"), objstore.join(run, "model.safetensors"))
+                objstore.write_bytes(objstore.join(run, "metrics.jsonl"), metrics.encode())
+                return 0
             run.mkdir(parents=True, exist_ok=True)
             save_file({"delta": torch.zeros(2)}, str(run / "model.safetensors"))  # a whole (tiny) export
-            (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "sparsity_test": [0.5, 0.7]}) + "\n")
+            (run / "metrics.jsonl").write_text(metrics)
         else:
             write_eval_results(self.eval_dir(cell) / "results.csv",
                                {"textures": ("ID", 50.0 + i, 2.0), "digits": ("OOD", 30.0 + i, 2.0)})
@@ -187,6 +196,25 @@ def test_failed_cells_are_retried_then_reported(tmp_path):
     retry = _fake(tmp_path, retry_failed=True)
     assert retry.run() == {"pending": 0, "running": 0, "done": 4, "failed": 0}
     assert retry.calls == [(2, "train"), (2, "eval")]
+
+
+def test_a_sweep_keeps_its_runs_in_object_storage_and_reads_them_back(s3_env, tmp_path):
+    """Base config with dist.storage_path=s3://...: every cell trains into <storage>/sweeps/<name>/<cell>, is
+    evaluated from there, and its training numbers are read back from the bucket; the sweep's own state stays
+    in its directory. A re-run finds every cell done (its export is in the bucket)."""
+    cfg = load_sweep_config(TINY, ["monitor.enabled=false"])
+    runs = f"s3://runs/sw-{tmp_path.name}"
+    cfg.overrides = list(cfg.overrides) + [f"dist.storage_path={runs}"]
+    sw = FakeCluster(cfg, TINY, tmp_path / "sw", say=lambda m: None)
+    cell = sw.cells[0]
+    assert sw.run_dir(cell) == f"{runs}/sweeps/tiny/{cell.id}"
+    assert sw.eval_cmd(cell)[sw.eval_cmd(cell).index("--checkpoint") + 1] == f"{runs}/sweeps/tiny/{cell.id}"
+    assert sw.run() == {"pending": 0, "running": 0, "done": 4, "failed": 0}
+    rows = {r["cell"]: r for r in _csv(sw.out / "sweep.csv")}
+    assert rows[cell.id]["steps"] == "4" and float(rows[cell.id]["sparsity_reached"]) == pytest.approx(0.6)
+    assert not (sw.out / "runs").exists()
+    again = FakeCluster(cfg, TINY, tmp_path / "sw", say=lambda m: None)
+    assert again.run()["done"] == 4 and again.calls == []
 
 
 def test_an_eval_failure_retries_only_the_evaluation(tmp_path):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from smat_dist.config import TrainConfig
+from smat_dist.train.config import TrainConfig
 from smat_dist.smat import SMAT
 from smat_dist.smat.config import OptimConfig
 from smat_dist.smat.optim import apply_schedule, build_optimizer, lr_multiplier

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from smat_dist.config import TrainConfig
+from smat_dist.train.config import TrainConfig
 from smat_dist.smat import SMAT
 from smat_dist.train.launch import Trainer
 
