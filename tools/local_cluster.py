@@ -204,13 +204,10 @@ class LocalCluster:
                               timeout=timeout, cwd=REPO)
 
     def submit(self, job_id: str, entrypoint: Sequence[str]) -> None:
-        """``ray job submit --no-wait`` of ``entrypoint`` with this checkout as the working directory."""
-        # TODO(merge): submit with `--runtime-env cluster/runtime_env.yaml` once the driver's runtime-env
-        # merge is fixed (issue 18, another branch); until then an env without env_vars, which cannot conflict.
-        runtime_env = json.dumps({"excludes": [".git", ".venv", "runs", "data", "out", "**/__pycache__",
-                                               "*.egg-info", ".pytest_cache"]})
+        """``ray job submit --no-wait`` of ``entrypoint`` with the project's shipped runtime env
+        (``cluster/runtime_env.yaml``: this checkout as the working directory), as the docs tell users."""
         cmd = ["job", "submit", "--address", self.dashboard, "--submission-id", job_id, "--no-wait",
-               "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--", *entrypoint]
+               "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint]
         deadline = time.time() + 120  # the head's job agent answers a few seconds after `ray start`
         while True:
             out = self.ray(*cmd)
@@ -259,10 +256,24 @@ def metrics_steps(run_dir: Path) -> List[int]:
     return out
 
 
-def train_entrypoint(run_name: str, *, data_root: str, storage: str, steps: int, every: int,
+def is_uri(storage: str) -> bool:
+    return "://" in storage and not storage.startswith("file://")
+
+
+def run_file(storage: str, run: str, rel: str) -> Path:
+    """A local copy (object storage) or the path (a shared directory) of ``rel`` of run ``run``."""
+    if is_uri(storage):
+        from smat_dist.runstore import fetch_run_file
+
+        return fetch_run_file(f"{storage.rstrip('/')}/{run}", rel)
+    return Path(storage) / run / rel
+
+
+def train_entrypoint(run_name: str, *, data_root: str, storage: str, steps: int, every: int, staging: str,
                      extra: Sequence[str] = ()) -> List[str]:
     return ["smat-train", "--config", "configs/demo/smat.yaml", *TINY, f"data.root={data_root}",
-            "data.cache_dir=$SMAT_NODE_CACHE", f"dist.storage_path={storage}", f"train.run_name={run_name}",
+            "data.cache_dir=$SMAT_NODE_CACHE", f"dist.storage_path={storage}", f"dist.staging_dir={staging}",
+            f"train.run_name={run_name}",
             "dist.num_workers=2", "dist.cpus_per_worker=1", "train.tasks_per_step=2", f"train.max_steps={steps}",
             f"train.checkpoint_every={every}", "train.log_every=1", "train.keep_checkpoints=0", *extra]
 
@@ -281,8 +292,14 @@ def max_param_diff(a: Path, b: Path) -> float:
 def node_loss_e2e(workdir: Path, *, data_root: str, storage: str, steps: int = 6, every: int = 2, halt: int = 4,
                   say=print) -> dict:
     """The scenario of the module docstring; returns what it measured. ``storage`` must be a path every node
-    sees (all nodes of this cluster are on this machine) or an object-storage URL the nodes can reach."""
+    sees (all nodes of this cluster are on this machine) or an object-storage URL the nodes can reach. With
+    object storage, the ranks' node-local staging directory (``dist.staging_dir``) is one directory of this
+    machine for every node, so the scenario can watch rank 0's progress (and its halt marker) wherever it
+    runs; what the run stored is then read back from the bucket."""
+    from smat_dist.runstore import RunStore
+
     t_all = time.time()
+    staging = str(Path(workdir).resolve() / "staging")
     report: dict = {}
     with LocalCluster(Path(workdir)) as cluster:
         t0 = time.time()
@@ -295,17 +312,17 @@ def node_loss_e2e(workdir: Path, *, data_root: str, storage: str, steps: int = 6
 
         t0 = time.time()
         cluster.submit("clean", train_entrypoint("clean", data_root=data_root, storage=storage, steps=steps,
-                                                 every=every))
+                                                 every=every, staging=staging))
         status = cluster.wait_job("clean")
         report["clean_s"] = time.time() - t0
         if status != "succeeded":
             raise RuntimeError(f"the uninterrupted run ended {status}:\n{cluster.job_logs('clean')[-4000:]}")
         say(f"uninterrupted run: {steps} steps in {report['clean_s']:.1f} s")
 
-        run_dir = Path(storage) / "lossy"
+        run_dir = RunStore(storage, "lossy", staging).local  # where rank 0 writes (= the run dir if shared)
         t0 = time.time()
         cluster.submit("lossy", train_entrypoint("lossy", data_root=data_root, storage=storage, steps=steps,
-                                                 every=every, extra=["dist.max_failures=1",
+                                                 every=every, staging=staging, extra=["dist.max_failures=1",
                                                                      f"debug.halt_at_step={halt}"]))
         marker = run_dir / f".halted_at_step_{halt}"
         deadline = time.time() + 400
@@ -329,11 +346,12 @@ def node_loss_e2e(workdir: Path, *, data_root: str, storage: str, steps: int = 6
         logs = cluster.job_logs("lossy")
         if status != "succeeded":
             raise RuntimeError(f"the run with a lost node ended {status}:\n{logs[-4000:]}")
-        log = (run_dir / "train.log").read_text(errors="replace")  # rank 0's lines, whichever node it ran on
+        # what the run stored (read back from the bucket for object storage)
+        log = run_file(storage, "lossy", "train.log").read_text(errors="replace")  # rank 0's lines, any node
         report["resumed_line"] = next((ln for ln in log.splitlines() if "resumed from" in ln), "")
-        report["steps"] = metrics_steps(run_dir)
-        report["max_param_diff"] = max_param_diff(Path(storage) / "clean" / "model.safetensors",
-                                                  run_dir / "model.safetensors")
+        report["steps"] = metrics_steps(run_file(storage, "lossy", "metrics.jsonl").parent)
+        report["max_param_diff"] = max_param_diff(run_file(storage, "clean", "model.safetensors"),
+                                                  run_file(storage, "lossy", "model.safetensors"))
         report["node_caches"] = {name: sum(1 for _ in (n.cache / "objects").rglob("*") if _.is_file())
                                  if (n.cache / "objects").exists() else 0 for name, n in cluster.nodes.items()}
     report["total_s"] = time.time() - t_all

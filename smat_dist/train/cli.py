@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 
 from smat_dist.config import ConfigError, RunConfig, load_config
 from smat_dist.train import runlog
-from smat_dist.train.preflight import USER_ERRORS, check_output, preflight
+from smat_dist.train.preflight import USER_ERRORS, check_cluster_paths, check_output, preflight
 from smat_dist.train.runlock import run_lock
 
 
@@ -77,6 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     store = cfg.run_store()
     try:
+        check_cluster_paths(cfg)  # before the lock creates anything (a relative path under RAY_ADDRESS)
         check_output(store)
         with run_lock(store.uri):  # the driver holds it for the life of the run (workers take none)
             preflight(cfg, store, engine="deepspeed", world_size=cfg.dist.num_workers, cluster=True)

@@ -2,19 +2,17 @@
 training, two worker nodes, token auth, a node-local shard cache per node): a run submitted with
 ``ray job submit`` survives the loss of a worker node after a checkpoint, with a fresh node joining.
 
-Where data and runs live are settings: by default the data is served over HTTP on 127.0.0.1 and the runs
-are stored in a directory every node sees; ``SMAT_E2E_DATA_ROOT`` / ``SMAT_E2E_STORAGE`` point the same
-scenario at object storage.
+The data is reachable only through a real S3-compatible server on 127.0.0.1 (moto, ``s3_server``), and the
+runs are stored there too (``dist.storage_path=s3://...``): the nodes share nothing but the bucket (and this
+machine's disk for their staging directories, which the scenario watches).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import sys
-from contextlib import nullcontext
-from pathlib import Path
+import uuid
 
 import pytest
 
@@ -32,14 +30,14 @@ def local_cluster():
     return mod
 
 
-def test_a_run_survives_the_loss_of_a_worker_node(synth_small, tmp_path):
-    from tests.data.conftest import http_server
+def test_a_run_on_object_storage_survives_the_loss_of_a_worker_node(synth_small, s3_env, tmp_path):
+    from smat_dist.data.transfer import upload
 
     lc = local_cluster()
-    data_root = os.environ.get("SMAT_E2E_DATA_ROOT")
-    storage = os.environ.get("SMAT_E2E_STORAGE") or str(tmp_path / "shared" / "runs")
-    with (nullcontext(data_root) if data_root else http_server(synth_small)) as root:
-        report = lc.node_loss_e2e(tmp_path / "cluster", data_root=root, storage=storage, steps=6, every=2, halt=4)
+    prefix = uuid.uuid4().hex[:8]
+    data_root, storage = f"s3://data/{prefix}/synth", f"s3://runs/{prefix}"
+    upload(synth_small, data_root)
+    report = lc.node_loss_e2e(tmp_path / "cluster", data_root=data_root, storage=storage, steps=6, every=2, halt=4)
     assert report["steps"] == [1, 2, 3, 4, 5, 6]  # no row lost, none repeated
     assert report["max_param_diff"] <= 1e-6, report
     assert "checkpoint_step_00000004 at step 4/6" in report["resumed_line"], report
