@@ -87,7 +87,8 @@ METRICS: Tuple[Metric, ...] = (
     Metric("smat_tasks_per_second", "gauge", "Meta-training tasks per second of the last step, all workers.", _RUN,
            "ops"),
     Metric("smat_images_per_second", "gauge",
-           "Images delivered to this worker by the data plane per second of its last step.", _WORKER, "ops", True),
+           "Images delivered to this worker by the data plane per second, averaged since its first step "
+           "(episodes are built ahead of the step that uses them).", _WORKER, "ops", True),
     Metric("smat_step_phase_seconds", "gauge",
            "Step-time split, mean over workers: phase=data (waiting for episodes), student (merged forward), "
            "teacher (dense teacher), backward_allreduce (backward + gradient all-reduce + optimiser step).",

@@ -61,6 +61,8 @@ class StepMonitor:
         self.every = max(1, int(every))
         self.target_sparsity = target_sparsity
         self._data_seen: Dict[str, float] = {}
+        self._data_clock: Optional[float] = None  # when this worker's first step ended (rate's time origin)
+        self._data_images = 0.0  # images delivered since then (summed deltas: loaders restart from 0)
         self._warned: set = set()
 
     # -- public -------------------------------------------------------------------------------
@@ -160,8 +162,15 @@ class StepMonitor:
                 self._data_seen[key] = cur
                 if delta > 0:
                     out.append((name, dict(labels), delta))
-                if key == "images" and step_s:
-                    put("smat_images_per_second", max(0.0, delta) / step_s)
+                if key == "images":
+                    # A rate over the run so far, not over the last step: episodes are built ahead of the step
+                    # that uses them (prefetch), so one step's own delivery says little about throughput.
+                    now = time.monotonic()
+                    if self._data_clock is None:
+                        self._data_clock = now - (step_s or 0.0)
+                    self._data_images += max(0.0, delta)
+                    if now > self._data_clock:
+                        put("smat_images_per_second", self._data_images / (now - self._data_clock))
         for name, value in gpu_memory().items():
             put(name, value)
         return out

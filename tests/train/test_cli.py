@@ -150,3 +150,50 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
             pass
         head.wait(timeout=60)
         shutil.rmtree(raytmp, ignore_errors=True)
+
+
+def _descendants(root: int) -> set:
+    """``root`` and every process below it (Ray's GCS, raylet, dashboard and workers descend from a local
+    driver that started them)."""
+    children: dict = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int(next(ln for ln in (d / "status").read_text().splitlines() if ln.startswith("PPid:")).split()[1])
+            except (OSError, StopIteration, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo.extend(children.get(p, []))
+    return out
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_a_local_two_worker_run_listens_on_loopback_only(tmp_path):
+    """While a local 2-worker run trains (halted after a checkpoint so it stays up), no process of it — the
+    driver, Ray's own processes, the workers with torch's rendezvous store and gloo — listens on anything
+    but 127.0.0.1."""
+    args = ("dist.num_workers=2", "train.tasks_per_step=2", "train.max_steps=4", "train.checkpoint_every=2",
+            "dist.local_num_cpus=2", "debug.halt_at_step=2")
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(_train_cmd(tmp_path, "ports", *args), env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=tmp_path)
+    try:
+        marker = tmp_path / "ports" / ".halted_at_step_2"
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert marker.exists(), (tmp_path / "run.log").read_text()[-3000:]
+        pids = _descendants(proc.pid)
+        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        ours = [(ln.split()[3], ln.split()[-1]) for ln in out.splitlines() if any(f"pid={p}," in ln for p in pids)]
+        assert ours, out  # the run's listeners were found at all
+        loopback = ("127.", "[::ffff:127.", "[::1]:")  # IPv4 loopback, also as an IPv4-mapped IPv6 socket
+        assert [(a, who) for a, who in ours if not a.startswith(loopback)] == []
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)

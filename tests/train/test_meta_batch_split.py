@@ -7,15 +7,16 @@ the mean over all B tasks, as on one rank: 3 tasks on 2 torchrun ranks end where
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-import torch
 
 from smat_dist.config import RunConfig, load_config
 from smat_dist.errors import ConfigError
 
 from .conftest import REPO, TINY, assert_same, export_params
-from .test_distributed import gloo_world_of_one  # noqa: F401  (fixture)
 from .test_launchers import torchrun
 
 pytestmark = pytest.mark.timeout(900)
@@ -70,24 +71,38 @@ SETTINGS = ["dist.zero_stage=2", "dist.deepspeed.communication_data_type=bf16", 
             "dist.deepspeed.contiguous_gradients=false"]
 
 
-def test_deepspeed_engine_gets_the_run_configs_settings(gloo_world_of_one, tmp_path):  # noqa: F811
-    """What DeepSpeed itself parsed from ``dist.deepspeed`` (one gloo rank), and a step that trains."""
-    from smat_dist.train.distributed import Runtime
-    from smat_dist.train.recipe import MetaTrainRecipe
+ENGINE_SETTINGS_CHECK = """
+import os, socket, sys
+import torch, torch.distributed as tdist
+from smat_dist.train.distributed import Runtime
+from smat_dist.train.recipe import MetaTrainRecipe
+from tests.train.conftest import tiny_run_config
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+cfg = tiny_run_config(sys.argv[1], "ds", *sys.argv[2:], "train.tasks_per_step=2", "train.max_steps=1")
+recipe = MetaTrainRecipe(cfg, Runtime("torchrun"), None).setup()
+ds = recipe.engine.engine
+assert ds.zero_optimization_stage() == 2
+assert ds.communication_data_type == torch.bfloat16
+assert ds.zero_overlap_comm() is True and ds.zero_contiguous_gradients() is False
+assert ds.zero_reduce_bucket_size() == 5000 and ds.zero_allgather_bucket_size() == 7000
+assert ds.gradient_accumulation_steps() == 2
+before = recipe.model.delta.detach().clone()
+recipe.train()
+assert recipe.step == 1 and not torch.equal(before, recipe.model.delta.detach())
+tdist.barrier(); tdist.destroy_process_group()
+print("engine settings ok")
+"""
 
-    from .conftest import tiny_run_config
 
-    cfg = tiny_run_config(tmp_path, "ds", *SETTINGS, "train.tasks_per_step=2", "train.max_steps=1")
-    recipe = MetaTrainRecipe(cfg, Runtime("torchrun"), None).setup()
-    ds = recipe.engine.engine
-    assert ds.zero_optimization_stage() == 2
-    assert ds.communication_data_type == torch.bfloat16
-    assert ds.zero_overlap_comm() is True and ds.zero_contiguous_gradients() is False
-    assert ds.zero_reduce_bucket_size() == 5000 and ds.zero_allgather_bucket_size() == 7000
-    assert ds.gradient_accumulation_steps() == 2
-    before = recipe.model.delta.detach().clone()
-    recipe.train()
-    assert recipe.step == 1 and not torch.equal(before, recipe.model.delta.detach())
+def test_deepspeed_engine_gets_the_run_configs_settings(tmp_path):
+    """What DeepSpeed itself parsed from ``dist.deepspeed`` (one gloo rank, in a process of its own: DeepSpeed
+    keeps the first process group it saw), and a step that trains."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", ENGINE_SETTINGS_CHECK, str(tmp_path), *SETTINGS], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=REPO)
+    assert r.returncode == 0 and "engine settings ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
 def test_two_ranks_train_with_bf16_communication(tmp_path):
