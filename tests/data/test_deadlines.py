@@ -134,7 +134,8 @@ def test_stalled_shard_is_abandoned_and_its_partial_file_removed(synth_root, ser
         w.join()
         assert time.monotonic() - t0 < 6
         assert str(err.value) == f"{ref.url}: no data for 1s (data.remote.stall_timeout_s) (2 attempts)"
-        assert max(seen) == 64 << 10  # bytes did arrive before the stall...
+        # bytes did arrive before the stall (up to the 64 KiB sent; the last read may still be in a buffer)...
+        assert 0 < max(seen) <= 64 << 10
         assert not any((tmp_path / "cache" / "partial").iterdir()) and cache.usage() == 0  # ...and were removed
         # the streaming reader (verify of a URL root) gives up the same way, naming the shard
         assert data_main(["verify", url, "--source", "digits", *FAST_SET]) == 1
