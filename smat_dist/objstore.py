@@ -92,22 +92,22 @@ def _wrap(uri: str, exc: BaseException) -> OSError:
     return StorageError(f"{uri}: {reason(exc)}")
 
 
-def open_input(uri: str) -> BinaryIO:
-    """A sequential read stream of one object (``with`` it; ``read(n)``)."""
+def _open(uri: str, method: str) -> BinaryIO:
     fs, path = filesystem(uri)
     try:
-        return fs.open_input_stream(path)
+        return getattr(fs, method)(path)
     except Exception as exc:
         raise _wrap(uri, exc) from None
+
+
+def open_input(uri: str) -> BinaryIO:
+    """A sequential read stream of one object (``with`` it; ``read(n)``)."""
+    return _open(uri, "open_input_stream")
 
 
 def open_output(uri: str) -> BinaryIO:
     """A write stream to one object; the object appears (whole) when the stream is closed."""
-    fs, path = filesystem(uri)
-    try:
-        return fs.open_output_stream(path)
-    except Exception as exc:
-        raise _wrap(uri, exc) from None
+    return _open(uri, "open_output_stream")
 
 
 def read_bytes(uri: str) -> bytes:
