@@ -158,7 +158,10 @@ class ShardCache:
                         last = "sha256 differs from the manifest (corrupt download)"
                     else:
                         p.parent.mkdir(exist_ok=True)
-                        os.replace(part, p)
+                        # under the cache-wide lock: a budget scan must see these bytes either as
+                        # the reservation or as the entry, never (mid-rename) as neither
+                        with self._flock(self.dir / ".lock"):
+                            os.replace(part, p)
                         with self._mu:
                             self.counters["cache_downloads"] += 1
                             self.counters["cache_bytes_downloaded"] += n
@@ -262,8 +265,8 @@ class ShardCache:
 
     def usage(self) -> int:
         """Bytes on disk now: entries plus partial downloads. Read under the cache-wide lock, so it
-        is a consistent snapshot (every step that adds bytes beyond a reservation holds that lock);
-        it never exceeds ``max_bytes``."""
+        is a consistent snapshot (reserving, and moving a finished download into place, hold that
+        lock); it never exceeds ``max_bytes``."""
         with self._flock(self.dir / ".lock"):
             n = 0
             for p in itertools.chain(self.objects.glob("*/*"), self.partial.iterdir()):

@@ -73,6 +73,34 @@ def test_budget_holds_while_serving_more_shards_than_fit(synth_root, synth_url, 
     assert 0 < peak[0] <= budget and remote.catalog.cache.usage() <= budget
 
 
+def test_a_finished_download_moves_into_place_under_the_cache_wide_lock(synth_root, synth_url, tmp_path, monkeypatch):
+    """Budget scans list entries, then partial files: a rename between the two would hide a whole
+    shard from the scan (one download over budget, as seen in CI). The move must hold the lock."""
+    import fcntl
+
+    import smat_dist.data.cache as cache_mod
+
+    cache = ShardCache(tmp_path / "cache", 1 << 30)
+    held = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        fd = os.open(tmp_path / "cache" / ".lock", os.O_RDWR)
+        try:  # another open file description: refused while the cache-wide lock is held
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", replace)
+    ref = _refs(synth_root, synth_url, "digits", "test")[0]
+    path = cache.fetch(ref)
+    assert held == [True] and path.stat().st_size == ref.size and cache.usage() == ref.size
+
+
 def _share_worker(args):
     """One process of the sharing test: fetch every ref (own order), hash what it got."""
     cache_dir, budget, refs, seed = args
