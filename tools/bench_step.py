@@ -97,7 +97,9 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
         cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=experts, kernel=args.gate_kernel),
                           precision=args.precision)
         tasks = args.tasks_per_step
-        trainer = Trainer(SMAT(cfg).to(device), TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1))
+        # steps that are not logged, as most are: the test-gate sparsity is measured at logging steps only
+        trainer = Trainer(SMAT(cfg).to(device), TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9,
+                                                            log_every=10**9))
 
         def step(i):
             trainer.train_step([make(i * tasks + j) for j in range(tasks)])
@@ -112,10 +114,6 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
 
     step(0)  # warm-up (allocator, lazy init, kernel selection)
     sync()
-    with FlopCounterMode(display=False) as counter:  # one more step, counted (not timed)
-        step(args.repeats + 1)
-    flops_per_task = counter.get_total_flops() / per_call
-    sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -125,12 +123,17 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
         sync()
         times.append((time.perf_counter() - t0) / per_call)
     best = min(times)
+    # the peaks of training steps, read before the FLOP-counted step (see MEMORY_NOTE)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     gpu_gb = reserved_gb = peak = None
     if device.type == "cuda":
         gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3
         reserved_gb = torch.cuda.max_memory_reserved(device) / 1024**3
         peak = peak_tflops(torch.cuda.get_device_name(device))
+    with FlopCounterMode(display=False) as counter:  # one more step, counted (not timed)
+        step(args.repeats + 1)
+    flops_per_task = counter.get_total_flops() / per_call
+    sync()
     row = dict(kind=kind, backbone=backbone, experts=experts, sec_per_task=best, tasks_per_s=1 / best,
                tflop_per_task=flops_per_task / 1e12, achieved_tflops=flops_per_task / best / 1e12,
                mfu=None if peak is None else flops_per_task / best / (peak * 1e12), peak_tflops=peak,

@@ -561,9 +561,6 @@ def constraint_table(runs: Dict[tuple, Path]) -> tuple:
 def constraint_study(a) -> int:
     """M × τ short single-process runs of configs/demo/smat.yaml (training metrics only, no evaluation):
     does every expert reach τ within the demo's run? Publishes docs/results/constraint/."""
-    global DEMO_OUT
-    if a.demo_out:
-        DEMO_OUT = Path(a.demo_out).resolve()
     inputs = demo_inputs()
     out = (Path(a.out) if a.out else REPO / "runs" / "constraint").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -629,7 +626,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the sweep's directory first (from scratch)")
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep's local Ray")
     ap.add_argument("--docs", type=Path, default=DOCS, help="where the published results go")
-    ap.add_argument("--demo-out", help="constraint: where the demo's benchmark and θ_pre are made (default runs/demo)")
+    ap.add_argument("--demo-out", help="where the demo's benchmark and θ_pre are made or reused (default runs/demo)")
     ap.add_argument("--out", help="constraint: the runs' directory (default runs/constraint)")
     ap.add_argument("--name", help="constraint: publish to docs/results/NAME (default constraint)")
     ap.add_argument("--publish-only", action="store_true", help="constraint: publish the finished runs, start none")
@@ -639,6 +636,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--experts", type=int, nargs="+", help=f"constraint: values of M (default {CONSTRAINT_MS})")
     ap.add_argument("--tau", type=float, nargs="+", help=f"constraint: values of τ (default {CONSTRAINT_TAUS})")
     a = ap.parse_args(argv)
+    global DEMO_OUT
+    if a.demo_out:
+        DEMO_OUT = Path(a.demo_out).resolve()
     if a.study == "constraint":
         return constraint_study(a)
     from smat_dist.sweep.config import load_sweep_config

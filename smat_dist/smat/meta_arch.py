@@ -344,13 +344,16 @@ class SMAT(nn.Module):
 
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()
-    def step_metrics(self, ctx: StepContext) -> Dict[str, torch.Tensor]:
+    def step_metrics(self, ctx: StepContext, *, diagnostics: bool = True) -> Dict[str, torch.Tensor]:
+        """The step's global state for the log. ``diagnostics=False`` (steps whose metrics are not
+        written) skips what costs a pass over the (M, G) gate logits: the test-gate sparsity."""
         out: Dict[str, torch.Tensor] = {}
         if self.hypernet is not None:
             out["temperature"] = torch.tensor(self.temperature())
         if self.gates is not None:
             out["sparsity"] = ctx.sparsity
-            out["sparsity_test"] = self.gates.test_sparsity()
+            if diagnostics:
+                out["sparsity_test"] = self.gates.test_sparsity()
             out["lambda"] = self.lagrange.detach().clone()
             density = ctx.plan.density
             out["expected_density"] = density if density is not None else self.gates.density_value()

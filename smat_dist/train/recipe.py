@@ -110,14 +110,15 @@ def summarise(outputs: List[dict]) -> dict:
 
 
 def meta_step(model: SMAT, episodes: Iterator[Episode], *, local_tasks: int, global_tasks: int, step: int,
-              seed: int, engine: Engine, stop_on_nonfinite: bool = True) -> StepMetrics:
+              seed: int, engine: Engine, stop_on_nonfinite: bool = True, logged: bool = True) -> StepMetrics:
     """This rank's tasks of meta-step ``step``: forward and backward each, then the engine's step.
     ``global_tasks`` (all ranks) advances the task counter that drives the selection temperature.
 
     Nothing in the task loop waits for the device: each task's finiteness, α and metrics stay tensors,
     the phase times are CUDA events (:class:`~smat_dist.smat.timing.StepTimer`), and all of it is read
     once, after the gradients are reduced and before the optimiser step (a non-finite loss on any rank
-    stops every rank before the parameters change)."""
+    stops every rank before the parameters change). ``logged``: the step's metrics are written, so
+    the diagnostics that cost a pass over the gates (test-gate sparsity) are measured too."""
     model.train()
     device = model.device
     step_ctx = model.begin_step(step, seed, tasks=local_tasks)
@@ -147,7 +148,7 @@ def meta_step(model: SMAT, episodes: Iterator[Episode], *, local_tasks: int, glo
     timer.add("reduce", t3)
     model.end_step(global_tasks)
     m = StepMetrics(**summarise(outputs))
-    for key, value in model.step_metrics(step_ctx).items():
+    for key, value in model.step_metrics(step_ctx, diagnostics=logged).items():
         setattr(m, "lagrange" if key == "lambda" else key, value.tolist() if value.ndim else float(value))
     times = timer.totals()
     teacher = times.get("teacher")
@@ -356,8 +357,10 @@ class MetaTrainRecipe:
         t0 = time.perf_counter()
         epoch = (self.step * B) // cfg.train.tasks_per_epoch
         lr_mult = apply_schedule(self.optimizer, epoch, cfg.model.optim)
+        logged = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == self.total
         m = meta_step(self.model, self._stream, local_tasks=self.tasks_per_rank, global_tasks=B, step=self.step,
-                      seed=cfg.train.seed, engine=self.engine, stop_on_nonfinite=cfg.train.stop_on_nonfinite)
+                      seed=cfg.train.seed, engine=self.engine, stop_on_nonfinite=cfg.train.stop_on_nonfinite,
+                      logged=logged)
         self.step += 1
         m.step, m.lr_mult, m.world_size = self.step, lr_mult, rt.world_size
         self._fault_hook()

@@ -112,3 +112,21 @@ def test_a_non_finite_task_still_stops_the_step_before_the_optimiser(tiny_cfg, t
         trainer.train_step([toy.episode(0), bad, toy.episode(2)])
     after = dict(trainer.model.named_parameters())
     assert all(torch.equal(before[k], after[k]) for k in before)  # no optimiser step was taken
+
+
+def test_test_gate_sparsity_is_measured_at_logged_steps_only(tiny_cfg, toy, monkeypatch):
+    """The test-gate sparsity is a pass over all (M, G) gate logits: it runs on the steps whose
+    metrics are written (every ``log_every``-th and the last), not on every step."""
+    from smat_dist.smat.gates import HardConcreteGates
+
+    calls = []
+    real = HardConcreteGates.test_sparsity
+    monkeypatch.setattr(HardConcreteGates, "test_sparsity", lambda self: calls.append(1) or real(self))
+    torch.manual_seed(0)
+    trainer = Trainer(SMAT(tiny_cfg), TrainConfig(tasks_per_step=2, tasks_per_epoch=1000, log_every=3, max_steps=7))
+    seen = []
+    trainer.fit(toy, steps=7, on_step=lambda m: seen.append((m.step, m.sparsity_test)))
+    logged = [s for s, sp in seen if sp is not None]
+    assert logged == [3, 6, 7] and len(calls) == 3
+    assert all(sp is None for s, sp in seen if s not in logged)
+    assert all(len(sp) == trainer.model.num_experts and 0.0 <= min(sp) for s, sp in seen if s in logged)
