@@ -541,7 +541,8 @@ def constraint_table(runs: Dict[tuple, Path]) -> tuple:
 
     out, lines = [], ["| M | τ | training sparsity per expert, last step | mean of the last 20 steps (min–max over "
                       f"experts) | within τ ± {CONSTRAINT_TOL} | ≥ τ − {CONSTRAINT_TOL} | first step within | "
-                      "λ at the end (max) | test-gate sparsity (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+                      "λ at the end (max) | test-gate sparsity (mean) | expected training sparsity | test sparsity, β_test = β |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (M, tau), run in sorted(runs.items()):
         mr = [r for r in read_rows(run / "metrics.jsonl") if r.get("sparsity")]
         last = mr[-1]["sparsity"]
@@ -549,13 +550,73 @@ def constraint_table(runs: Dict[tuple, Path]) -> tuple:
         ok = all(abs(v - tau) <= CONSTRAINT_TOL for v in tail)
         at_least = all(v >= tau - CONSTRAINT_TOL for v in tail)
         first = next((r["step"] for r in mr if all(abs(v - tau) <= CONSTRAINT_TOL for v in r["sparsity"])), None)
+        tested = [r for r in mr if r.get("sparsity_test")]  # measured at logged steps only
+        gs = gate_logit_stats(run) if (run / "model.safetensors").exists() else None
         row = dict(M=M, tau=tau, last=last, tail=tail, within=ok, at_least=at_least, first_step=first, lam=max(mr[-1]["lambda"]),
-                   test=sum(mr[-1]["sparsity_test"]) / M, steps=mr[-1]["step"])
+                   test=sum(tested[-1]["sparsity_test"]) / M, steps=mr[-1]["step"],
+                   expected=None if gs is None else sum(gs["expected"]) / M,
+                   test_at_beta=None if gs is None else sum(gs["test_at_beta"]) / M)
         out.append(row)
+        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {M} | {tau:g} | {' '.join(f'{v:.3f}' for v in last)} | {sum(tail) / M:.3f} "
                      f"({min(tail):.3f}–{max(tail):.3f}) | {'yes' if ok else '**no**'} | {'yes' if at_least else '**no**'} | "
-                     f"{first if first is not None else 'never'} | {row['lam']:.3f} | {row['test']:.3f} |")
+                     f"{first if first is not None else 'never'} | {row['lam']:.3f} | {row['test']:.3f} | "
+                     f"{fmt(row['expected'])} | {fmt(row['test_at_beta'])} |")
     return out, "\n".join(lines) + "\n"
+
+
+def gate_logit_stats(run: Path) -> Optional[dict]:
+    """From a run's export: per expert, the expected training sparsity mean_g Q(0; φ_g) and the test-gate
+    sparsity at the run's ``test_beta`` and at the training β (unstructured gates only; else None).
+
+    A test gate is 0 iff φ ≤ β_test·logit(p0), p0 = −γ/(ζ−γ); a training draw is 0 with probability
+    Q(0; φ) = sigmoid(β·log(−γ/ζ) − φ), which is ½ exactly at β·logit(p0): with ``test_beta`` = β the
+    test gates close the gates that training closes more often than not."""
+    import torch
+
+    from smat_dist.export import read_export
+
+    tensors, meta = read_export(run / "model.safetensors")
+    g = json.loads(meta["model_config"])["gates"]
+    if g.get("structured"):
+        return None
+    phi = tensors["gates.logits"].double()
+    p0 = -g["gamma"] / (g["zeta"] - g["gamma"])
+    threshold = math.log(p0 / (1 - p0))
+    return dict(phi=phi, beta=g["beta"], test_beta=g["test_beta"], threshold=threshold,
+                expected=torch.sigmoid(g["beta"] * math.log(-g["gamma"] / g["zeta"]) - phi).mean(1).tolist(),
+                test_at_test_beta=(phi <= g["test_beta"] * threshold).double().mean(1).tolist(),
+                test_at_beta=(phi <= g["beta"] * threshold).double().mean(1).tolist())
+
+
+def plot_gate_logits(stats: Dict[tuple, dict], path: Path) -> Optional[Path]:
+    """Histogram of the gate logits of each run (experts pooled), one panel per τ and a line per M, with
+    the two test thresholds: β_test = 1 (default) and β_test = β (= the training draw's median)."""
+    from smat_dist.plotting import pyplot, save
+
+    plt = pyplot()
+    taus = sorted({tau for _, tau in stats})
+    if plt is None or not taus:
+        return None
+    fig, axes = plt.subplots(1, len(taus), figsize=(4.2 * len(taus), 3.2), squeeze=False)
+    colours = {M: f"C{i}" for i, M in enumerate(sorted({M for M, _ in stats}))}
+    for ax, tau in zip(axes[0], taus):
+        here = [(M, st) for (M, t), st in sorted(stats.items()) if t == tau]
+        for M, st in here:
+            phi = st["phi"].flatten().clamp(-12, 12).float().numpy()
+            ax.hist(phi, bins=120, range=(-12, 12), histtype="step", density=True, color=colours[M], label=f"M = {M}")
+        st = here[0][1]
+        ax.axvline(st["test_beta"] * st["threshold"], color="k", ls="--", lw=1,
+                   label=f"test gate 0 left of here (β_test = {st['test_beta']:g})")
+        ax.axvline(st["beta"] * st["threshold"], color="r", ls=":", lw=1,
+                   label=f"β_test = β = {st['beta']:.3g}: P(training z = 0) = ½")
+        ax.set_title(f"τ = {tau:g}")
+        ax.set_xlabel("gate logit φ (clipped to ±12 for the plot)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6, loc="upper right")
+    axes[0][0].set_ylabel("density")
+    fig.tight_layout()
+    return save(fig, path)
 
 
 def constraint_study(a) -> int:
@@ -592,6 +653,9 @@ def publish_constraint(runs: Dict[tuple, Path], out: Path, dest: Path, sets: Seq
     """summary.md (in ``out`` and ``dest``) and constraint.csv (``dest``) of the finished runs among ``runs``."""
     runs = {k: v for k, v in runs.items() if (v / "metrics.jsonl").exists() and (v / "model.safetensors").exists()}
     rows, table = constraint_table(runs)
+    dest.mkdir(parents=True, exist_ok=True)
+    stats = {k: st for k, run in runs.items() if (st := gate_logit_stats(run)) is not None}
+    figure = plot_gate_logits(stats, dest / "gate_logits.png")
     met = sum(r["within"] for r in rows)
     met_low = sum(r["at_least"] for r in rows)
     text = ("# constraint: does every expert reach τ within the demo's run?\n\n"
@@ -599,20 +663,26 @@ def publish_constraint(runs: Dict[tuple, Path], out: Path, dest: Path, sets: Seq
             "seed 0, one process) for M × τ" + (f", with `{' '.join(sets)}`" if sets else "") + ". Training "
             "sparsity = the fraction of exactly-zero gates in the step's noisy draw (metrics.jsonl `sparsity`), "
             f"per expert. {met} of {len(rows)} runs end with every expert within τ ± {CONSTRAINT_TOL}, "
-            f"{met_low} with every expert at least τ − {CONSTRAINT_TOL} (mean of the last 20 steps).\n\n" + table)
+            f"{met_low} with every expert at least τ − {CONSTRAINT_TOL} (mean of the last 20 steps).\n\n" + table
+            + "\nFrom each export: the expected training sparsity mean_g Q(0; φ_g) (the draw's mean), and the "
+            "test-gate sparsity if the test gates used the training β instead of `test_beta` = 1 (then a test "
+            "gate is 0 exactly where a training draw is 0 with probability > ½)."
+            + ("\n\n![gate logits](gate_logits.png)\n" if figure else "\n"))
     (out / "summary.md").write_text(text)
-    dest.mkdir(parents=True, exist_ok=True)
     (dest / "summary.md").write_text(text)
     with (dest / "constraint.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["num_experts", "tau", "sparsity_last", "sparsity_tail_mean", "within_tol", "at_least_tau_minus_tol",
                     "first_step_within",
-                    "lambda_max_end", "sparsity_test_mean", "steps"])
+                    "lambda_max_end", "sparsity_test_mean", "steps", "expected_sparsity_mean",
+                    "sparsity_test_at_beta_mean"])
         for r in rows:
             w.writerow([r["M"], r["tau"], " ".join(f"{v:.4f}" for v in r["last"]),
                         " ".join(f"{v:.4f}" for v in r["tail"]), int(r["within"]), int(r["at_least"]),
                         r["first_step"] or "",
-                        f"{r['lam']:.4f}", f"{r['test']:.4f}", r["steps"]])
+                        f"{r['lam']:.4f}", f"{r['test']:.4f}", r["steps"],
+                        "" if r["expected"] is None else f"{r['expected']:.4f}",
+                        "" if r["test_at_beta"] is None else f"{r['test_at_beta']:.4f}"])
     say(f"constraint: {len(rows)} finished runs published to {dest}")
     print(text)
     return text

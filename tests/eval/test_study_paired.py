@@ -94,3 +94,35 @@ def test_constraint_table_reads_the_end_of_each_run(study, tmp_path):
     assert by[0.8]["tail"] == [0.80, 0.81]  # the last 4 logged rows
     assert not by[0.5]["within"] and by[0.5]["at_least"] and by[0.5]["first_step"] is None  # expert 0 overshoots
     assert "| 2 | 0.8 | 0.800 0.810 | 0.805 (0.800–0.810) | yes | yes | 10 |" in table
+
+
+def test_gate_logit_stats_agree_with_the_model_and_the_training_draw(study, tmp_path):
+    """The constraint study's gate diagnostics from an export: the test sparsity at the run's test_beta is
+    the model's own; at test_beta = β a test gate is 0 where a training draw is 0 with probability > ½; the
+    expected sparsity is the mean of the draws' sparsity."""
+    import dataclasses
+
+    import torch
+
+    from smat_dist.export import export_model
+    from smat_dist.smat import SMAT
+    from tests.smat.conftest import tiny_model_config
+
+    cfg = tiny_model_config()
+    cfg = dataclasses.replace(cfg, gates=dataclasses.replace(cfg.gates, num_experts=2))
+    model = SMAT(cfg)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        model.gates.logits.copy_(torch.randn(model.gates.logits.shape, generator=g) * 2.0 - 2.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    export_model(model, run / "model.safetensors")
+    st = study.gate_logit_stats(run)
+    assert st is not None and st["test_beta"] == cfg.gates.test_beta == 1.0
+    assert st["test_at_test_beta"] == pytest.approx(model.gates.test_sparsity().double().tolist(), abs=1e-6)  # fp32 there
+    draws = torch.stack([model.gates.sample(seed).sparsity.double() for seed in range(40)])
+    assert st["expected"] == pytest.approx(draws.mean(0).tolist(), abs=0.01)
+    phi = model.gates.logits.detach().double()
+    p_zero = torch.sigmoid(cfg.gates.beta * torch.log(torch.tensor(-cfg.gates.gamma / cfg.gates.zeta)) - phi)
+    assert st["test_at_beta"] == pytest.approx((p_zero >= 0.5).double().mean(1).tolist(), abs=1e-6)
+    assert all(b > a for a, b in zip(st["test_at_test_beta"], st["test_at_beta"]))  # the test slope opens gates
