@@ -526,6 +526,39 @@ def contrasts(rows: List[Dict[str, str]], axis: str, within: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+ATTRIBUTION_CONTRASTS = (  # (a, b, what a − b isolates), by sweep.csv `method`
+    ("smat", "pmf-kd-pre", "SMAT's experts, gates, hypernetwork, inner step and teacher, over PMF + distillation to θ_pre"),
+    ("smat", "smat-m1-dense", "M = 2 sparse experts and the hypernetwork, over one dense offset with everything else kept"),
+    ("smat-no-dt", "smat", "removing the dense teacher"),
+    ("smat-no-kd", "smat", "removing all distillation"),
+    ("pmf-kd-pre", "pmf", "adding distillation to θ_pre to PMF"),
+    ("smat-m1-dense", "pmf-kd-pre", "the inner step and the dense teacher, on one dense offset"),
+)
+
+
+def attribution_contrasts(rows: List[Dict[str, str]]) -> str:
+    """Paired differences between the attribution study's variants (same seeds, same test episodes)."""
+    done = [r for r in rows if r["status"] == "done"]
+    by: Dict[str, Dict[str, Dict[str, str]]] = defaultdict(dict)
+    for r in done:
+        by[r["method"].lower()][r["seed"]] = r
+    lines = [f"| a − b | isolates | seeds | Δ ID | Δ OOD | Δ ID (seeds × episodes) | Δ OOD (seeds × episodes) | "
+             f"ID equal within ±{EQUIV_MARGIN:g}? |", "|---|---|---|---|---|---|---|---|"]
+    for a, b, what in ATTRIBUTION_CONTRASTS:
+        seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})), key=int)
+        if not seeds:
+            continue
+        kinds = per_source(Path(by[a][seeds[0]]["eval_dir"]))
+        ids = [s for s, x in kinds.items() if x.kind == "ID"]
+        oods = [s for s, x in kinds.items() if x.kind == "OOD"]
+        mine = [scores(Path(by[a][x]["eval_dir"])) for x in seeds]
+        ref = [scores(Path(by[b][x]["eval_dir"])) for x in seeds]
+        di, do = paired(mine, ref, ids), paired(mine, ref, oods)
+        lines.append(f"| {a} − {b} | {what} | {len(seeds)} | {_pm(di['episodes'])} | {_pm(do['episodes'])} | "
+                     f"{_pm(di['two_level'])} | {_pm(do['two_level'])} | {di['equiv'].verdict if di['equiv'] else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------- constraint
 CONSTRAINT_MS = (2, 4, 8)
 CONSTRAINT_TAUS = (0.5, 0.8, 0.95)
@@ -752,6 +785,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         text += ("\n## The SMAT setting chosen on the valid split\n\n" + (choose.__doc__ or "").split("\n\n")[1]
                  .replace("\n    ", " ").strip() + f" Sparsity target met: test sparsity >= τ − {SPARSITY_SLACK}.\n\n"
                  + choice + (f"\nAnalysed (`smat-eval analyse`, figures in analysis/): `{best}`.\n" if best else ""))
+    if a.study == "attribution":
+        text += ("\n## Contrasts between the variants\n\nSame seeds, same test episodes; Δ ± 95 % CI over episodes "
+                 "(seeds averaged per episode), and over seeds × episodes.\n\n" + attribution_contrasts(rows))
     if a.study in ("select", "tradeoff", "attribution"):
         text += ("\n## Diagnostics\n\nPer cell, from metrics.jsonl and the exported model: the first step whose "
                  "training gates of every expert reach τ (within 0.01), the test-gate sparsity at the end, the largest λ, the mean "
