@@ -6,7 +6,11 @@
     python tools/study.py sources    # number of training sources x {SMAT, PMF} (toy_sources.yaml)
     python tools/study.py tradeoff --fresh      # from scratch: drop the sweep's earlier cells first
     python tools/study.py attribution  # which part of SMAT carries its OOD gain (toy_attribution.yaml, 5 seeds)
+    python tools/study.py long       # 3x the demo's steps, SMAT and PMF, against the attribution cells (toy_long.yaml)
+    python tools/study.py outlier    # M = 2, τ = 0.95 on this code, 3 seeds: is seed 2 still an outlier? (toy_outlier.yaml)
     python tools/study.py constraint # M x tau short runs of the demo's SMAT: does every expert reach tau?
+    python tools/study.py specialisation  # M = 4: α by source against two nulls (toy_specialisation.yaml)
+    python tools/study.py seedlevel  # seed-level intervals for the published tradeoff and sources sweep.csv
 
 Each study:
 
@@ -559,6 +563,72 @@ def attribution_contrasts(rows: List[Dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_contrasts(rows: List[Dict[str, str]], docs: Path, *, against: Optional[str] = None,
+                   label: str = "{method} (480 − 160 steps)") -> str:
+    """Each cell minus the published 160-step cell of the same seed (the attribution study's cells under
+    ``docs``/attribution) and of the same method, or of method ``against``; same frozen test episodes
+    (lists checked)."""
+    short_dir = docs / "attribution"
+    if not (short_dir / "sweep.csv").exists():
+        return f"(no {short_dir}/sweep.csv: run `python tools/study.py attribution` first)\n"
+    short = {(r["method"], r["seed"]): short_dir / "episodes" / r["cell"]
+             for r in read_csv(short_dir / "sweep.csv") if r["status"] == "done"}
+    by: Dict[str, Dict[str, Path]] = defaultdict(dict)
+    for r in rows:
+        if r["status"] == "done":
+            by[r["method"]][r["seed"]] = Path(r["eval_dir"])
+    lines = ["| method | seeds | Δ ID | Δ OOD | Δ ID (seeds × episodes) | Δ OOD (seeds × episodes) |",
+             "|---|---|---|---|---|---|"]
+    for method in sorted(by):
+        other = against or method
+        seeds = sorted((s for s in by[method] if (other, s) in short), key=int)
+        if not seeds:
+            continue
+        kinds = per_source(by[method][seeds[0]])
+        ids = [s for s, x in kinds.items() if x.kind == "ID"]
+        oods = [s for s, x in kinds.items() if x.kind == "OOD"]
+        mine = [scores(by[method][x]) for x in seeds]
+        ref = [scores(short[(other, x)]) for x in seeds]
+        di, do = paired(mine, ref, ids), paired(mine, ref, oods)
+        lines.append(f"| {label.format(method=method, other=other)} | {len(seeds)} | {_pm(di['episodes'])} | "
+                     f"{_pm(do['episodes'])} | {_pm(di['two_level'])} | {_pm(do['two_level'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_level_table(rows: List[Dict[str, str]], axes: Sequence[str]) -> str:
+    """Δ vs PMF per setting with a t-interval over seeds (n − 1 df), from sweep.csv alone: a cell's ID/OOD
+    average minus its PMF partner's (same seed and training sources; :func:`reference`) is exactly the mean
+    of their paired per-episode differences, so studies published before per-episode files were kept get
+    their seed-level intervals too. Training noise is in it; the episodes every seed shares are not."""
+    from smat_dist.eval.stats import t_interval
+
+    done = [r for r in rows if r["status"] == "done"]
+    pmf = [r for r in done if r["method"].lower() == "pmf"]
+    settings: Dict[tuple, List[Dict[str, str]]] = defaultdict(list)
+    for r in done:
+        if r["method"].lower() != "pmf":
+            settings[setting_key(r, axes)].append(r)
+    lines = ["| setting | seeds | Δ ID vs PMF (seeds, t) | Δ OOD vs PMF (seeds, t) | resolved | per seed Δ ID / Δ OOD |",
+             "|---|---|---|---|---|---|"]
+    for key in sorted(settings, key=lambda k: _order(settings[k][0])):
+        cells = sorted(settings[key], key=lambda r: int(r["seed"]))
+        d_id, d_ood, per = [], [], []
+        for r in cells:
+            partners = [c for c in pmf if c["seed"] == r["seed"] and c["train_sources"] == r["train_sources"]]
+            if not partners:
+                continue
+            ref = reference(r, partners, axes)
+            d_id.append(num(r["id_avg"]) - num(ref["id_avg"]))
+            d_ood.append(num(r["ood_avg"]) - num(ref["ood_avg"]))
+            per.append(f"s{r['seed']}: {d_id[-1]:+.2f} / {d_ood[-1]:+.2f}")
+        if len(d_id) < 2:
+            continue
+        iid, iood = t_interval(d_id), t_interval(d_ood)
+        verdict = ", ".join(name for name, iv in (("ID", iid), ("OOD", iood)) if iv.excludes_zero()) or "neither"
+        lines.append(f"| {_label(cells[0], axes)} | {len(d_id)} | {iid} | {iood} | {verdict} | {', '.join(per)} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------- constraint
 CONSTRAINT_MS = (2, 4, 8)
 CONSTRAINT_TAUS = (0.5, 0.8, 0.95)
@@ -721,11 +791,160 @@ def publish_constraint(runs: Dict[tuple, Path], out: Path, dest: Path, sets: Seq
     return text
 
 
+SPECIALISATION_EPISODES = 100  # frozen test episodes per source whose α is read
+SPECIALISATION_CONDITIONS = (  # (name, hypernetwork re-initialised, selection temperature at the run's start)
+    ("trained", False, False),
+    ("temperature only", True, False),  # an untrained hypernetwork at the trained run's final temperature
+    ("untrained", True, True),  # the run's model before its first step: untrained, temperature at its start
+)
+
+
+def null_export(export: Path, dest: Path, *, seed: int, fresh: bool, at_start: bool) -> Path:
+    """The run's export with its hypernetwork re-initialised (seeded per run) and/or its task counter at 0
+    (the selection temperature at its start): the nulls α specialisation is measured against."""
+    import torch
+
+    from smat_dist.export import export_model, load_model, train_config_of
+    from smat_dist.smat.hypernet import Hypernetwork
+
+    model = load_model(export)
+    if fresh:
+        torch.manual_seed(10_000 + seed)
+        model.hypernet.load_state_dict(Hypernetwork(model.dim, model.num_experts, model.cfg.hypernet).state_dict())
+    if at_start:
+        model.tasks_seen.zero_()
+    return export_model(model, dest, train_config_of(export))
+
+
+def _seed_mean(vals: List[float], *, signed: bool) -> str:
+    """Mean ± 95 % t half-width over seeds (the mean alone for one seed)."""
+    from smat_dist.eval.stats import t_interval
+
+    fmt = "+.3f" if signed else ".3f"
+    if len(vals) < 2:
+        return f"{vals[0]:{fmt}}"
+    iv = t_interval(vals)
+    return f"{iv.mean:{fmt}} ± {iv.half:.3f}"
+
+
+def specialisation_table(measured: Dict[str, Dict[str, dict]]) -> str:
+    """Per condition: each metric's mean over seeds ± t-interval; then trained − null, paired by seed."""
+    seeds = sorted(measured)
+    names = [c for c, _, _ in SPECIALISATION_CONDITIONS]
+    metrics = (("eta2", "η² (between-source share of α variance)"), ("decode", "source decoded from α"),
+               ("spread", "largest source-mean gap"), ("entropy", "α entropy / log M"))
+    lines = ["| α from | " + " | ".join(label for _, label in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for c in names:
+        cells = []
+        for key, _ in metrics:
+            cells.append(_seed_mean([measured[s][c][key] for s in seeds], signed=False))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    chance = measured[seeds[0]][names[0]]["chance"]
+    lines += ["", f"Chance for decoding: {chance:.3f}. Paired by seed (trained − null, mean ± 95 % t-interval over "
+              f"{len(seeds)} seeds):", "", "| contrast | " + " | ".join(k for k, _ in metrics) + " |",
+              "|---" * (len(metrics) + 1) + "|"]
+    for null in names[1:]:
+        cells = []
+        for key, _ in metrics:
+            cells.append(_seed_mean([measured[s]["trained"][key] - measured[s][null][key] for s in seeds], signed=True))
+        lines.append(f"| trained − {null} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_level_study(a) -> int:
+    """docs/results/<study>/seed_level.md for the published tradeoff and sources studies (no cell is run)."""
+    from smat_dist.sweep.config import load_sweep_config
+
+    for study in ("tradeoff", "sources"):
+        published = a.docs / study / "sweep.csv"
+        if not published.exists():
+            say(f"seedlevel: no {published}; skipped")
+            continue
+        axes = list(load_sweep_config(SWEEPS / f"toy_{study}.yaml").axes)
+        text = (f"# {study}: Δ vs PMF with seed-level intervals\n\nGenerated by `python tools/study.py seedlevel` from "
+                f"this directory's `sweep.csv`: per setting, each seed's ID / OOD average minus PMF's of the same seed "
+                "and training sources (the mean of their paired per-episode differences), and the 95 % t-interval "
+                "over seeds (n − 1 degrees of freedom). It includes training noise; the test episodes, shared by "
+                "every seed, are not resampled. *resolved*: the interval excludes 0.\n\n"
+                + seed_level_table(read_csv(published), axes))
+        (a.docs / study / "seed_level.md").write_text(text)
+        say(f"seedlevel: wrote {a.docs / study / 'seed_level.md'}")
+        print(text)
+    return 0
+
+
+def specialisation_study(a) -> int:
+    """Does the trained hypernetwork's α specialise by source beyond what an untrained one gives, at the
+    trained temperature (temperature only) or at the start of the run (untrained)? M = 4, τ = 0.8, the
+    demo's run otherwise, one cell per seed (toy_specialisation.yaml); α of 100 test episodes per source."""
+    from smat_dist.eval.analyse import alpha_specialisation, source_alphas
+    from smat_dist.eval.config import AnalyseConfig, EvalConfig
+    from smat_dist.eval.models import resolve_export
+
+    config = SWEEPS / "toy_specialisation.yaml"
+    out = sweep_dir(config)
+    if a.fresh and out.exists():
+        shutil.rmtree(out)
+    t0 = time.time()
+    inputs = demo_inputs()
+    sweep_s = run_sweep(config, inputs, num_cpus=a.num_cpus)
+    rows = [r for r in read_csv(out / "sweep.csv") if r["status"] == "done"]
+    cfg = EvalConfig(analyse=AnalyseConfig(episodes_per_source=SPECIALISATION_EPISODES), threads=a.num_cpus)
+    measured: Dict[str, Dict[str, dict]] = {}
+    per_source: List[dict] = []
+    for r in rows:
+        export = resolve_export(r["run_dir"])
+        seed = int(r["seed"])
+        measured[r["seed"]] = {}
+        for name, fresh, at_start in SPECIALISATION_CONDITIONS:
+            model = export if not fresh and not at_start else null_export(
+                export, out / "nulls" / r["cell"] / f"{name.replace(' ', '_')}.safetensors", seed=seed, fresh=fresh,
+                at_start=at_start)
+            sources, alphas, kinds = source_alphas(model, str(inputs["data"]), cfg, out / "alpha")
+            measured[r["seed"]][name] = alpha_specialisation(alphas)
+            for s in sources:
+                per_source.append({"seed": seed, "condition": name, "source": s, "kind": kinds[s],
+                                   **{f"alpha_{m}": f"{v:.4f}" for m, v in enumerate(alphas[s].mean(0))}})
+            say(f"specialisation: seed {seed}, {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                       measured[r['seed']][name].items()))
+    text = ("# specialisation: does α select experts by source beyond an untrained hypernetwork?\n\n"
+            f"Generated by `python tools/study.py specialisation`: `configs/demo/smat.yaml` with M = 4, τ = 0.8 "
+            f"(`configs/sweeps/toy_specialisation.yaml`), {len(rows)} seeds; α of the first "
+            f"{SPECIALISATION_EPISODES} frozen test episodes of every source (ID and OOD), from the trained model, "
+            "from the same model with its hypernetwork re-initialised at the trained run's final selection "
+            "temperature (*temperature only*), and with the temperature also at its start (*untrained*: the "
+            "model before its first step). Metrics: `smat_dist.eval.analyse.alpha_specialisation`.\n\n"
+            + specialisation_table(measured))
+    (out / "summary.md").write_text(text)
+    dest = a.docs / "specialisation"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    (dest / "summary.md").write_text(text)
+    for name in ("sweep.csv",):
+        (dest / name).write_text((out / name).read_text().replace(f"{REPO}{os.sep}", ""))
+    with (dest / "alpha_by_source.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(per_source[0]))
+        w.writeheader()
+        w.writerows(per_source)
+    with (dest / "specialisation.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "condition", "eta2", "decode", "chance", "spread", "entropy"])
+        for seed in sorted(measured):
+            for name, vals in measured[seed].items():
+                w.writerow([seed, name, *(f"{vals[k]:.4f}" for k in ("eta2", "decode", "chance", "spread", "entropy"))])
+    say(f"specialisation: {len(rows)} cells in {(time.time() - t0) / 60:.1f} min (sweep {sweep_s / 60:.1f} min); "
+        f"published to {dest}")
+    print(text)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python tools/study.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", choices=["select", "tradeoff", "sources", "attribution", "constraint"])
+    ap.add_argument("study", choices=["select", "tradeoff", "sources", "attribution", "long", "outlier",
+                                      "constraint", "specialisation", "seedlevel"])
     ap.add_argument("--fresh", action="store_true", help="delete the sweep's directory first (from scratch)")
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep's local Ray")
     ap.add_argument("--docs", type=Path, default=DOCS, help="where the published results go")
@@ -744,6 +963,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         DEMO_OUT = Path(a.demo_out).resolve()
     if a.study == "constraint":
         return constraint_study(a)
+    if a.study == "specialisation":
+        return specialisation_study(a)
+    if a.study == "seedlevel":
+        return seed_level_study(a)
     from smat_dist.sweep.config import load_sweep_config
 
     config = SWEEPS / f"toy_{a.study}.yaml"
@@ -788,7 +1011,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.study == "attribution":
         text += ("\n## Contrasts between the variants\n\nSame seeds, same test episodes; Δ ± 95 % CI over episodes "
                  "(seeds averaged per episode), and over seeds × episodes.\n\n" + attribution_contrasts(rows))
-    if a.study in ("select", "tradeoff", "attribution"):
+    if a.study == "long":
+        text += ("\n## Against the 160-step runs\n\nEach cell minus the attribution study's cell of the same method "
+                 "and seed (docs/results/attribution), same test episodes; Δ ± 95 % CI over episodes (seeds averaged "
+                 "per episode), and over seeds × episodes.\n\n" + long_contrasts(rows, a.docs))
+    if a.study == "outlier":
+        text += ("\n## Against PMF\n\nEach cell minus the attribution study's PMF cell of the same seed "
+                 "(docs/results/attribution), same test episodes; Δ ± 95 % CI over episodes (seeds averaged per "
+                 "episode), and over seeds × episodes.\n\n"
+                 + long_contrasts(rows, a.docs, against="PMF", label="{method} M=2 τ=0.95 − {other}"))
+    if a.study in ("select", "tradeoff", "attribution", "long", "outlier"):
         text += ("\n## Diagnostics\n\nPer cell, from metrics.jsonl and the exported model: the first step whose "
                  "training gates of every expert reach τ (within 0.01), the test-gate sparsity at the end, the largest λ, the mean "
                  "α entropy over the last quarter of the run relative to uniform (1 = no selection), the largest "
@@ -806,7 +1038,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png", "sources_delta.png"),
-               "attribution": ()}[a.study]
+               "attribution": (), "long": (), "outlier": ()}[a.study]
     for name in ("sweep.csv", "valid.csv", "summary.md", *figures):
         if (out / name).exists():
             shutil.copy2(out / name, dest / name)

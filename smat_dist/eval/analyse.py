@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,45 @@ def source_alphas(export: Path, data: str, cfg: EvalConfig, out: Path) -> Tuple[
     return sources, alphas, {s: ("ID" if s in ids else "OOD") for s in sources}
 
 
+def alpha_specialisation(alphas: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """How much a task's α says about its source, from α (episodes, M) per source.
+
+    * ``eta2``: the between-source share of α's variance, summed over experts (0: α carries no
+      source information; 1: α is fixed by the source);
+    * ``decode``: nearest-centroid source accuracy, centroids from the even-indexed episodes of each
+      source scoring the odd-indexed ones and vice versa (chance = 1 / number of sources);
+    * ``spread``: the largest difference between two sources' mean α of one expert;
+    * ``entropy``: mean α entropy relative to uniform (1: every task mixes the experts equally).
+
+    Why these four: a source-blind mixer can still have a large spread between source means when α is
+    peaked (a low selection temperature amplifies noise), so spread alone does not show specialisation;
+    η² and decoding set it against the episode-to-episode variation within a source.
+    """
+    sources = sorted(alphas)
+    if len(sources) < 2 or any(len(alphas[s]) < 2 for s in sources):
+        raise ValueError("alpha_specialisation needs at least 2 sources with at least 2 episodes each")
+    rows = np.concatenate([np.asarray(alphas[s], dtype=np.float64) for s in sources])
+    grand = rows.mean(0)
+    means = {s: np.asarray(alphas[s], dtype=np.float64).mean(0) for s in sources}
+    total = float(((rows - grand) ** 2).sum())
+    between = float(sum(len(alphas[s]) * ((means[s] - grand) ** 2).sum() for s in sources))
+    correct = count = 0
+    for fit, score in ((0, 1), (1, 0)):
+        centroids = np.stack([np.asarray(alphas[s], dtype=np.float64)[fit::2].mean(0) for s in sources])
+        for k, s in enumerate(sources):
+            held = np.asarray(alphas[s], dtype=np.float64)[score::2]
+            dist = ((held[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+            correct += int((dist.argmin(1) == k).sum())
+            count += len(held)
+    stacked = np.stack([means[s] for s in sources])
+    M = rows.shape[1]
+    p = np.clip(rows, 1e-12, None)
+    entropy = float((-(p * np.log(p)).sum(1)).mean() / math.log(M)) if M > 1 else 1.0
+    return {"eta2": between / total if total > 0 else 0.0, "decode": correct / count,
+            "chance": 1.0 / len(sources), "spread": float((stacked.max(0) - stacked.min(0)).max()),
+            "entropy": entropy}
+
+
 def analyse(run: str | Path, data: Optional[str] = None, out: Optional[str | Path] = None,
             cfg: Optional[EvalConfig] = None) -> AnalysisResult:
     """Write the figures (PNG) and ``analysis.json`` for a run directory or model file."""
@@ -374,5 +414,5 @@ def analyse(run: str | Path, data: Optional[str] = None, out: Optional[str | Pat
     return res
 
 
-__all__ = ["AnalysisResult", "analyse", "group_counts", "jaccard", "layer_depth", "layer_type", "nonzero_per_slot",
+__all__ = ["AnalysisResult", "alpha_specialisation", "analyse", "group_counts", "jaccard", "layer_depth", "layer_type", "nonzero_per_slot",
            "plot_curves"]

@@ -167,6 +167,16 @@ def episode_interval(diffs: Mapping[str, np.ndarray], level: float = 0.95) -> In
                     next(iter(d.values())).shape[0])
 
 
+def t_interval(values: Iterable[float], level: float = 0.95, kind: str = "seeds") -> Interval:
+    """Mean ± t half-width (n − 1 df) of per-seed values: a seed-level quantity such as a run's α statistics."""
+    a = np.asarray(list(values), dtype=np.float64)
+    if a.size < 2:
+        raise ValueError("a t interval needs at least 2 values")
+    df = a.size - 1
+    return Interval(float(a.mean()), _quantile(level, df) * float(a.std(ddof=1)) / math.sqrt(a.size), level, kind,
+                    int(a.size), df)
+
+
 def seed_t_interval(diffs: Mapping[str, np.ndarray], level: float = 0.95) -> Interval:
     """t interval (S − 1 df) on the S per-seed differences (each averaged over episodes and sources).
     It holds the seeds' spread but not the sampling of the episodes, which every seed shares."""
@@ -271,4 +281,4 @@ def compare_sources(a: Sequence[EpisodeScores], b: Sequence[EpisodeScores], sour
 
 __all__ = ["EpisodeMismatch", "EpisodeScores", "Equivalence", "Interval", "check_same_episodes", "compare_sources",
            "difference_interval", "episode_interval", "equivalence", "mean_ci95", "paired_differences",
-           "seed_t_interval", "two_level_interval", "variance_components"]
+           "seed_t_interval", "t_interval", "two_level_interval", "variance_components"]

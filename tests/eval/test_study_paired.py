@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 from pathlib import Path
 
@@ -126,3 +127,82 @@ def test_gate_logit_stats_agree_with_the_model_and_the_training_draw(study, tmp_
     p_zero = torch.sigmoid(cfg.gates.beta * torch.log(torch.tensor(-cfg.gates.gamma / cfg.gates.zeta)) - phi)
     assert st["test_at_beta"] == pytest.approx((p_zero >= 0.5).double().mean(1).tolist(), abs=1e-6)
     assert all(b > a for a, b in zip(st["test_at_test_beta"], st["test_at_beta"]))  # the test slope opens gates
+
+
+def test_long_runs_pair_with_the_published_short_cells_of_the_same_method_and_seed(study, tmp_path):
+    rng = np.random.default_rng(3)
+    docs = tmp_path / "docs"
+    short_rows, long_rows = [], []
+    for seed in range(3):
+        ident, ood = rng.uniform(40, 80, 20), rng.uniform(10, 40, 20)
+        cell = f"config-smat_seed-{seed}_x"
+        _write_eval(docs / "attribution" / "episodes" / cell, "SMAT", {"x": ("ID", ident), "y": ("OOD", ood)})
+        short_rows.append(dict(cell=cell, status="done", method="SMAT", seed=str(seed)))
+        d = tmp_path / "long" / str(seed)
+        _write_eval(d, "SMAT", {"x": ("ID", ident), "y": ("OOD", ood + 2.0 + seed)})
+        long_rows.append(dict(cell=f"long{seed}", status="done", method="SMAT", seed=str(seed), eval_dir=str(d)))
+    with (docs / "attribution" / "sweep.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(short_rows[0]))
+        w.writeheader()
+        w.writerows(short_rows)
+    row = study.long_contrasts(long_rows, docs).splitlines()[2]
+    cols = [c.strip() for c in row.split("|")[1:-1]]
+    assert cols[0] == "SMAT (480 − 160 steps)" and cols[1] == "3"
+    assert cols[2] == "+0.00 ± 0.00" and cols[3].startswith("+3.00 ± ")  # ID unchanged, OOD + 2, 3, 4
+    assert cols[5].startswith("+3.00 ± ") and float(cols[5].split("± ")[1]) > float(cols[3].split("± ")[1])
+    # a short cell scored on another episode list stops the study
+    _write_eval(tmp_path / "long" / "other", "SMAT", {"x": ("ID", np.ones(20)), "y": ("OOD", np.ones(20))}, sha="zzz")
+    long_rows[0]["eval_dir"] = str(tmp_path / "long" / "other")
+    study.scores.cache_clear()
+    study.per_source.cache_clear()
+    with pytest.raises(SystemExit, match="episode"):
+        study.long_contrasts(long_rows, docs)
+    assert "run `python tools/study.py attribution` first" in study.long_contrasts(long_rows, tmp_path / "none")
+
+
+def test_null_exports_change_only_the_hypernetwork_or_the_temperature(study, tmp_path):
+    """The specialisation study's nulls: a re-initialised hypernetwork (seeded), the task counter at 0."""
+    import torch
+
+    from smat_dist.export import export_model, load_model
+    from smat_dist.smat import SMAT
+    from tests.smat.conftest import tiny_model_config
+
+    model = SMAT(tiny_model_config())
+    with torch.no_grad():
+        model.tasks_seen.fill_(500)
+        for p in model.hypernet.parameters():
+            p.add_(1.0)  # "trained"
+    trained = export_model(model, tmp_path / "run" / "model.safetensors")
+    ref = load_model(trained)
+    temp_only = load_model(study.null_export(trained, tmp_path / "t.safetensors", seed=1, fresh=True, at_start=False))
+    untrained = load_model(study.null_export(trained, tmp_path / "u.safetensors", seed=1, fresh=True, at_start=True))
+    other_seed = load_model(study.null_export(trained, tmp_path / "o.safetensors", seed=2, fresh=True, at_start=False))
+    assert temp_only.temperature() == ref.temperature() < untrained.temperature() == ref.temperature(0)
+    for name, p in ref.hypernet.state_dict().items():
+        assert not torch.equal(p, temp_only.hypernet.state_dict()[name]) or p.numel() == 0 or name.endswith(("u", "v"))
+        assert torch.equal(temp_only.hypernet.state_dict()[name], untrained.hypernet.state_dict()[name])
+    assert not torch.equal(temp_only.hypernet.keys, other_seed.hypernet.keys)
+    for name, p in ref.state_dict().items():  # θδ, gate logits, λ untouched
+        if not name.startswith("hypernet.") and name != "tasks_seen":
+            assert torch.equal(p, temp_only.state_dict()[name]) and torch.equal(p, untrained.state_dict()[name])
+
+
+def test_seed_level_table_pairs_each_seed_with_its_pmf_cell(study):
+    from scipy.stats import t
+
+    rows = []
+    for seed, (pmf, smat) in enumerate([((60.0, 30.0), (61.0, 31.0)), ((62.0, 31.0), (62.5, 33.0)),
+                                        ((61.0, 29.0), (60.0, 30.5))]):
+        for method, (i, o), extra in (("PMF", pmf, dict(num_experts="1", tau="")), ("SMAT", smat,
+                                                                                   dict(num_experts="2", tau="0.8"))):
+            rows.append(dict(status="done", cell=f"{method}{seed}", method=method, seed=str(seed), train_sources="x",
+                             id_avg=str(i), ood_avg=str(o), config=method.lower(), **extra))
+    line = study.seed_level_table(rows, ["config", "train.seed"]).splitlines()[2]
+    cols = [c.strip() for c in line.split("|")[1:-1]]
+    d_ood = np.array([1.0, 2.0, 1.5])
+    half = t.ppf(0.975, 2) * d_ood.std(ddof=1) / np.sqrt(3)
+    assert cols[0] == "SMAT M=2 τ=0.8" and cols[1] == "3"
+    assert cols[2] == "+0.17 ± {:.2f}".format(t.ppf(0.975, 2) * np.array([1.0, 0.5, -1.0]).std(ddof=1) / np.sqrt(3))
+    assert cols[3] == f"+1.50 ± {half:.2f}" and cols[4] == "OOD"
+    assert cols[5] == "s0: +1.00 / +1.00, s1: +0.50 / +2.00, s2: -1.00 / +1.50"
