@@ -32,22 +32,15 @@ def child(args) -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from bench_step import BACKBONES, EPISODES, _episode
-
-    from smat_dist.smat import SMAT, ModelConfig
-    from smat_dist.smat.config import BackboneConfig, GateConfig
-    from smat_dist.train.config import TrainConfig
-    from smat_dist.train.launch import Trainer
+    from bench_step import EPISODES, _episode, smat_trainer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ways, shots, queries = EPISODES[args.episode]
     make = _episode(ways, shots, queries, args.image_size, torch.device("cpu"))
-    spec = dict(BACKBONES[args.backbone], img_size=args.image_size)
-    cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=args.experts))
     tasks = args.tasks_per_step
-    trainer = Trainer(SMAT(cfg), TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9,
-                                             log_every=10**9))
+    # the tree under test's own TrainConfig defaults (an older revision may lack newer fields)
+    trainer = smat_trainer(args.backbone, args.experts, image_size=args.image_size, tasks=tasks)
 
     def rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Optional
 
 BACKBONES = {
     "tiny": dict(name="vit_tiny_patch16_224", img_size=84, patch_size=12, embed_dim=64, depth=2, num_heads=2),
@@ -60,11 +61,33 @@ def _episode(ways: int, shots: int, queries: int, size: int, device):
     return lambda i: dataclasses.replace(base, index=i)
 
 
+def smat_trainer(backbone: str, experts: int, *, image_size: int, tasks: int, device=None, precision: str = "fp32",
+                 gate_kernel: str = "auto", train: Optional[dict] = None):
+    """The benchmarks' SMAT :class:`~smat_dist.train.launch.Trainer`: a random-init ``backbone`` (a key of
+    :data:`BACKBONES`) at ``image_size``, ``experts`` experts, ``tasks`` tasks per meta-step, no step logged
+    (as most are: the test-gate sparsity is measured at logging steps only); ``train``: more TrainConfig fields."""
+    from smat_dist.smat import SMAT, ModelConfig
+    from smat_dist.smat.config import BackboneConfig, GateConfig
+    from smat_dist.train.config import TrainConfig
+    from smat_dist.train.launch import Trainer
+
+    spec = dict(BACKBONES[backbone], img_size=image_size)
+    cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=experts, kernel=gate_kernel),
+                      precision=precision)
+    model = SMAT(cfg) if device is None else SMAT(cfg).to(device)
+    return Trainer(model, TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9, log_every=10**9,
+                                      **(train or {})))
+
+
 def run_one(kind: str, backbone: str, experts: int, args) -> dict:
     import torch
     import torch.nn.functional as F
 
     device = torch.device(args.device)
+    if args.allocator == "kept" and device.type == "cpu":  # as the recipe does on a CPU rank
+        from smat_dist.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
     torch.manual_seed(0)
     ways, shots, queries = EPISODES[args.episode]
     make = _episode(ways, shots, queries, args.image_size, device)
@@ -89,17 +112,10 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
 
         per_call = 1
     else:
-        from smat_dist.train.config import TrainConfig
-        from smat_dist.smat import SMAT, ModelConfig
-        from smat_dist.smat.config import BackboneConfig, GateConfig
-        from smat_dist.train.launch import Trainer
-
-        cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=experts, kernel=args.gate_kernel),
-                          precision=args.precision)
         tasks = args.tasks_per_step
-        # steps that are not logged, as most are: the test-gate sparsity is measured at logging steps only
-        trainer = Trainer(SMAT(cfg).to(device), TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9,
-                                                            log_every=10**9))
+        trainer = smat_trainer(backbone, experts, image_size=args.image_size, tasks=tasks, device=device,
+                               precision=args.precision, gate_kernel=args.gate_kernel,
+                               train={"keep_freed_memory": args.allocator == "kept"})
 
         def step(i):
             trainer.train_step([make(i * tasks + j) for j in range(tasks)])
@@ -117,11 +133,13 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for r in range(args.repeats):
         t0 = time.perf_counter()
         step(r + 1)
         sync()
         times.append((time.perf_counter() - t0) / per_call)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.repeats  # minor page faults per step
     best = min(times)
     # the peaks of training steps, read before the FLOP-counted step: under FlopCounterMode a ViT-S, M = 8
     # step took the process from 4.45 to 9.29 GB RSS (docs/performance.md), nothing like training
@@ -139,7 +157,7 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
                tflop_per_task=flops_per_task / 1e12, achieved_tflops=flops_per_task / best / 1e12,
                mfu=None if peak is None else flops_per_task / best / (peak * 1e12), peak_tflops=peak,
                peak_rss_gb=rss_gb, peak_gpu_gb=gpu_gb, peak_reserved_gb=reserved_gb,
-               threads=torch.get_num_threads(), device=args.device,
+               threads=torch.get_num_threads(), device=args.device, page_faults_per_step=faults, allocator=args.allocator,
                precision=args.precision, image_size=args.image_size, episode=args.episode)
     if kind == "smat" and not args.no_gate_profile:
         gates = trainer.model.gates if hasattr(trainer, "model") else None
@@ -222,27 +240,43 @@ def print_gate_table(rows: dict, backbones) -> None:
                   f"{r['gate_share']:6.1%} {r['gate_launches']:9d}  {passes}")
 
 
+def _spread(name: str, ratios: list) -> str:
+    return (f"{name} per round {', '.join(f'{x:.3f}' for x in ratios)}; median {sorted(ratios)[len(ratios) // 2]:.3f}, "
+            f"min {min(ratios):.3f}, max {max(ratios):.3f}")
+
+
 def interleaved_rounds(args, env, passthrough) -> None:
-    """``--rounds N``: M=1 and M=8 SMAT children alternate N times per backbone; per-round ratios and
-    their spread (the shared box's load drifts, so only side-by-side rounds are comparable)."""
+    """``--rounds N``: M=1 and M=8 SMAT children (under each ``--allocator`` setting) alternate N times per
+    backbone, the order reversed every other round; per-round ratios and their spread (the shared box's
+    load drifts, so only side-by-side rounds are comparable)."""
+    allocators = ["kept", "glibc"] if args.allocator == "both" else [args.allocator]
+    variants = [(experts, alloc) for alloc in allocators for experts in (1, 8)]
     for backbone in args.backbones:
-        ratios, per = [], {1: [], 8: []}
+        per = {v: [] for v in variants}
         for r in range(args.rounds):
-            for experts in ((1, 8) if r % 2 == 0 else (8, 1)):
-                cmd = [sys.executable, __file__, "--child", f"smat:{backbone}:{experts}", *passthrough]
+            for experts, alloc in (variants if r % 2 == 0 else variants[::-1]):
+                cmd = [sys.executable, __file__, "--child", f"smat:{backbone}:{experts}", *passthrough,
+                       "--allocator", alloc]
                 res, err = run_child(cmd, env)
                 if res is None:
-                    print(f"  FAILED   round {r + 1} {backbone} M={experts} {err}", file=sys.stderr, flush=True)
+                    print(f"  FAILED   round {r + 1} {backbone} M={experts} {alloc} {err}", file=sys.stderr, flush=True)
+                    per[(experts, alloc)].append(None)
                     continue
-                per[experts].append(res["sec_per_task"])
-                print(f"  round {r + 1} {backbone} M={experts}: {res['sec_per_task']:.3f} s/task, "
-                      f"peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
-            if len(per[1]) == len(per[8]) == r + 1:
-                ratios.append(per[8][-1] / per[1][-1])
-        if ratios:
-            print(f"{backbone}: M8/M1 per round {', '.join(f'{x:.3f}' for x in ratios)}; median "
-                  f"{sorted(ratios)[len(ratios) // 2]:.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}; "
-                  f"best-of M8/M1 {min(per[8]) / min(per[1]):.3f}")
+                per[(experts, alloc)].append(res["sec_per_task"])
+                print(f"  round {r + 1} {backbone} M={experts} allocator {alloc}: {res['sec_per_task']:.3f} s/task, "
+                      f"{res['page_faults_per_step']:,.0f} page faults/step, peak RSS {res['peak_rss_gb']:.2f} GB",
+                      flush=True)
+
+        def ratios(a, b):
+            return [x / y for x, y in zip(per[a], per[b]) if x is not None and y is not None]
+
+        for alloc in allocators:
+            if ratios((8, alloc), (1, alloc)):
+                print(f"{backbone} [{alloc}]: " + _spread("M8/M1", ratios((8, alloc), (1, alloc))))
+        if len(allocators) == 2:
+            for experts in (1, 8):
+                if ratios((experts, "kept"), (experts, "glibc")):
+                    print(f"{backbone} M={experts}: " + _spread("kept/glibc", ratios((experts, "kept"), (experts, "glibc"))))
 
 
 def run_child(cmd, env):
@@ -276,6 +310,9 @@ def main() -> None:
                     help="model.gates.kernel: how the gate passes run")
     ap.add_argument("--no-gate-profile", action="store_true", help="skip the profiled gate-pass step")
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 8], help="SMAT expert counts (M) to measure")
+    ap.add_argument("--allocator", default="kept", choices=["kept", "glibc", "both"],
+                    help="CPU: freed memory kept for reuse (train.keep_freed_memory, the default) or glibc's "
+                         "defaults; both (with --rounds): interleave the two")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -292,7 +329,8 @@ def main() -> None:
     failed = []
     passthrough = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--tasks-per-step",
                    str(args.tasks_per_step), "--device", args.device, "--precision", args.precision, "--image-size",
-                   str(args.image_size), "--episode", args.episode, "--gate-kernel", args.gate_kernel] + (["--no-gate-profile"] if args.no_gate_profile else [])
+                   str(args.image_size), "--episode", args.episode, "--gate-kernel", args.gate_kernel,
+                   "--allocator", "kept" if args.allocator == "both" else args.allocator] + (["--no-gate-profile"] if args.no_gate_profile else [])
     if args.rounds:
         interleaved_rounds(args, env, passthrough)
         return

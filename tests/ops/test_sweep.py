@@ -58,6 +58,9 @@ def test_tiny_grid_expands_to_validated_stable_cells():
     # placement does not change identity, a setting does
     more_workers = load_sweep_config(TINY, ["resources.num_workers=2"])
     assert [c.key for c in expand(more_workers, TINY)] == [c.key for c in cells]
+    glibc_defaults = load_sweep_config(TINY)
+    glibc_defaults.overrides.append("train.keep_freed_memory=false")  # the CPU allocator changes no value
+    assert [c.key for c in expand(glibc_defaults, TINY)] == [c.key for c in cells]
     other_lr = load_sweep_config(TINY, ["overrides=[model.optim.delta_lr=0.5]"])
     assert not {c.key for c in expand(other_lr, TINY)} & {c.key for c in cells}
     only = expand(cfg, TINY, only={"model.gates.target_sparsity": 0.8})
@@ -516,6 +519,35 @@ def test_shipped_toy_sweeps_are_the_study_on_the_demo_settings():
     select_cfg, select = cells["toy_select"]
     assert "split=valid" in select_cfg.eval.overrides  # settings are chosen on valid episodes, never test ones
     assert {c.run.model.method for c in select} == {"smat", "pmf"}
+
+
+def test_second_round_toy_sweeps_change_only_what_they_study():
+    """toy_long (3x the steps, the schedule stretched with them), toy_specialisation (M = 4) and toy_outlier
+    (M = 2, τ = 0.95) are the demo's runs otherwise, with the seeds the attribution study's cells pair with."""
+    from smat_dist.config import RunConfig, load_config
+
+    sweeps = REPO / "configs" / "sweeps"
+    demo = {m: load_config(RunConfig, [REPO / "configs" / "demo" / f"{m}.yaml"]) for m in ("smat", "pmf")}
+    got = {}
+    for name in ("toy_long", "toy_specialisation", "toy_outlier"):
+        cfg = load_sweep_config(sweeps / f"{name}.yaml")
+        assert cfg.concurrency * cfg.resources.num_workers * cfg.resources.cpus_per_worker <= 2
+        assert "episodes=100" in cfg.eval.overrides and "split=valid" not in cfg.eval.overrides
+        got[name] = expand(cfg, sweeps / f"{name}.yaml")
+        assert sorted({c.run.train.seed for c in got[name]}) == [0, 1, 2]
+    for c in got["toy_long"]:
+        ref = demo[c.run.model.method]
+        assert c.run.train.epochs == 3 * ref.train.epochs and c.run.model.optim.total_epochs == 3 * ref.model.optim.total_epochs
+        assert dataclasses.replace(c.run.model.optim, total_epochs=ref.model.optim.total_epochs) == ref.model.optim
+        assert c.run.model.gates == ref.model.gates and c.run.model.hypernet == ref.model.hypernet
+    assert {c.run.model.method for c in got["toy_long"]} == {"smat", "pmf"}
+    for name, (M, tau) in (("toy_specialisation", (4, 0.8)), ("toy_outlier", (2, 0.95))):
+        for c in got[name]:
+            ref = demo["smat"]
+            assert (c.run.model.gates.num_experts, c.run.model.gates.target_sparsity) == (M, tau)
+            assert dataclasses.replace(c.run.model.gates, num_experts=ref.model.gates.num_experts,
+                                       target_sparsity=ref.model.gates.target_sparsity) == ref.model.gates
+            assert c.run.model.optim == ref.model.optim and c.run.train.epochs == ref.train.epochs
 
 
 def test_a_bad_cell_fails_the_sweep_before_any_cell_runs(tmp_path):

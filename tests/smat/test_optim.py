@@ -35,3 +35,18 @@ def test_clipping_scales_the_group_to_max_norm_and_reports_the_norm_before():
     assert abs(opt.last_grad_norms["masks"] - float(expected_norm)) < 1e-4 * float(expected_norm)
     assert float(expected_norm) > 5.0  # the clip was active
     torch.testing.assert_close(ours, (ref - ref.grad).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_an_inactive_clip_leaves_the_gradient_untouched(monkeypatch):
+    """Below max_norm the clip is skipped, not multiplied by 1: same update, no pass over the gradient."""
+    ours, ref, g = _pair(1)
+    grad = torch.randn(1000, generator=g) * 1e-3
+    ours.grad, ref.grad = grad.clone(), grad.clone()
+    calls = []
+    real = torch.Tensor.mul_
+    monkeypatch.setattr(torch.Tensor, "mul_", lambda self, *a, **k: calls.append(self.shape) or real(self, *a, **k))
+    opt = SMATOptimizer([dict(params=[ours], rule="sgd", lr=1.0, max_norm=5.0, name="masks")])
+    opt.step()
+    monkeypatch.undo()
+    assert calls == []
+    assert torch.equal(ours.detach(), (ref - grad).detach())
