@@ -212,6 +212,45 @@ def plot_source_deltas(deltas: List[dict], path: Path) -> Optional[Path]:
     return save(fig, path)
 
 
+def plot_cell_curves(rows: List[Dict[str, str]], path: Path, title: str) -> Optional[Path]:
+    """Training curves of each finished cell, one line per seed: the sparsest and the densest expert's
+    training sparsity, the largest λ, α's entropy relative to uniform, and the training query accuracy
+    minus θ_pre's on the same tasks (10-step means), from each cell's metrics.jsonl."""
+    from smat_dist.plotting import pyplot, save
+    from smat_dist.record import read_rows
+
+    plt = pyplot()
+    cells = [r for r in rows if r["status"] == "done" and (Path(r["run_dir"]) / "metrics.jsonl").exists()]
+    if not cells:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for i, r in enumerate(sorted(cells, key=lambda r: int(r["seed"]))):
+        ms = [m for m in read_rows(Path(r["run_dir"]) / "metrics.jsonl") if m.get("sparsity")]
+        steps = [m["step"] for m in ms]
+        color, label = f"C{i}", f"seed {r['seed']}"
+        axes[0].plot(steps, [min(m["sparsity"]) for m in ms], color=color, label=label)
+        axes[0].plot(steps, [max(m["sparsity"]) for m in ms], color=color, ls=":")
+        axes[1].plot(steps, [max(m["lambda"]) for m in ms], color=color)
+        M = len(ms[0]["sparsity"])
+        axes[2].plot(steps, [m["alpha_entropy"] / math.log(M) for m in ms if m.get("alpha_entropy") is not None],
+                     color=color)
+        gain = [100 * (m["query_acc"] - m["pre_acc"]) for m in ms if m.get("pre_acc") is not None]
+        smooth = [sum(gain[max(0, k - 9):k + 1]) / len(gain[max(0, k - 9):k + 1]) for k in range(len(gain))]
+        axes[3].plot(steps[:len(smooth)], smooth, color=color)
+    tau = num(cells[0].get("tau"))
+    if tau is not None:
+        axes[0].axhline(tau, color="k", lw=0.8, ls="--")
+    for ax, name in zip(axes, ("training sparsity (solid: sparsest expert, dotted: densest; τ dashed)",
+                               "largest λ", "α entropy / log M", "train query acc − θ_pre acc (points)")):
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("meta-step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid: Dict[str, dict], *,
               split: str = "test", pre: Optional[Dict[str, Path]] = None) -> tuple:
     """(summary.md text, the paired SMAT − PMF differences per setting): one line per setting (seeds pooled)
@@ -1031,6 +1070,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     (out / "summary.md").write_text(text)
     if a.study == "sources":
         plot_source_deltas(deltas, out / "sources_delta.png")
+    if a.study == "outlier":
+        plot_cell_curves(rows, out / "curves.png", "SMAT M = 2, τ = 0.95 on this code, per seed")
     timing["total_s"] = time.time() - t0
 
     dest = a.docs / a.study
@@ -1038,7 +1079,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png", "sources_delta.png"),
-               "attribution": (), "long": (), "outlier": ()}[a.study]
+               "attribution": (), "long": (), "outlier": ("curves.png",)}[a.study]
     for name in ("sweep.csv", "valid.csv", "summary.md", *figures):
         if (out / name).exists():
             shutil.copy2(out / name, dest / name)
