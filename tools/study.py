@@ -953,12 +953,22 @@ def specialisation_study(a) -> int:
             "from the same model with its hypernetwork re-initialised at the trained run's final selection "
             "temperature (*temperature only*), and with the temperature also at its start (*untrained*: the "
             "model before its first step). Metrics: `smat_dist.eval.analyse.alpha_specialisation`.\n\n"
-            + specialisation_table(measured))
+            + specialisation_table(measured)
+            + "\n## Accuracy against PMF\n\nEach cell minus the attribution study's PMF cell of the same seed "
+              "(docs/results/attribution), same test episodes; Δ ± 95 % CI over episodes (seeds averaged per "
+              "episode), and over seeds × episodes.\n\n"
+            + long_contrasts(rows, a.docs, against="PMF", label="{method} M=4 τ=0.8 − {other}"))
     (out / "summary.md").write_text(text)
     dest = a.docs / "specialisation"
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    for r in rows:  # per-episode accuracies and episode-list hashes of every cell
+        cell_dest = dest / "episodes" / r["cell"]
+        cell_dest.mkdir(parents=True)
+        for name in ("results.csv", "episodes.csv"):
+            if (Path(r["eval_dir"]) / name).exists():
+                (cell_dest / name).write_text((Path(r["eval_dir"]) / name).read_text().replace(f"{REPO}{os.sep}", ""))
     (dest / "summary.md").write_text(text)
     for name in ("sweep.csv",):
         (dest / name).write_text((out / name).read_text().replace(f"{REPO}{os.sep}", ""))
