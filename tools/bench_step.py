@@ -149,13 +149,17 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
         gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3
         reserved_gb = torch.cuda.max_memory_reserved(device) / 1024**3
         peak = peak_tflops(torch.cuda.get_device_name(device))
-    with FlopCounterMode(display=False) as counter:  # one more step, counted (not timed)
-        step(args.repeats + 1)
-    flops_per_task = counter.get_total_flops() / per_call
-    sync()
+    flops_per_task = None
+    if not args.rounds:  # --rounds compares times only
+        with FlopCounterMode(display=False) as counter:  # one more step, counted (not timed)
+            step(args.repeats + 1)
+        flops_per_task = counter.get_total_flops() / per_call
+        sync()
     row = dict(kind=kind, backbone=backbone, experts=experts, sec_per_task=best, tasks_per_s=1 / best,
-               tflop_per_task=flops_per_task / 1e12, achieved_tflops=flops_per_task / best / 1e12,
-               mfu=None if peak is None else flops_per_task / best / (peak * 1e12), peak_tflops=peak,
+               tflop_per_task=flops_per_task and flops_per_task / 1e12,
+               achieved_tflops=flops_per_task and flops_per_task / best / 1e12,
+               mfu=None if peak is None or flops_per_task is None else flops_per_task / best / (peak * 1e12),
+               peak_tflops=peak,
                peak_rss_gb=rss_gb, peak_gpu_gb=gpu_gb, peak_reserved_gb=reserved_gb,
                threads=torch.get_num_threads(), device=args.device, page_faults_per_step=faults, allocator=args.allocator,
                precision=args.precision, image_size=args.image_size, episode=args.episode)
@@ -256,7 +260,7 @@ def interleaved_rounds(args, env, passthrough) -> None:
         for r in range(args.rounds):
             for experts, alloc in (variants if r % 2 == 0 else variants[::-1]):
                 cmd = [sys.executable, __file__, "--child", f"smat:{backbone}:{experts}", *passthrough,
-                       "--allocator", alloc]
+                       "--allocator", alloc, "--rounds", str(args.rounds)]
                 res, err = run_child(cmd, env)
                 if res is None:
                     print(f"  FAILED   round {r + 1} {backbone} M={experts} {alloc} {err}", file=sys.stderr, flush=True)
