@@ -890,6 +890,28 @@ def specialisation_table(measured: Dict[str, Dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_level_contrasts(rows: List[Dict[str, str]], axis: str, within: str) -> str:
+    """:func:`contrasts` from sweep.csv alone: per seed, the ``axis``-high cell's ID / OOD average minus the
+    ``axis``-low one's at each value of ``within``, with a t-interval over the seeds."""
+    from smat_dist.eval.stats import t_interval
+
+    done = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf"]
+    lines = [f"| {within} | {axis}: high − low | seeds | Δ ID (seeds, t) | Δ OOD (seeds, t) | per seed Δ ID / Δ OOD |",
+             "|---|---|---|---|---|---|"]
+    for w in sorted({num(r[within]) for r in done}):
+        at = [r for r in done if num(r[within]) == w]
+        lo, hi = min(num(r[axis]) for r in at), max(num(r[axis]) for r in at)
+        by_seed = {v: {r["seed"]: r for r in at if num(r[axis]) == v} for v in (hi, lo)}
+        seeds = sorted(set(by_seed[hi]) & set(by_seed[lo]), key=int)
+        if len(seeds) < 2:
+            continue
+        d_id = [num(by_seed[hi][x]["id_avg"]) - num(by_seed[lo][x]["id_avg"]) for x in seeds]
+        d_ood = [num(by_seed[hi][x]["ood_avg"]) - num(by_seed[lo][x]["ood_avg"]) for x in seeds]
+        per = ", ".join(f"s{x}: {i:+.2f} / {o:+.2f}" for x, i, o in zip(seeds, d_id, d_ood))
+        lines.append(f"| {w:g} | {hi:g} − {lo:g} | {len(seeds)} | {t_interval(d_id)} | {t_interval(d_ood)} | {per} |")
+    return "\n".join(lines) + "\n"
+
+
 def seed_level_study(a) -> int:
     """docs/results/<study>/seed_level.md for the published tradeoff and sources studies (no cell is run)."""
     from smat_dist.sweep.config import load_sweep_config
@@ -906,6 +928,12 @@ def seed_level_study(a) -> int:
                 "over seeds (n − 1 degrees of freedom). It includes training noise; the test episodes, shared by "
                 "every seed, are not resampled. *resolved*: the interval excludes 0.\n\n"
                 + seed_level_table(read_csv(published), axes))
+        if study == "tradeoff":
+            rows = read_csv(published)
+            text += ("\n## Contrasts between settings, seed level\n\nThe same for the paired contrasts of "
+                     "summary.md: per seed, one setting's average minus the other's.\n\n"
+                     + seed_level_contrasts(rows, "tau", "num_experts") + "\n"
+                     + seed_level_contrasts(rows, "num_experts", "tau"))
         (a.docs / study / "seed_level.md").write_text(text)
         say(f"seedlevel: wrote {a.docs / study / 'seed_level.md'}")
         print(text)

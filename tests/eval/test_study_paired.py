@@ -206,3 +206,21 @@ def test_seed_level_table_pairs_each_seed_with_its_pmf_cell(study):
     assert cols[2] == "+0.17 ± {:.2f}".format(t.ppf(0.975, 2) * np.array([1.0, 0.5, -1.0]).std(ddof=1) / np.sqrt(3))
     assert cols[3] == f"+1.50 ± {half:.2f}" and cols[4] == "OOD"
     assert cols[5] == "s0: +1.00 / +1.00, s1: +0.50 / +2.00, s2: -1.00 / +1.50"
+
+
+def test_seed_level_contrasts_difference_settings_seed_by_seed(study):
+    from scipy.stats import t
+
+    rows = []
+    for seed, (lo, hi) in enumerate([((60.0, 30.0), (59.0, 31.0)), ((61.0, 29.0), (60.5, 29.5)),
+                                     ((62.0, 30.0), (61.0, 30.0))]):
+        for tau, (i, o) in ((0.5, lo), (0.95, hi)):
+            rows.append(dict(status="done", method="SMAT", seed=str(seed), num_experts="2", tau=str(tau),
+                             id_avg=str(i), ood_avg=str(o), cell=f"{tau}{seed}"))
+    rows.append(dict(status="done", method="PMF", seed="0", num_experts="1", tau="", id_avg="1", ood_avg="1", cell="p"))
+    line = study.seed_level_contrasts(rows, "tau", "num_experts").splitlines()[2]
+    cols = [c.strip() for c in line.split("|")[1:-1]]
+    d_id = np.array([-1.0, -0.5, -1.0])
+    assert cols[:3] == ["2", "0.95 − 0.5", "3"]
+    assert cols[3] == f"{d_id.mean():+.2f} ± {t.ppf(0.975, 2) * d_id.std(ddof=1) / np.sqrt(3):.2f}"
+    assert cols[5] == "s0: -1.00 / +1.00, s1: -0.50 / +0.50, s2: -1.00 / +0.00"
