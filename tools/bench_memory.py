@@ -39,7 +39,6 @@ def child(args) -> None:
     ways, shots, queries = EPISODES[args.episode]
     make = _episode(ways, shots, queries, args.image_size, torch.device("cpu"))
     tasks = args.tasks_per_step
-    # the tree under test's own TrainConfig defaults (an older revision may lack newer fields)
     trainer = smat_trainer(args.backbone, args.experts, image_size=args.image_size, tasks=tasks)
 
     def rss_gb() -> float:

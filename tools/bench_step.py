@@ -84,10 +84,6 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
     import torch.nn.functional as F
 
     device = torch.device(args.device)
-    if args.allocator == "kept" and device.type == "cpu":  # as the recipe does on a CPU rank
-        from smat_dist.train.allocator import keep_freed_memory
-
-        keep_freed_memory()
     torch.manual_seed(0)
     ways, shots, queries = EPISODES[args.episode]
     make = _episode(ways, shots, queries, args.image_size, device)
@@ -114,8 +110,7 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
     else:
         tasks = args.tasks_per_step
         trainer = smat_trainer(backbone, experts, image_size=args.image_size, tasks=tasks, device=device,
-                               precision=args.precision, gate_kernel=args.gate_kernel,
-                               train={"keep_freed_memory": args.allocator == "kept"})
+                               precision=args.precision, gate_kernel=args.gate_kernel)
 
         def step(i):
             trainer.train_step([make(i * tasks + j) for j in range(tasks)])
@@ -161,7 +156,7 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
                mfu=None if peak is None or flops_per_task is None else flops_per_task / best / (peak * 1e12),
                peak_tflops=peak,
                peak_rss_gb=rss_gb, peak_gpu_gb=gpu_gb, peak_reserved_gb=reserved_gb,
-               threads=torch.get_num_threads(), device=args.device, page_faults_per_step=faults, allocator=args.allocator,
+               threads=torch.get_num_threads(), device=args.device, page_faults_per_step=faults,
                precision=args.precision, image_size=args.image_size, episode=args.episode)
     if kind == "smat" and not args.no_gate_profile:
         gates = trainer.model.gates if hasattr(trainer, "model") else None
@@ -250,37 +245,27 @@ def _spread(name: str, ratios: list) -> str:
 
 
 def interleaved_rounds(args, env, passthrough) -> None:
-    """``--rounds N``: M=1 and M=8 SMAT children (under each ``--allocator`` setting) alternate N times per
-    backbone, the order reversed every other round; per-round ratios and their spread (the shared box's
-    load drifts, so only side-by-side rounds are comparable)."""
-    allocators = ["kept", "glibc"] if args.allocator == "both" else [args.allocator]
-    variants = [(experts, alloc) for alloc in allocators for experts in (1, 8)]
+    """``--rounds N``: M=1 and M=8 SMAT children alternate N times per backbone, the order reversed every
+    other round; per-round ratios and their spread (the shared box's load drifts, so only side-by-side
+    rounds are comparable)."""
     for backbone in args.backbones:
-        per = {v: [] for v in variants}
+        per = {1: [], 8: []}
         for r in range(args.rounds):
-            for experts, alloc in (variants if r % 2 == 0 else variants[::-1]):
+            for experts in ((1, 8) if r % 2 == 0 else (8, 1)):
                 cmd = [sys.executable, __file__, "--child", f"smat:{backbone}:{experts}", *passthrough,
-                       "--allocator", alloc, "--rounds", str(args.rounds)]
+                       "--rounds", str(args.rounds)]
                 res, err = run_child(cmd, env)
                 if res is None:
-                    print(f"  FAILED   round {r + 1} {backbone} M={experts} {alloc} {err}", file=sys.stderr, flush=True)
-                    per[(experts, alloc)].append(None)
+                    print(f"  FAILED   round {r + 1} {backbone} M={experts} {err}", file=sys.stderr, flush=True)
+                    per[experts].append(None)
                     continue
-                per[(experts, alloc)].append(res["sec_per_task"])
-                print(f"  round {r + 1} {backbone} M={experts} allocator {alloc}: {res['sec_per_task']:.3f} s/task, "
+                per[experts].append(res["sec_per_task"])
+                print(f"  round {r + 1} {backbone} M={experts}: {res['sec_per_task']:.3f} s/task, "
                       f"{res['page_faults_per_step']:,.0f} page faults/step, peak RSS {res['peak_rss_gb']:.2f} GB",
                       flush=True)
-
-        def ratios(a, b):
-            return [x / y for x, y in zip(per[a], per[b]) if x is not None and y is not None]
-
-        for alloc in allocators:
-            if ratios((8, alloc), (1, alloc)):
-                print(f"{backbone} [{alloc}]: " + _spread("M8/M1", ratios((8, alloc), (1, alloc))))
-        if len(allocators) == 2:
-            for experts in (1, 8):
-                if ratios((experts, "kept"), (experts, "glibc")):
-                    print(f"{backbone} M={experts}: " + _spread("kept/glibc", ratios((experts, "kept"), (experts, "glibc"))))
+        ratios = [x / y for x, y in zip(per[8], per[1]) if x is not None and y is not None]
+        if ratios:
+            print(f"{backbone}: " + _spread("M8/M1", ratios))
 
 
 def run_child(cmd, env):
@@ -314,9 +299,6 @@ def main() -> None:
                     help="model.gates.kernel: how the gate passes run")
     ap.add_argument("--no-gate-profile", action="store_true", help="skip the profiled gate-pass step")
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 8], help="SMAT expert counts (M) to measure")
-    ap.add_argument("--allocator", default="kept", choices=["kept", "glibc", "both"],
-                    help="CPU: freed memory kept for reuse (train.keep_freed_memory, the default) or glibc's "
-                         "defaults; both (with --rounds): interleave the two")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -333,8 +315,7 @@ def main() -> None:
     failed = []
     passthrough = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--tasks-per-step",
                    str(args.tasks_per_step), "--device", args.device, "--precision", args.precision, "--image-size",
-                   str(args.image_size), "--episode", args.episode, "--gate-kernel", args.gate_kernel,
-                   "--allocator", "kept" if args.allocator == "both" else args.allocator] + (["--no-gate-profile"] if args.no_gate_profile else [])
+                   str(args.image_size), "--episode", args.episode, "--gate-kernel", args.gate_kernel] + (["--no-gate-profile"] if args.no_gate_profile else [])
     if args.rounds:
         interleaved_rounds(args, env, passthrough)
         return

@@ -27,7 +27,7 @@ PLACEMENT_KEYS = (
     ("dist", "object_store_mb"), ("dist", "max_failures"), ("dist", "staging_dir"), ("monitor",), ("data", "num_actors"),
     ("data", "actor_cpus"), ("data", "max_in_flight"), ("data", "local_root"), ("data", "max_open_files"),
     ("data", "actor_start_timeout_s"), ("data", "colocate"), ("data", "cache_dir"), ("data", "cache_max_gb"),
-    ("data", "prefetch_shards"), ("data", "remote"), ("debug",), ("train", "keep_freed_memory"),
+    ("data", "prefetch_shards"), ("data", "remote"), ("debug",),
 )
 
 

@@ -24,9 +24,6 @@ class TrainConfig:
     log_every: int = 1
     threads: Optional[int] = None  # torch intra-op threads; None = torch's default
     stop_on_nonfinite: bool = True  # the reference stops training on a non-finite loss
-    # CPU ranks: glibc keeps freed blocks for reuse instead of faulting them back in every step
-    # (smat_dist.train.allocator; ≈ 6 % of a ViT-S CPU step). No effect on GPU memory or on any value.
-    keep_freed_memory: bool = True
 
     def validate(self) -> None:
         for name in ("tasks_per_step", "tasks_per_epoch", "checkpoint_every", "log_every"):

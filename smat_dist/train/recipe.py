@@ -41,7 +41,6 @@ from smat_dist.smat.timing import StepTimer
 from smat_dist.smat.toy import ToyEpisodes
 from smat_dist.train import checkpoint as ckpt
 from smat_dist.train import distributed, runlog
-from smat_dist.train.allocator import keep_freed_memory
 from smat_dist.train.config import uneven_zero_error
 from smat_dist.train.distributed import Runtime
 from smat_dist.train.engine import DeepSpeedEngine, Engine, LocalEngine
@@ -242,8 +241,6 @@ class MetaTrainRecipe:
         cfg, rt = self.cfg, self.runtime
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if cfg.train.keep_freed_memory and rt.device.type == "cpu":
-            keep_freed_memory()
         if self._model is None:
             torch.manual_seed(cfg.train.seed)  # identical θ_pre (random backbones) and init on every rank
             with distributed.rank_zero_first():  # rank 0 fills any weight cache first
