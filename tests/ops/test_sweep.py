@@ -483,18 +483,26 @@ def test_a_cell_with_a_damaged_export_is_trained_again(tmp_path):
     assert sweep2.calls == [(0, "train"), (0, "eval")]
 
 
+def _demo_runs():
+    """The demo's SMAT and PMF run configs, which every toy sweep's cells start from."""
+    from smat_dist.config import RunConfig, load_config
+
+    return {m: load_config(RunConfig, [REPO / "configs" / "demo" / f"{m}.yaml"]) for m in ("smat", "pmf")}
+
+
+def _toy_sweep(name: str):
+    """(sweep config, cells) of configs/sweeps/<name>.yaml, checked to fit the 2-core box."""
+    path = REPO / "configs" / "sweeps" / f"{name}.yaml"
+    cfg = load_sweep_config(path)
+    assert cfg.concurrency * cfg.resources.num_workers * cfg.resources.cpus_per_worker <= 2
+    return cfg, expand(cfg, path)
+
+
 def test_shipped_toy_sweeps_are_the_study_on_the_demo_settings():
     """The CPU study (tools/study.py): the demo's runs per cell, >= 2 seeds, PMF as reference, on 2 cores,
     and settings chosen on the valid split only."""
-    from smat_dist.config import RunConfig, load_config
-
-    sweeps = REPO / "configs" / "sweeps"
-    demo = {m: load_config(RunConfig, [REPO / "configs" / "demo" / f"{m}.yaml"]) for m in ("smat", "pmf")}
-    cells = {}
-    for name in ("toy_tradeoff", "toy_sources", "toy_select"):
-        cfg = load_sweep_config(sweeps / f"{name}.yaml")
-        assert cfg.concurrency * cfg.resources.num_workers * cfg.resources.cpus_per_worker <= 2
-        cells[name] = (cfg, expand(cfg, sweeps / f"{name}.yaml"))
+    demo = _demo_runs()
+    cells = {name: _toy_sweep(name) for name in ("toy_tradeoff", "toy_sources", "toy_select")}
     trade_cfg, trade = cells["toy_tradeoff"]
     smat = [c for c in trade if c.run.model.method == "smat"]
     pmf = [c for c in trade if c.run.model.method == "pmf"]
@@ -521,16 +529,11 @@ def test_shipped_toy_sweeps_are_the_study_on_the_demo_settings():
 def test_second_round_toy_sweeps_change_only_what_they_study():
     """toy_long (3x the steps, the schedule stretched with them), toy_specialisation (M = 4) and toy_outlier
     (M = 2, τ = 0.95) are the demo's runs otherwise, with the seeds the attribution study's cells pair with."""
-    from smat_dist.config import RunConfig, load_config
-
-    sweeps = REPO / "configs" / "sweeps"
-    demo = {m: load_config(RunConfig, [REPO / "configs" / "demo" / f"{m}.yaml"]) for m in ("smat", "pmf")}
+    demo = _demo_runs()
     got = {}
     for name in ("toy_long", "toy_specialisation", "toy_outlier"):
-        cfg = load_sweep_config(sweeps / f"{name}.yaml")
-        assert cfg.concurrency * cfg.resources.num_workers * cfg.resources.cpus_per_worker <= 2
+        cfg, got[name] = _toy_sweep(name)
         assert "episodes=100" in cfg.eval.overrides and "split=valid" not in cfg.eval.overrides
-        got[name] = expand(cfg, sweeps / f"{name}.yaml")
         assert sorted({c.run.train.seed for c in got[name]}) == [0, 1, 2]
     for c in got["toy_long"]:
         ref = demo[c.run.model.method]
