@@ -25,7 +25,6 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Optional
 
 BACKBONES = {
     "tiny": dict(name="vit_tiny_patch16_224", img_size=84, patch_size=12, embed_dim=64, depth=2, num_heads=2),
@@ -62,10 +61,10 @@ def _episode(ways: int, shots: int, queries: int, size: int, device):
 
 
 def smat_trainer(backbone: str, experts: int, *, image_size: int, tasks: int, device=None, precision: str = "fp32",
-                 gate_kernel: str = "auto", train: Optional[dict] = None):
+                 gate_kernel: str = "auto"):
     """The benchmarks' SMAT :class:`~smat_dist.train.launch.Trainer`: a random-init ``backbone`` (a key of
     :data:`BACKBONES`) at ``image_size``, ``experts`` experts, ``tasks`` tasks per meta-step, no step logged
-    (as most are: the test-gate sparsity is measured at logging steps only); ``train``: more TrainConfig fields."""
+    (as most are: the test-gate sparsity is measured at logging steps only)."""
     from smat_dist.smat import SMAT, ModelConfig
     from smat_dist.smat.config import BackboneConfig, GateConfig
     from smat_dist.train.config import TrainConfig
@@ -75,8 +74,7 @@ def smat_trainer(backbone: str, experts: int, *, image_size: int, tasks: int, de
     cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=experts, kernel=gate_kernel),
                       precision=precision)
     model = SMAT(cfg) if device is None else SMAT(cfg).to(device)
-    return Trainer(model, TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9, log_every=10**9,
-                                      **(train or {})))
+    return Trainer(model, TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9, log_every=10**9))
 
 
 def run_one(kind: str, backbone: str, experts: int, args) -> dict:

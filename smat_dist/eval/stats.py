@@ -182,12 +182,9 @@ def seed_t_interval(diffs: Mapping[str, np.ndarray], level: float = 0.95) -> Int
     It holds the seeds' spread but not the sampling of the episodes, which every seed shares."""
     d = _matrices(diffs)
     per_seed = np.mean([x.mean(1) for x in d.values()], axis=0)  # (S,)
-    S = per_seed.size
-    if S < 2:
+    if per_seed.size < 2:
         raise ValueError("a seed-level interval needs at least 2 seeds")
-    df = S - 1
-    return Interval(float(per_seed.mean()), _quantile(level, df) * float(per_seed.std(ddof=1)) / math.sqrt(S),
-                    level, "seeds", S, df)
+    return t_interval(per_seed, level)
 
 
 def variance_components(d: np.ndarray) -> Dict[str, float]:
