@@ -7,6 +7,7 @@
     python tools/study.py tradeoff --fresh      # from scratch: drop the sweep's earlier cells first
     python tools/study.py attribution  # which part of SMAT carries its OOD gain (toy_attribution.yaml, 5 seeds)
     python tools/study.py long       # 3x the demo's steps, SMAT and PMF, against the attribution cells (toy_long.yaml)
+    python tools/study.py long_tau   # τ = 0.5 and 0.95 at 3x the steps, against the long study's cells (toy_long_tau.yaml)
     python tools/study.py outlier    # M = 2, τ = 0.95 on this code, 3 seeds: is seed 2 still an outlier? (toy_outlier.yaml)
     python tools/study.py constraint # M x tau short runs of the demo's SMAT: does every expert reach tau?
     python tools/study.py specialisation  # M = 4: α by source against two nulls (toy_specialisation.yaml)
@@ -603,33 +604,38 @@ def attribution_contrasts(rows: List[Dict[str, str]]) -> str:
 
 
 def long_contrasts(rows: List[Dict[str, str]], docs: Path, *, against: Optional[str] = None,
-                   label: str = "{method} (480 − 160 steps)") -> str:
-    """Each cell minus the published 160-step cell of the same seed (the attribution study's cells under
-    ``docs``/attribution) and of the same method, or of method ``against``; same frozen test episodes
-    (lists checked)."""
-    short_dir = docs / "attribution"
+                   label: str = "{method} (480 − 160 steps)", ref_study: str = "attribution",
+                   group: str = "method") -> str:
+    """Each cell minus the published cell of the same seed in study ``ref_study`` (its cells under
+    ``docs``/``ref_study``; default the attribution study's 160-step cells) and of the same method, or of
+    method ``against``; same frozen test episodes (lists checked). Cells are grouped by the sweep.csv
+    column ``group`` (``{method}`` in ``label`` is the group's value)."""
+    short_dir = docs / ref_study
     if not (short_dir / "sweep.csv").exists():
-        return f"(no {short_dir}/sweep.csv: run `python tools/study.py attribution` first)\n"
+        return f"(no {short_dir}/sweep.csv: run `python tools/study.py {ref_study}` first)\n"
     short = {(r["method"], r["seed"]): short_dir / "episodes" / r["cell"]
              for r in read_csv(short_dir / "sweep.csv") if r["status"] == "done"}
     by: Dict[str, Dict[str, Path]] = defaultdict(dict)
+    method_of: Dict[str, str] = {}
     for r in rows:
         if r["status"] == "done":
-            by[r["method"]][r["seed"]] = Path(r["eval_dir"])
-    lines = ["| method | seeds | Δ ID | Δ OOD | Δ ID (seeds × episodes) | Δ OOD (seeds × episodes) |",
+            by[r[group]][r["seed"]] = Path(r["eval_dir"])
+            method_of[r[group]] = r["method"]
+    lines = ["| cells | seeds | Δ ID | Δ OOD | Δ ID (seeds × episodes) | Δ OOD (seeds × episodes) |",
              "|---|---|---|---|---|---|"]
-    for method in sorted(by):
-        other = against or method
-        seeds = sorted((s for s in by[method] if (other, s) in short), key=int)
+    for key in sorted(by):
+        other = against or method_of[key]
+        seeds = sorted((s for s in by[key] if (other, s) in short), key=int)
         if not seeds:
             continue
-        kinds = per_source(by[method][seeds[0]])
+        kinds = per_source(by[key][seeds[0]])
         ids = [s for s, x in kinds.items() if x.kind == "ID"]
         oods = [s for s, x in kinds.items() if x.kind == "OOD"]
-        mine = [scores(by[method][x]) for x in seeds]
+        mine = [scores(by[key][x]) for x in seeds]
         ref = [scores(short[(other, x)]) for x in seeds]
         di, do = paired(mine, ref, ids), paired(mine, ref, oods)
-        lines.append(f"| {label.format(method=method, other=other)} | {len(seeds)} | {_pm(di['episodes'])} | "
+        shown = key if group == "method" else f"{num(key):g}"
+        lines.append(f"| {label.format(method=shown, other=other)} | {len(seeds)} | {_pm(di['episodes'])} | "
                      f"{_pm(do['episodes'])} | {_pm(di['two_level'])} | {_pm(do['two_level'])} |")
     return "\n".join(lines) + "\n"
 
@@ -678,23 +684,31 @@ CONSTRAINT_TAIL = 4  # logged rows (log_every 5: the last 20 steps) averaged for
 def constraint_table(runs: Dict[tuple, Path]) -> tuple:
     """(rows, Markdown table) of the training sparsity per expert at the end of each run: the last logged
     row, the mean over the last :data:`CONSTRAINT_TAIL` logged rows, the first step whose every expert is
-    within τ ± tol, λ at the end, and the test-gate sparsity. ``runs``: (M, τ) -> run directory."""
+    within τ ± tol and the step from which it stays within, λ at the end, and the test-gate sparsity. ``runs``: (M, τ) -> run directory."""
     from smat_dist.record import read_rows
 
     out, lines = [], ["| M | τ | training sparsity per expert, last step | mean of the last 20 steps (min–max over "
-                      f"experts) | within τ ± {CONSTRAINT_TOL} | ≥ τ − {CONSTRAINT_TOL} | first step within | "
+                      f"experts) | within τ ± {CONSTRAINT_TOL} | ≥ τ − {CONSTRAINT_TOL} | first step within | within from step | "
                       "λ at the end (max) | test-gate sparsity (mean) | expected training sparsity | test sparsity, β_test = β |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (M, tau), run in sorted(runs.items()):
         mr = [r for r in read_rows(run / "metrics.jsonl") if r.get("sparsity")]
         last = mr[-1]["sparsity"]
         tail = [sum(c) / len(c) for c in zip(*(r["sparsity"] for r in mr[-CONSTRAINT_TAIL:]))]
         ok = all(abs(v - tau) <= CONSTRAINT_TOL for v in tail)
         at_least = all(v >= tau - CONSTRAINT_TOL for v in tail)
-        first = next((r["step"] for r in mr if all(abs(v - tau) <= CONSTRAINT_TOL for v in r["sparsity"])), None)
+        inside = [all(abs(v - tau) <= CONSTRAINT_TOL for v in r["sparsity"]) for r in mr]
+        first = next((r["step"] for r, yes in zip(mr, inside) if yes), None)
+        # settled: the first logged step from which every later logged step is within too
+        settled = None
+        for r, yes in zip(reversed(mr), reversed(inside)):
+            if not yes:
+                break
+            settled = r["step"]
         tested = [r for r in mr if r.get("sparsity_test")]  # measured at logged steps only
         gs = gate_logit_stats(run) if (run / "model.safetensors").exists() else None
-        row = dict(M=M, tau=tau, last=last, tail=tail, within=ok, at_least=at_least, first_step=first, lam=max(mr[-1]["lambda"]),
+        row = dict(M=M, tau=tau, last=last, tail=tail, within=ok, at_least=at_least, first_step=first,
+                   settled_step=settled, lam=max(mr[-1]["lambda"]),
                    test=sum(tested[-1]["sparsity_test"]) / M, steps=mr[-1]["step"],
                    expected=None if gs is None else sum(gs["expected"]) / M,
                    test_at_beta=None if gs is None else sum(gs["test_at_beta"]) / M)
@@ -702,7 +716,8 @@ def constraint_table(runs: Dict[tuple, Path]) -> tuple:
         fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {M} | {tau:g} | {' '.join(f'{v:.3f}' for v in last)} | {sum(tail) / M:.3f} "
                      f"({min(tail):.3f}–{max(tail):.3f}) | {'yes' if ok else '**no**'} | {'yes' if at_least else '**no**'} | "
-                     f"{first if first is not None else 'never'} | {row['lam']:.3f} | {row['test']:.3f} | "
+                     f"{first if first is not None else 'never'} | {settled if settled is not None else 'never'} | "
+                     f"{row['lam']:.3f} | {row['test']:.3f} | "
                      f"{fmt(row['expected'])} | {fmt(row['test_at_beta'])} |")
     return out, "\n".join(lines) + "\n"
 
@@ -1020,7 +1035,7 @@ def specialisation_study(a) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python tools/study.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", choices=["select", "tradeoff", "sources", "attribution", "long", "outlier",
+    ap.add_argument("study", choices=["select", "tradeoff", "sources", "attribution", "long", "long_tau", "outlier",
                                       "constraint", "specialisation", "seedlevel"])
     ap.add_argument("--fresh", action="store_true", help="delete the sweep's directory first (from scratch)")
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep's local Ray")
@@ -1092,12 +1107,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         text += ("\n## Against the 160-step runs\n\nEach cell minus the attribution study's cell of the same method "
                  "and seed (docs/results/attribution), same test episodes; Δ ± 95 % CI over episodes (seeds averaged "
                  "per episode), and over seeds × episodes.\n\n" + long_contrasts(rows, a.docs))
+    if a.study == "long_tau":
+        text += ("\n## Against τ = 0.8 and PMF at the same length\n\nEach cell minus the long study's cell of the "
+                 "same seed (docs/results/long: SMAT M = 2 τ = 0.8, and PMF, 480 steps), same test episodes; Δ ± 95 % "
+                 "CI over episodes (seeds averaged per episode), and over seeds × episodes.\n\n"
+                 + long_contrasts(rows, a.docs, ref_study="long", group="tau", label="τ = {method} − τ = 0.8")
+                 + "\n" + long_contrasts(rows, a.docs, against="PMF", ref_study="long", group="tau",
+                                         label="τ = {method} − {other}"))
     if a.study == "outlier":
         text += ("\n## Against PMF\n\nEach cell minus the attribution study's PMF cell of the same seed "
                  "(docs/results/attribution), same test episodes; Δ ± 95 % CI over episodes (seeds averaged per "
                  "episode), and over seeds × episodes.\n\n"
                  + long_contrasts(rows, a.docs, against="PMF", label="{method} M=2 τ=0.95 − {other}"))
-    if a.study in ("select", "tradeoff", "attribution", "long", "outlier"):
+    if a.study in ("select", "tradeoff", "attribution", "long", "long_tau", "outlier"):
         text += ("\n## Diagnostics\n\nPer cell, from metrics.jsonl and the exported model: the first step whose "
                  "training gates of every expert reach τ (within 0.01), the test-gate sparsity at the end, the largest λ, the mean "
                  "α entropy over the last quarter of the run relative to uniform (1 = no selection), the largest "
@@ -1117,7 +1139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     figures = {"select": (), "tradeoff": ("tradeoff.png",), "sources": ("scaling.png", "sources_delta.png"),
-               "attribution": (), "long": (), "outlier": ("curves.png",)}[a.study]
+               "attribution": (), "long": (), "long_tau": (), "outlier": ("curves.png",)}[a.study]
     for name in ("sweep.csv", "valid.csv", "summary.md", *figures):
         if (out / name).exists():
             shutil.copy2(out / name, dest / name)

@@ -171,9 +171,14 @@ class LagrangianConfig:
     # lambda to >= 0 after each step so it is a proper multiplier.
     project_nonneg: bool = True
     reset_when_satisfied: bool = True
+    # docs/algorithm.md#a-two-sided-constraint: proportional gain of a PI multiplier. The gate-logit penalty
+    # uses λ_m + kp·(τ − s_m) (floored at 0 while project_nonneg), λ_m staying the integral; the proportional
+    # part damps the equality constraint (project_nonneg and reset_when_satisfied off), which pure dual
+    # ascent drives into oscillation. 0 = pure dual ascent (the authors').
+    kp: float = 0.0
 
     def validate(self, key: str = "model.lagrangian") -> None:
-        _non_negative(self, key, ("lr",))
+        _non_negative(self, key, ("lr", "kp"))
         _one_of(self, key, "update", ("dual", "reference"))
 
 

@@ -65,6 +65,7 @@ class StepContext:
     plan: MergePlan
     sparsity: Optional[torch.Tensor] = None  # (M,) measured on this step's training gates
     violation: Optional[torch.Tensor] = None  # sparsity - tau
+    multiplier: Optional[torch.Tensor] = None  # (M,) the λ the gate-logit penalty uses this step (constant)
     alpha_sum: Optional[torch.Tensor] = None  # Σ_t stopgrad(α_t) over this worker's tasks so far
     tasks: int = 0
     timer: Optional[StepTimer] = None  # the meta-step's phase clock (the dense teacher's time)
@@ -150,7 +151,7 @@ class SMAT(nn.Module):
         task last (:mod:`smat_dist.smat.merge` explains the difference).
         """
         sample: Optional[GateDraw] = None
-        sparsity = violation = None
+        sparsity = violation = multiplier = None
         if self.gates is not None:
             self.gates.clamp_()
             sample = self.gates.sample(stream_seed("gates", seed, step))
@@ -159,13 +160,26 @@ class SMAT(nn.Module):
             if self.cfg.lagrangian.reset_when_satisfied:
                 with torch.no_grad():
                     self.lagrange.masked_fill_(violation > 0, 0.0)
+            multiplier = self.penalty_multiplier(violation)
             if self.cfg.gates.noise_scope == "task":
                 sample = None  # each task draws its own gates
         if self.hypernet is not None:
             self.hypernet.power_iteration_()
         plan = MergePlan(self.layout, sample, gates=self.gates, capacity=tasks, joint_backward=joint_backward)
         alpha_sum = torch.zeros(self.num_experts, device=self.device)
-        return StepContext(step=step, seed=seed, plan=plan, sparsity=sparsity, violation=violation, alpha_sum=alpha_sum)
+        return StepContext(step=step, seed=seed, plan=plan, sparsity=sparsity, violation=violation,
+                           multiplier=multiplier, alpha_sum=alpha_sum)
+
+    def penalty_multiplier(self, violation: torch.Tensor) -> torch.Tensor:
+        """(M,) multiplier of the gate-logit penalty for a step whose sparsity misses τ by ``violation``
+        (s − τ, shape (M,)): the integral λ plus the proportional part −kp·violation, floored at 0 while
+        λ is projected to λ ≥ 0 (docs/algorithm.md#a-two-sided-constraint). A constant: no gradient."""
+        lcfg = self.cfg.lagrangian
+        multiplier = self.lagrange.detach()
+        if lcfg.kp == 0:
+            return multiplier  # pure dual ascent: exactly the authors' form
+        multiplier = multiplier - lcfg.kp * violation.to(multiplier.dtype)
+        return multiplier.clamp_min(0.0) if lcfg.project_nonneg else multiplier
 
     def end_step(self, tasks_in_step: int) -> None:
         """Advance the global task counter (drives the selection temperature, docs/algorithm.md#d14-temperature)."""
@@ -290,7 +304,7 @@ class SMAT(nn.Module):
                 target_density = 1.0 - cfg.gates.target_sparsity
                 # usage weight: Σ_t α_t (the authors'), or relative to uniform use, M·Σ_t α_t (dual)
                 usage = ctx.alpha_sum if reference else ctx.alpha_sum * self.num_experts
-                sparsity_penalty = (self.lagrange.detach() * usage * (density - target_density)).sum()
+                sparsity_penalty = (ctx.multiplier * usage * (density - target_density)).sum()
                 loss = loss + sparsity_penalty
                 metrics["sparsity_penalty"] = sparsity_penalty.detach()
         ctx.tasks += 1

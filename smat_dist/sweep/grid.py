@@ -30,6 +30,12 @@ PLACEMENT_KEYS = (
     ("data", "prefetch_shards"), ("data", "remote"), ("debug",),
 )
 
+# Keys added after cells were published, with the value that reproduces the code before them: left out of
+# the identity while they hold it, so a sweep run before the key existed still finds its finished cells.
+LATER_KEYS = (
+    (("model", "lagrangian", "kp"), 0.0),
+)
+
 
 @dataclass
 class Cell:
@@ -89,6 +95,12 @@ def identity(run: RunConfig, eval_args: Sequence[str], assignment: Dict[str, Any
         for k in path[:-1]:
             node = node.get(k, {})
         node.pop(path[-1], None)
+    for path, neutral in LATER_KEYS:
+        node = d
+        for k in path[:-1]:
+            node = node.get(k, {})
+        if path[-1] in node and node[path[-1]] == neutral:
+            del node[path[-1]]
     blob = json.dumps({"run": d, "eval": list(eval_args), "axes": assignment}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

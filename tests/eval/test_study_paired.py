@@ -89,12 +89,16 @@ def test_constraint_table_reads_the_end_of_each_run(study, tmp_path):
 
     ok = run("ok", [(5, [0.2, 0.3]), (10, [0.79, 0.81])] + [(15 + 5 * i, [0.80, 0.81]) for i in range(4)])
     late = run("late", [(5, [0.1, 0.1])] + [(10 + 5 * i, [0.95, 0.60]) for i in range(4)])
-    rows, table = study.constraint_table({(2, 0.8): ok, (2, 0.5): late})
-    by = {r["tau"]: r for r in rows}
-    assert by[0.8]["within"] and by[0.8]["at_least"] and by[0.8]["first_step"] == 10
-    assert by[0.8]["tail"] == [0.80, 0.81]  # the last 4 logged rows
-    assert not by[0.5]["within"] and by[0.5]["at_least"] and by[0.5]["first_step"] is None  # expert 0 overshoots
-    assert "| 2 | 0.8 | 0.800 0.810 | 0.805 (0.800–0.810) | yes | yes | 10 |" in table
+    swing = run("swing", [(5, [0.80, 0.80]), (10, [0.86, 0.85])] + [(15 + 5 * i, [0.80, 0.79]) for i in range(4)])
+    rows, table = study.constraint_table({(2, 0.8): ok, (2, 0.5): late, (4, 0.8): swing})
+    by = {(r["M"], r["tau"]): r for r in rows}
+    assert by[2, 0.8]["within"] and by[2, 0.8]["at_least"] and by[2, 0.8]["first_step"] == 10
+    assert by[2, 0.8]["settled_step"] == 10
+    assert by[2, 0.8]["tail"] == [0.80, 0.81]  # the last 4 logged rows
+    assert not by[2, 0.5]["within"] and by[2, 0.5]["at_least"] and by[2, 0.5]["first_step"] is None  # expert 0 overshoots
+    assert by[2, 0.5]["settled_step"] is None
+    assert by[4, 0.8]["first_step"] == 5 and by[4, 0.8]["settled_step"] == 15  # in, out (overshoot), in for good
+    assert "| 2 | 0.8 | 0.800 0.810 | 0.805 (0.800–0.810) | yes | yes | 10 | 10 |" in table
 
 
 def test_gate_logit_stats_agree_with_the_model_and_the_training_draw(study, tmp_path):
@@ -158,6 +162,34 @@ def test_long_runs_pair_with_the_published_short_cells_of_the_same_method_and_se
     with pytest.raises(SystemExit, match="episode"):
         study.long_contrasts(long_rows, docs)
     assert "run `python tools/study.py attribution` first" in study.long_contrasts(long_rows, tmp_path / "none")
+
+
+def test_long_tau_cells_pair_by_tau_with_the_long_studys_cells_of_the_same_seed(study, tmp_path):
+    """long_tau: cells grouped by τ, each paired with the long study's SMAT (or PMF) cell of its seed."""
+    rng = np.random.default_rng(4)
+    docs = tmp_path / "docs"
+    ref_rows, rows = [], []
+    for seed in range(3):
+        ident, ood = rng.uniform(40, 80, 20), rng.uniform(10, 40, 20)
+        for method, shift in (("SMAT", 0.0), ("PMF", -1.0)):
+            cell = f"config-{method}_seed-{seed}"
+            _write_eval(docs / "long" / "episodes" / cell, method, {"x": ("ID", ident + shift), "y": ("OOD", ood)})
+            ref_rows.append(dict(cell=cell, status="done", method=method, seed=str(seed)))
+        for tau, d_id in (("0.5000", -1.0), ("0.9500", -2.0)):
+            d = tmp_path / "cells" / f"{tau}-{seed}"
+            _write_eval(d, "SMAT", {"x": ("ID", ident + d_id), "y": ("OOD", ood)})
+            rows.append(dict(cell=d.name, status="done", method="SMAT", seed=str(seed), tau=tau, eval_dir=str(d)))
+    with (docs / "long" / "sweep.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ref_rows[0]))
+        w.writeheader()
+        w.writerows(ref_rows)
+    table = study.long_contrasts(rows, docs, ref_study="long", group="tau", label="τ = {method} − τ = 0.8")
+    cols = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    assert [c[0] for c in cols] == ["τ = 0.5 − τ = 0.8", "τ = 0.95 − τ = 0.8"] and all(c[1] == "3" for c in cols)
+    assert [c[2] for c in cols] == ["-1.00 ± 0.00", "-2.00 ± 0.00"] and all(c[3] == "+0.00 ± 0.00" for c in cols)
+    vs_pmf = study.long_contrasts(rows, docs, against="PMF", ref_study="long", group="tau", label="τ = {method} − {other}")
+    cols = [[c.strip() for c in line.split("|")[1:-1]] for line in vs_pmf.splitlines()[2:]]
+    assert [(c[0], c[2]) for c in cols] == [("τ = 0.5 − PMF", "+0.00 ± 0.00"), ("τ = 0.95 − PMF", "-1.00 ± 0.00")]
 
 
 def test_null_exports_change_only_the_hypernetwork_or_the_temperature(study, tmp_path):

@@ -64,6 +64,18 @@ def test_tiny_grid_expands_to_validated_stable_cells():
     assert len(only) == 2 and all(c.assignment["model.gates.target_sparsity"] == 0.8 for c in only)
 
 
+def test_a_key_added_later_is_identity_only_away_from_its_neutral_value(monkeypatch):
+    """model.lagrangian.kp came after published cells: at 0 (the code before it) it is left out of the
+    identity, so those cells are still found; any other value makes new cells."""
+    import smat_dist.sweep.grid as grid
+
+    keys = [c.key for c in expand(load_sweep_config(TINY), TINY)]
+    gained = load_sweep_config(TINY, ["overrides=[model.lagrangian.kp=0.5]"])
+    assert not {c.key for c in expand(gained, TINY)} & set(keys)
+    monkeypatch.setattr(grid, "LATER_KEYS", ())
+    assert not {c.key for c in expand(load_sweep_config(TINY), TINY)} & set(keys)  # it was left out
+
+
 def test_config_axis_exclude_and_errors(tmp_path):
     sweep = tmp_path / "s.yaml"
     sweep.write_text(OmegaConf.to_yaml(OmegaConf.create({
@@ -527,11 +539,11 @@ def test_shipped_toy_sweeps_are_the_study_on_the_demo_settings():
 
 
 def test_second_round_toy_sweeps_change_only_what_they_study():
-    """toy_long (3x the steps, the schedule stretched with them), toy_specialisation (M = 4) and toy_outlier
-    (M = 2, τ = 0.95) are the demo's runs otherwise, with the seeds the attribution study's cells pair with."""
+    """toy_long (3x the steps, the schedule stretched with them), toy_long_tau (toy_long's SMAT at τ = 0.5 and
+    0.95), toy_specialisation (M = 4) and toy_outlier (M = 2, τ = 0.95) are the demo's runs otherwise, with the seeds the attribution study's cells pair with."""
     demo = _demo_runs()
     got = {}
-    for name in ("toy_long", "toy_specialisation", "toy_outlier"):
+    for name in ("toy_long", "toy_long_tau", "toy_specialisation", "toy_outlier"):
         cfg, got[name] = _toy_sweep(name)
         assert "episodes=100" in cfg.eval.overrides and "split=valid" not in cfg.eval.overrides
         assert sorted({c.run.train.seed for c in got[name]}) == [0, 1, 2]
@@ -541,6 +553,11 @@ def test_second_round_toy_sweeps_change_only_what_they_study():
         assert dataclasses.replace(c.run.model.optim, total_epochs=ref.model.optim.total_epochs) == ref.model.optim
         assert c.run.model.gates == ref.model.gates and c.run.model.hypernet == ref.model.hypernet
     assert {c.run.model.method for c in got["toy_long"]} == {"smat", "pmf"}
+    long_smat = next(c for c in got["toy_long"] if c.run.model.method == "smat")
+    for c in got["toy_long_tau"]:  # the long study's SMAT cell at another τ
+        assert dataclasses.replace(c.run.model.gates, target_sparsity=0.8) == long_smat.run.model.gates
+        assert c.run.model.optim == long_smat.run.model.optim and c.run.train.epochs == long_smat.run.train.epochs
+    assert sorted({c.run.model.gates.target_sparsity for c in got["toy_long_tau"]}) == [0.5, 0.95]
     for name, (M, tau) in (("toy_specialisation", (4, 0.8)), ("toy_outlier", (2, 0.95))):
         for c in got[name]:
             ref = demo["smat"]

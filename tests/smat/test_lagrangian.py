@@ -3,6 +3,7 @@
 (docs/algorithm.md#d10-lagrange-multiplier)."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,74 @@ def test_bad_constraint_settings_are_refused(tiny_cfg, bad):
     changes = {key: dataclasses.replace(getattr(tiny_cfg, key), **bad[key])}
     with pytest.raises(ValueError, match="update|constraint_lr_floor"):
         SMAT(dataclasses.replace(tiny_cfg, **changes))
+
+
+@pytest.mark.parametrize("nonneg", [True, False])
+def test_pi_penalty_uses_lambda_plus_the_proportional_part(tiny_cfg, toy, nonneg):
+    """kp > 0: the L0 penalty's multiplier is λ_m − kp·(s_m − τ) (floored at 0 only while λ is projected
+    to ≥ 0); λ itself stays the integral, its gradient unchanged. kp = 0 is λ itself."""
+    tau, kp = 0.5, 2.0
+    cfg = _with(tiny_cfg, gates=dict(num_experts=2, target_sparsity=tau),
+                lagrangian=dict(kp=kp, project_nonneg=nonneg, reset_when_satisfied=False))
+    model = SMAT(cfg)
+    with torch.no_grad():
+        model.delta.normal_(0, 1e-2)
+        model.gates.logits[0].fill_(-4.0)  # expert 0 too sparse: the proportional part pushes it open
+        model.gates.logits[1].fill_(3.0)  # expert 1 too dense
+        model.lagrange.copy_(torch.tensor([0.05, 0.1]))
+    ctx = model.begin_step(0, seed=0, tasks=1)
+    v = ctx.violation
+    assert v[0] > 0 > v[1]
+    want = torch.tensor([0.05, 0.1]) - kp * v
+    assert want[0] < 0  # the proportional part outweighs λ_0
+    torch.testing.assert_close(ctx.multiplier, want.clamp_min(0) if nonneg else want, rtol=0, atol=1e-7)
+    out = model(toy.episode(0), ctx, task_index=0, last=True)
+    out.loss.backward()
+    usage = out.metrics["alpha"] * 2
+    torch.testing.assert_close(out.metrics["sparsity_penalty"],
+                               (ctx.multiplier * usage * (ctx.plan.density - (1 - tau))).sum(), rtol=1e-6, atol=0)
+    assert torch.equal(model.lagrange.grad, v)  # dual ascent on λ as before: d/dλ of Σ (s − τ)·λ
+    off = SMAT(_with(tiny_cfg, gates=dict(num_experts=2, target_sparsity=tau)))
+    with torch.no_grad():
+        off.lagrange.copy_(torch.tensor([0.05, 0.1]))
+    assert torch.equal(off.begin_step(0, seed=0).multiplier, off.lagrange.detach())
+
+
+def test_negative_gain_is_refused(tiny_cfg):
+    with pytest.raises(ValueError, match="kp"):
+        SMAT(_with(tiny_cfg, lagrangian=dict(kp=-1.0)))
+
+
+def _equality_run(tiny_cfg, toy, *, kp, steps=40):
+    """Mean sparsity per step of a two-sided constraint (λ free in sign, no reset) at τ = 0.5, with θδ
+    frozen at 0 so that only the L0 penalty moves the gates: the control loop alone."""
+    cfg = _with(tiny_cfg, gates=dict(num_experts=2, target_sparsity=0.5),
+                lagrangian=dict(kp=kp, lr=0.1, project_nonneg=False, reset_when_satisfied=False),
+                optim=dataclasses.replace(tiny_cfg.optim, warmup_epochs=0, delta_lr=0.0, mask_lr=3e4))
+    model = SMAT(cfg)
+    trainer = Trainer(model, TrainConfig(tasks_per_step=1, tasks_per_epoch=100_000))
+    return [sum(m.sparsity) / 2 for m in (trainer.train_step([toy.episode(i)]) for i in range(steps))]
+
+
+def test_the_proportional_part_damps_the_equality_constraint(tiny_cfg, toy):
+    """λ integrates the violation and the logits integrate λ: pure dual ascent on the equality overshoots τ
+    far (and swings back); kp > 0 brings the sparsity to τ with little overshoot."""
+    pure = _equality_run(tiny_cfg, toy, kp=0.0)
+    pi = _equality_run(tiny_cfg, toy, kp=3.0)
+    assert pure[0] < 0.3 and pi[0] < 0.3  # both start far too dense
+    assert max(pure) - 0.5 > 0.25
+    assert max(pi) - 0.5 < 0.06 and abs(pi[-1] - 0.5) < 0.04
+
+
+def test_the_at_tau_demo_config_changes_only_the_constraint():
+    from smat_dist.config import RunConfig, load_config
+    from smat_dist.smat.config import LagrangianConfig
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "demo"
+    demo = load_config(RunConfig, [configs / "smat.yaml"])
+    at_tau = load_config(RunConfig, [configs / "smat_at_tau.yaml"])
+    assert at_tau.model.lagrangian == LagrangianConfig(update=demo.model.lagrangian.update, lr=0.1, kp=3.0,
+                                                       project_nonneg=False, reset_when_satisfied=False)
+    assert dataclasses.replace(at_tau.model, lagrangian=demo.model.lagrangian) == demo.model
+    assert dataclasses.replace(at_tau.train, run_name=demo.train.run_name) == demo.train
+    assert at_tau.data == demo.data and at_tau.dist == demo.dist
