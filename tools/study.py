@@ -640,6 +640,17 @@ def long_contrasts(rows: List[Dict[str, str]], docs: Path, *, against: Optional[
     return "\n".join(lines) + "\n"
 
 
+def short_tau_contrasts(docs: Path) -> str:
+    """τ = 0.95 − τ = 0.8 and − PMF at 160 steps: the outlier study's published cells (M = 2, τ = 0.95)
+    against the attribution study's of the same seed, read from ``docs``/outlier/episodes."""
+    if not (docs / "outlier" / "sweep.csv").exists():
+        return f"(no {docs}/outlier/sweep.csv: run `python tools/study.py outlier` first)\n"
+    rows = [dict(r, eval_dir=str(docs / "outlier" / "episodes" / r["cell"]))
+            for r in read_csv(docs / "outlier" / "sweep.csv")]
+    return (long_contrasts(rows, docs, group="tau", label="160 steps: τ = {method} − τ = 0.8") + "\n"
+            + long_contrasts(rows, docs, against="PMF", group="tau", label="160 steps: τ = {method} − {other}"))
+
+
 def seed_level_table(rows: List[Dict[str, str]], axes: Sequence[str]) -> str:
     """Δ vs PMF per setting with a t-interval over seeds (n − 1 df), from sweep.csv alone: a cell's ID/OOD
     average minus its PMF partner's (same seed and training sources; :func:`reference`) is exactly the mean
@@ -1114,6 +1125,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                  + long_contrasts(rows, a.docs, ref_study="long", group="tau", label="τ = {method} − τ = 0.8")
                  + "\n" + long_contrasts(rows, a.docs, against="PMF", ref_study="long", group="tau",
                                          label="τ = {method} − {other}"))
+        text += ("\nThe same contrasts at 160 steps, from published cells on this code: the outlier study's "
+                 "τ = 0.95 cells minus the attribution study's SMAT (τ = 0.8) and PMF cells of the same seed.\n\n"
+                 + short_tau_contrasts(a.docs))
     if a.study == "outlier":
         text += ("\n## Against PMF\n\nEach cell minus the attribution study's PMF cell of the same seed "
                  "(docs/results/attribution), same test episodes; Δ ± 95 % CI over episodes (seeds averaged per "

@@ -192,6 +192,32 @@ def test_long_tau_cells_pair_by_tau_with_the_long_studys_cells_of_the_same_seed(
     assert [(c[0], c[2]) for c in cols] == [("τ = 0.5 − PMF", "+0.00 ± 0.00"), ("τ = 0.95 − PMF", "-1.00 ± 0.00")]
 
 
+def test_short_tau_contrasts_read_the_published_outlier_and_attribution_cells(study, tmp_path):
+    """At 160 steps the τ contrast pairs the outlier study's published cells (their episodes/ copies, not the
+    sweep's eval dirs) with the attribution study's cells of the same seed."""
+    rng = np.random.default_rng(5)
+    base = [(rng.uniform(40, 80, 20), rng.uniform(10, 40, 20)) for _ in range(2)]
+    for name, rows in (("outlier", []), ("attribution", [])):
+        for seed in range(2):
+            ident, ood = base[seed]
+            for method, tau, shift in ((("SMAT", "0.9500", 0.5),) if name == "outlier" else
+                                       (("SMAT", "0.8000", 0.0), ("PMF", "", 0.0))):
+                cell = f"{name}-{method}-{seed}"
+                _write_eval(tmp_path / name / "episodes" / cell, method, {"x": ("ID", ident), "y": ("OOD", ood + shift)})
+                rows.append(dict(cell=cell, status="done", method=method, seed=str(seed), tau=tau, eval_dir="/gone"))
+        with (tmp_path / name / "sweep.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    study.scores.cache_clear()
+    study.per_source.cache_clear()
+    lines = [line for line in study.short_tau_contrasts(tmp_path).splitlines() if line.startswith("| 160 steps")]
+    assert [line.split("|")[1].strip() for line in lines] == ["160 steps: τ = 0.95 − τ = 0.8", "160 steps: τ = 0.95 − PMF"]
+    assert all(line.split("|")[3].strip() == "+0.00 ± 0.00" and line.split("|")[4].strip() == "+0.50 ± 0.00"
+               for line in lines)  # ID equal, every OOD episode + 0.5
+    assert "run `python tools/study.py outlier` first" in study.short_tau_contrasts(tmp_path / "none")
+
+
 def test_null_exports_change_only_the_hypernetwork_or_the_temperature(study, tmp_path):
     """The specialisation study's nulls: a re-initialised hypernetwork (seeded), the task counter at 0."""
     import torch
