@@ -24,6 +24,14 @@ def study():
     return mod
 
 
+def _write_sweep_csv(path: Path, rows: list) -> None:
+    """A study's published sweep.csv with just the columns the pairing reads."""
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def _cells(tmp_path, *, smat_sha="abc"):
     rng = np.random.default_rng(0)
     base = {"x": rng.uniform(40, 80, 20), "y": rng.uniform(10, 40, 20)}
@@ -145,10 +153,7 @@ def test_long_runs_pair_with_the_published_short_cells_of_the_same_method_and_se
         d = tmp_path / "long" / str(seed)
         _write_eval(d, "SMAT", {"x": ("ID", ident), "y": ("OOD", ood + 2.0 + seed)})
         long_rows.append(dict(cell=f"long{seed}", status="done", method="SMAT", seed=str(seed), eval_dir=str(d)))
-    with (docs / "attribution" / "sweep.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(short_rows[0]))
-        w.writeheader()
-        w.writerows(short_rows)
+    _write_sweep_csv(docs / "attribution" / "sweep.csv", short_rows)
     row = study.long_contrasts(long_rows, docs).splitlines()[2]
     cols = [c.strip() for c in row.split("|")[1:-1]]
     assert cols[0] == "SMAT (480 − 160 steps)" and cols[1] == "3"
@@ -179,10 +184,7 @@ def test_long_tau_cells_pair_by_tau_with_the_long_studys_cells_of_the_same_seed(
             d = tmp_path / "cells" / f"{tau}-{seed}"
             _write_eval(d, "SMAT", {"x": ("ID", ident + d_id), "y": ("OOD", ood)})
             rows.append(dict(cell=d.name, status="done", method="SMAT", seed=str(seed), tau=tau, eval_dir=str(d)))
-    with (docs / "long" / "sweep.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ref_rows[0]))
-        w.writeheader()
-        w.writerows(ref_rows)
+    _write_sweep_csv(docs / "long" / "sweep.csv", ref_rows)
     table = study.long_contrasts(rows, docs, ref_study="long", group="tau", label="τ = {method} − τ = 0.8")
     cols = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
     assert [c[0] for c in cols] == ["τ = 0.5 − τ = 0.8", "τ = 0.95 − τ = 0.8"] and all(c[1] == "3" for c in cols)
@@ -205,10 +207,7 @@ def test_short_tau_contrasts_read_the_published_outlier_and_attribution_cells(st
                 cell = f"{name}-{method}-{seed}"
                 _write_eval(tmp_path / name / "episodes" / cell, method, {"x": ("ID", ident), "y": ("OOD", ood + shift)})
                 rows.append(dict(cell=cell, status="done", method=method, seed=str(seed), tau=tau, eval_dir="/gone"))
-        with (tmp_path / name / "sweep.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        _write_sweep_csv(tmp_path / name / "sweep.csv", rows)
     study.scores.cache_clear()
     study.per_source.cache_clear()
     lines = [line for line in study.short_tau_contrasts(tmp_path).splitlines() if line.startswith("| 160 steps")]
