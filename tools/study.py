@@ -136,6 +136,11 @@ def per_source(eval_dir: Path) -> Dict[str, ResultRow]:
     return {r.source: r for r in read_results(eval_dir / "results.csv") if r.mode == "none"}
 
 
+def id_ood(kinds: Dict[str, ResultRow]) -> tuple:
+    """(ID sources, OOD sources) of one evaluation's :func:`per_source` rows, in its order."""
+    return ([s for s, x in kinds.items() if x.kind == "ID"], [s for s, x in kinds.items() if x.kind == "OOD"])
+
+
 EQUIV_MARGIN = 0.5  # points: "equal ID" means the 90 % seeds × episodes interval lies inside ± this (TOST)
 
 
@@ -293,8 +298,7 @@ def summarise(out: Path, rows: List[Dict[str, str]], axes: Sequence[str], valid:
     for key, members in sorted(groups.items(), key=lambda kv: _order(kv[1][0])):
         r0 = members[0]
         label = _label(r0, axes)
-        ids = [s for s, x in src[r0["cell"]].items() if x.kind == "ID"]
-        oods = [s for s, x in src[r0["cell"]].items() if x.kind == "OOD"]
+        ids, oods = id_ood(src[r0["cell"]])
         fixed_avg = [sum(src[m["cell"]][s].accuracy for s in always_ood) / len(always_ood)
                      for m in members] if always_ood else []
         cells = [m for m in members if refs.get((m["train_sources"], m["seed"]))]
@@ -548,22 +552,27 @@ def analyse_cell(cell: Dict[str, str], out: Path, data: Path) -> str:
     return cell["cell"]
 
 
+def axis_pairs(done: List[Dict[str, str]], axis: str, within: str):
+    """Per value ``w`` of ``within`` (ascending): (w, hi, lo, seeds, {seed: hi cell}, {seed: lo cell}), the cells
+    at the largest and smallest value of ``axis`` there and the seeds both have (sweep.csv rows)."""
+    for w in sorted({num(r[within]) for r in done}):
+        at = [r for r in done if num(r[within]) == w]
+        lo, hi = min(num(r[axis]) for r in at), max(num(r[axis]) for r in at)
+        by_seed = {v: {r["seed"]: r for r in at if num(r[axis]) == v} for v in (hi, lo)}
+        seeds = sorted(set(by_seed[hi]) & set(by_seed[lo]), key=int)  # seeds matched
+        yield w, hi, lo, seeds, by_seed[hi], by_seed[lo]
+
+
 def contrasts(rows: List[Dict[str, str]], axis: str, within: str) -> str:
     """Paired test-episode differences between the largest and smallest value of ``axis`` (sweep.csv column)
     at each value of ``within``, seeds matched: does tau trade ID for OOD, do more experts help?"""
     done = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf"]
     eps = {r["cell"]: scores(Path(r["eval_dir"])) for r in done}
-    kinds = per_source(Path(done[0]["eval_dir"]))
-    ids = [s for s, x in kinds.items() if x.kind == "ID"]
-    oods = [s for s, x in kinds.items() if x.kind == "OOD"]
+    ids, oods = id_ood(per_source(Path(done[0]["eval_dir"])))
     lines = [f"| {within} | {axis}: high − low | Δ ID | Δ OOD | Δ ID (seeds × episodes) | Δ OOD (seeds × episodes) |",
              "|---|---|---|---|---|---|"]
-    for w in sorted({num(r[within]) for r in done}):
-        at = [r for r in done if num(r[within]) == w]
-        lo, hi = min(num(r[axis]) for r in at), max(num(r[axis]) for r in at)
-        by_seed = {v: {r["seed"]: eps[r["cell"]] for r in at if num(r[axis]) == v} for v in (hi, lo)}
-        seeds = sorted(set(by_seed[hi]) & set(by_seed[lo]), key=int)  # seeds matched
-        a, b = [by_seed[hi][x] for x in seeds], [by_seed[lo][x] for x in seeds]
+    for w, hi, lo, seeds, high, low in axis_pairs(done, axis, within):
+        a, b = [eps[high[x]["cell"]] for x in seeds], [eps[low[x]["cell"]] for x in seeds]
         di, do = paired(a, b, ids), paired(a, b, oods)
         lines.append(f"| {w:g} | {hi:g} − {lo:g} | {_pm(di['episodes'])} | {_pm(do['episodes'])} | "
                      f"{_pm(di['two_level'])} | {_pm(do['two_level'])} |")
@@ -592,9 +601,7 @@ def attribution_contrasts(rows: List[Dict[str, str]]) -> str:
         seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})), key=int)
         if not seeds:
             continue
-        kinds = per_source(Path(by[a][seeds[0]]["eval_dir"]))
-        ids = [s for s, x in kinds.items() if x.kind == "ID"]
-        oods = [s for s, x in kinds.items() if x.kind == "OOD"]
+        ids, oods = id_ood(per_source(Path(by[a][seeds[0]]["eval_dir"])))
         mine = [scores(Path(by[a][x]["eval_dir"])) for x in seeds]
         ref = [scores(Path(by[b][x]["eval_dir"])) for x in seeds]
         di, do = paired(mine, ref, ids), paired(mine, ref, oods)
@@ -628,9 +635,7 @@ def long_contrasts(rows: List[Dict[str, str]], docs: Path, *, against: Optional[
         seeds = sorted((s for s in by[key] if (other, s) in short), key=int)
         if not seeds:
             continue
-        kinds = per_source(by[key][seeds[0]])
-        ids = [s for s, x in kinds.items() if x.kind == "ID"]
-        oods = [s for s, x in kinds.items() if x.kind == "OOD"]
+        ids, oods = id_ood(per_source(by[key][seeds[0]]))
         mine = [scores(by[key][x]) for x in seeds]
         ref = [scores(short[(other, x)]) for x in seeds]
         di, do = paired(mine, ref, ids), paired(mine, ref, oods)
@@ -924,15 +929,11 @@ def seed_level_contrasts(rows: List[Dict[str, str]], axis: str, within: str) -> 
     done = [r for r in rows if r["status"] == "done" and r["method"].lower() != "pmf"]
     lines = [f"| {within} | {axis}: high − low | seeds | Δ ID (seeds, t) | Δ OOD (seeds, t) | per seed Δ ID / Δ OOD |",
              "|---|---|---|---|---|---|"]
-    for w in sorted({num(r[within]) for r in done}):
-        at = [r for r in done if num(r[within]) == w]
-        lo, hi = min(num(r[axis]) for r in at), max(num(r[axis]) for r in at)
-        by_seed = {v: {r["seed"]: r for r in at if num(r[axis]) == v} for v in (hi, lo)}
-        seeds = sorted(set(by_seed[hi]) & set(by_seed[lo]), key=int)
+    for w, hi, lo, seeds, high, low in axis_pairs(done, axis, within):
         if len(seeds) < 2:
             continue
-        d_id = [num(by_seed[hi][x]["id_avg"]) - num(by_seed[lo][x]["id_avg"]) for x in seeds]
-        d_ood = [num(by_seed[hi][x]["ood_avg"]) - num(by_seed[lo][x]["ood_avg"]) for x in seeds]
+        d_id = [num(high[x]["id_avg"]) - num(low[x]["id_avg"]) for x in seeds]
+        d_ood = [num(high[x]["ood_avg"]) - num(low[x]["ood_avg"]) for x in seeds]
         per = ", ".join(f"s{x}: {i:+.2f} / {o:+.2f}" for x, i, o in zip(seeds, d_id, d_ood))
         lines.append(f"| {w:g} | {hi:g} − {lo:g} | {len(seeds)} | {t_interval(d_id)} | {t_interval(d_ood)} | {per} |")
     return "\n".join(lines) + "\n"

@@ -90,15 +90,17 @@ def identity(run: RunConfig, eval_args: Sequence[str], assignment: Dict[str, Any
     """Hash of the run config minus placement keys, the evaluation settings and the cell's axis values
     (an axis over a placement key such as dist.num_workers still gives distinct cells)."""
     d = to_dict(run)
+
+    def parent(path: tuple) -> dict:
+        node = d
+        for k in path[:-1]:
+            node = node.get(k, {})
+        return node
+
     for path in PLACEMENT_KEYS:
-        node = d
-        for k in path[:-1]:
-            node = node.get(k, {})
-        node.pop(path[-1], None)
+        parent(path).pop(path[-1], None)
     for path, neutral in LATER_KEYS:
-        node = d
-        for k in path[:-1]:
-            node = node.get(k, {})
+        node = parent(path)
         if path[-1] in node and node[path[-1]] == neutral:
             del node[path[-1]]
     blob = json.dumps({"run": d, "eval": list(eval_args), "axes": assignment}, sort_keys=True, default=str)
