@@ -83,6 +83,10 @@ class GateConfig:
     # kernel per pass (a fixed number of launches whatever |theta|), "eager" = column chunks sized for
     # the device, "auto" = compiled from 2^22 gates on (falls back to eager if compiling fails).
     kernel: str = "auto"  # auto | compiled | eager
+    # Where ∇α (<z_m, θδ⊙G_t> per task) is formed: "flush" = every task's inside the step's one flush pass
+    # (the hypernetwork's backward of each task waits for it; same numbers, docs/algorithm.md#backward-order),
+    # "task" = a pass of its own in each task's backward.
+    alpha_grad: str = "flush"  # flush | task
 
 
     def validate(self, key: str = "model.gates") -> None:
@@ -96,6 +100,7 @@ class GateConfig:
         require(0.0 < self.eps < 0.5, f"{key}.eps", "in (0, 0.5)", self.eps)
         _one_of(self, key, "noise", ("hard_concrete", "reference"))
         _one_of(self, key, "noise_scope", ("step", "task"))
+        _one_of(self, key, "alpha_grad", ("flush", "task"))
 
 
 @dataclass

@@ -8,7 +8,8 @@ parameters: a group of ``k`` scalars counts ``k`` times.
 A training draw is never stored: its noise comes from a counter-based generator
 (:mod:`smat_dist.smat.noise`), so each pass over the gates recomputes the z it reads. The work of a
 meta-step is a handful of such passes over the (M, G) logits, each one fused computation
-(``_pass_*`` below): the count (measured sparsity), the merge (+ expected density), ∇α, and the flush
+(``_pass_*`` below): the count (measured sparsity; eagerly, inside the step's first merge), the merge
+(+ expected density), ∇α (inside the flush with ``alpha_grad=flush``), and the flush
 (∇φ with the expected-L0 gradient). With M·|θ| = 173M gates for ViT-S, M = 8, a pass made of a dozen
 separate element-wise ops would be a dozen memory-bound sweeps (or, chunked, tens of thousands of
 kernel launches on a GPU), so each pass runs either
@@ -171,18 +172,27 @@ def _pass_count(phi, keys, start, sizes, *, c):
     return ((nonzero if sizes is None else nonzero * sizes).sum(-1),)
 
 
-def _pass_merge(phi, keys, start, alpha, sizes, *, c, with_density: bool):
-    """Σ_m α_m z_m per group (G,), and with ``with_density`` the experts' Σ_g k_g·P(z ≠ 0) (float64)."""
+def _pass_merge(phi, keys, start, alpha, sizes, *, c, with_density: bool, with_count: bool = False):
+    """Σ_m α_m z_m per group (G,); with ``with_density`` the experts' Σ_g k_g·P(z ≠ 0); with
+    ``with_count`` the draw's nonzero parameter counts (M,) (int64, :func:`_pass_count` in the same pass)."""
     mask = None
+    counts = []
     for m in range(phi.shape[0]):  # expert by expert: one pointwise kernel over groups, no (M, G) temporary
-        term = alpha[m] * _gate(_hard_concrete(phi[m : m + 1], keys[m : m + 1], start, c), c)[0]
+        gate = _gate(_hard_concrete(phi[m : m + 1], keys[m : m + 1], start, c), c)[0]
+        term = alpha[m] * gate
         mask = term if mask is None else mask + term
-    if not with_density:
-        return (mask,)
-    keep = 1.0 - torch.sigmoid(c.l0_shift - phi).clamp(c.eps, 1.0 - c.eps)
-    if sizes is not None:
-        keep = keep * sizes
-    return mask, keep.sum(-1)
+        if with_count:
+            nonzero = (gate > 0).to(torch.int64)
+            counts.append((nonzero if sizes is None else nonzero * sizes.to(torch.int64)).sum(-1))
+    out = (mask,)
+    if with_density:
+        keep = 1.0 - torch.sigmoid(c.l0_shift - phi).clamp(c.eps, 1.0 - c.eps)
+        if sizes is not None:
+            keep = keep * sizes
+        out += (keep.sum(-1),)
+    if with_count:
+        out += (torch.stack(counts),)
+    return out
 
 
 def _pass_alpha_grad(phi, keys, start, row, *, c):
@@ -190,8 +200,9 @@ def _pass_alpha_grad(phi, keys, start, row, *, c):
     return ((_gate(_hard_concrete(phi, keys, start, c), c) * row[None, :]).sum(-1),)
 
 
-def _pass_flush(phi, keys, start, alphas, rows, coef, sizes, *, c):
-    """∂L/∂φ (M, g) = dz/dφ ⊙ Σ_t α_t,m row_t + coef_m·∂E_m/∂φ.
+def _pass_flush(phi, keys, start, alphas, rows, coef, sizes, *, c, with_alpha_grad: bool = False):
+    """∂L/∂φ (M, g) = dz/dφ ⊙ Σ_t α_t,m row_t + coef_m·∂E_m/∂φ; with ``with_alpha_grad`` also every
+    task's ∇α, <z_m, row_t> (B, M), from the same z (what :func:`_pass_alpha_grad` computes per task).
 
     dz/dφ = (ζ-γ)/β · s(1-s) where the hard clip is inactive; ∂E/∂φ = k_g·q(1-q)/|θ| inside the
     [eps, 1-eps] clamp of q = Q(0; φ) = sigmoid(l0_shift - φ). The task sum is written as a broadcast
@@ -207,7 +218,10 @@ def _pass_flush(phi, keys, start, alphas, rows, coef, sizes, *, c):
         if sizes is not None:
             slope = slope * sizes
         grad = grad + slope * coef[:, None]
-    return (grad,)
+    if not with_alpha_grad:
+        return (grad,)
+    gate = z.clamp(0.0, 1.0)  # = _gate(s): the same operations, so eagerly the same numbers as the ∇α pass
+    return grad, torch.stack([(gate * rows[t][None, :]).sum(-1) for t in range(rows.shape[0])])
 
 
 def _pass_test_count(phi, keys, start, sizes, *, c, threshold: float):
@@ -319,15 +333,25 @@ class HardConcreteGates(nn.Module):
         return expert_keys(seed, self.num_experts, self.logits.device)
 
     @torch.no_grad()
-    def sample(self, seed: int) -> GateDraw:
-        """Training draw ``seed``: its keys and its measured sparsity (one counting pass, z not kept).
+    def sample(self, seed: int, *, measure: bool = True) -> GateDraw:
+        """Training draw ``seed``: its keys and (``measure``) its measured sparsity (one counting pass,
+        z not kept). Unmeasured, the first merge against it counts it in its own pass (:meth:`merge_mask`).
 
         z = clamp(sigmoid((φ + l)/β)(ζ-γ) + γ, 0, 1) with logistic noise l = log(u/(1-u)), u uniform in
         [lo, hi] from the counter noise of (seed, expert, group).
         """
-        keys = self.keys(seed)
-        (nonzero,) = self._run("count", ((self._sizes(torch.int64), True),), ("sum",), keys=keys)
-        return GateDraw(keys, sparsity=self._counted(nonzero))
+        draw = GateDraw(self.keys(seed))
+        if measure:
+            self.measure(draw)
+        return draw
+
+    @torch.no_grad()
+    def measure(self, draw: GateDraw) -> torch.Tensor:
+        """The draw's sparsity (M,), counted in a pass of its own unless already known."""
+        if draw.sparsity is None:
+            (nonzero,) = self._run("count", ((self._sizes(torch.int64), True),), ("sum",), keys=draw.keys)
+            draw.sparsity = self._counted(nonzero)
+        return draw.sparsity
 
     @torch.no_grad()
     def draw(self, keys: torch.Tensor) -> torch.Tensor:
@@ -335,11 +359,20 @@ class HardConcreteGates(nn.Module):
         return self._run("draw", (), ("cols",), keys=keys)[0]
 
     @torch.no_grad()
-    def merge_mask(self, keys: torch.Tensor, alpha: torch.Tensor, *, with_density: bool = False):
-        """Σ_m α_m z_m per group (G,) of a draw; with ``with_density`` also E_m (M,) in the same pass."""
-        outs = ("cols", "sum") if with_density else ("cols",)
+    def merge_mask(self, draw: GateDraw, alpha: torch.Tensor, *, with_density: bool = False):
+        """Σ_m α_m z_m per group (G,) of a draw; with ``with_density`` also E_m (M,) in the same pass.
+
+        A draw whose sparsity is not yet known (``sample(..., measure=False)``) is counted in the same
+        pass too when the passes run eagerly: the step's first merge measures it, and the count pass
+        never runs. Compiled, the count keeps its own pass: Inductor does not fuse the per-expert counts
+        into the merge's kernel, and together they took longer than apart (docs/performance.md#gate-passes).
+        """
+        with_count = draw.sparsity is None and not self.compiled
+        outs = ("cols",) + (("sum",) if with_density else ()) + (("sum",) if with_count else ())
         res = self._run("merge", ((alpha.to(self.logits.dtype), False), (self._sizes(self.logits.dtype), True)),
-                        outs, keys=keys, with_density=with_density)
+                        outs, keys=draw.keys, with_density=with_density, with_count=with_count)
+        if with_count:
+            draw.sparsity = self._counted(res[-1])
         if not with_density:
             return res[0], None
         return res[0], (res[1] / self.layout.numel).to(self.logits.dtype)
@@ -351,8 +384,9 @@ class HardConcreteGates(nn.Module):
 
     @torch.no_grad()
     def flush_grad(self, keys: torch.Tensor, alphas: torch.Tensor, rows: torch.Tensor,
-                   density_coef: Optional[torch.Tensor]) -> torch.Tensor:
-        """∂L/∂φ (M, G) of a draw: dz/dφ ⊙ (αᵀ rows) + density_coef_m·∂E_m/∂φ, in one pass.
+                   density_coef: Optional[torch.Tensor], *, with_alpha_grad: bool = False):
+        """∂L/∂φ (M, G) of a draw: dz/dφ ⊙ (αᵀ rows) + density_coef_m·∂E_m/∂φ, in one pass; with
+        ``with_alpha_grad`` returns (∂L/∂φ, ∇α (B, M)): every task's <z_m, row_t> from the same pass.
 
         ``alphas`` (B, M), ``rows`` (B, G): the tasks' α and θδ⊙G reduced to groups (for independent
         experts: B = M, ``alphas`` the identity, ``rows`` the per-expert gradients);
@@ -361,7 +395,9 @@ class HardConcreteGates(nn.Module):
         dtype = self.logits.dtype
         coef = None if density_coef is None else (density_coef.to(dtype) / self.layout.numel)
         args = ((alphas.to(dtype), False), (rows.to(dtype), True), (coef, False), (self._sizes(dtype), True))
-        return self._run("flush", args, ("cols",), keys=keys)[0]
+        outs = ("cols", "sum") if with_alpha_grad else ("cols",)
+        res = self._run("flush", args, outs, keys=keys, with_alpha_grad=with_alpha_grad)
+        return res if with_alpha_grad else res[0]
 
     @torch.no_grad()
     def deterministic(self) -> torch.Tensor:

@@ -46,7 +46,7 @@ merged weight m·θδ.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -69,6 +69,7 @@ class MergePlan:
         gates: Optional[HardConcreteGates] = None,
         capacity: int = 0,
         joint_backward: bool = False,
+        fold_alpha: bool = False,
     ):
         self.layout = layout
         self.gates = gates if (sample is not None and sample.stochastic) else None
@@ -78,7 +79,8 @@ class MergePlan:
             raise ValueError("a training gate draw is a GateDraw (its noise keys), not gate values")
         # Given gate values (test time) or, for a training draw, its noise keys: z is recomputed.
         self.z = sample.z if isinstance(sample, GateSample) else None
-        self.keys = sample.keys if isinstance(sample, GateDraw) else None
+        self.draw = sample if isinstance(sample, GateDraw) else None
+        self.keys = None if self.draw is None else self.draw.keys
         self._flushed = False
         self.capacity = capacity  # expected tasks: their rows go into one preallocated block
         self.joint_backward = joint_backward
@@ -88,6 +90,11 @@ class MergePlan:
         self._rows: Dict[int, torch.Tensor] = {}
         self._row_block: Optional[torch.Tensor] = None
         self._density_grad: Optional[torch.Tensor] = None  # ∂L/∂E, kept until the flush
+        # ∇α inside the flush (gates.alpha_grad="flush"): per deferred slot, α and the selection logits
+        # with their graphs to the hypernetwork, and the selection logits' gradient from the task's loss
+        self.fold_alpha = fold_alpha
+        self._deferred: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._selection_grads: Dict[int, torch.Tensor] = {}
         self.density: Optional[torch.Tensor] = None  # E_m of the last forward that asked for it
 
     @property
@@ -121,6 +128,18 @@ class MergePlan:
     def links_gates(self, *, flush: bool) -> bool:
         """Whether this task's merge has φ as a graph input (see the module docstring)."""
         return self.joint_backward or flush
+
+    def defer_alpha(self, slot: int, alpha: torch.Tensor, selection: Optional[torch.Tensor]) -> None:
+        """Keep task ``slot``'s α (and selection logits) with their graphs: its ∇α comes from the flush,
+        and their backward into the hypernetwork runs there, in slot order."""
+        self._deferred[slot] = (alpha, selection)
+
+    def defers(self, slot: int) -> bool:
+        return slot in self._deferred
+
+    def record_selection_grad(self, slot: int, grad: Optional[torch.Tensor]) -> None:
+        if grad is not None:
+            self._selection_grads[slot] = grad
 
     def require_draw(self) -> None:
         """Raise if the draw is gone: a backward after the flush cannot be correct."""
@@ -157,8 +176,10 @@ class MergePlan:
         linked: bool,
         delta: torch.Tensor,
         density_grad: Optional[torch.Tensor],
-    ) -> Optional[torch.Tensor]:
-        """∂L/∂φ if this backward completes the plan, else None (deferred).
+        alpha_params: Sequence[torch.Tensor] = (),
+    ) -> Optional[Tuple[torch.Tensor, Optional[list]]]:
+        """(∂L/∂φ, the deferred tasks' gradient of ``alpha_params``) if this backward completes the
+        plan, else None (deferred).
 
         ``row`` is θδ⊙G reduced to groups (interpolated experts) or G itself (independent
         experts); ``density_grad`` the gradient of the expected density E, if this task returned it.
@@ -168,7 +189,7 @@ class MergePlan:
             self._density_grad = density_grad if self._density_grad is None else self._density_grad + density_grad
         complete = self.closed and len(self._rows) == self.tasks
         if complete and linked:
-            return self._flush(delta)
+            return self._flush(delta, alpha_params)
         if not complete and (not linked or self.joint_backward):
             return None  # a later backward completes the plan and returns ∇φ
         waiting = sorted(set(range(self.tasks)) - set(self._rows))
@@ -184,21 +205,51 @@ class MergePlan:
             "backpropagated last"
         )
 
-    def _flush(self, delta: torch.Tensor) -> torch.Tensor:
-        """∇φ (M, G) in one fused pass over the gates (smat_dist.smat.gates, ``flush_grad``)."""
+    def _flush(self, delta: torch.Tensor, alpha_params: Sequence[torch.Tensor]):
+        """∇φ (M, G) in one fused pass over the gates (smat_dist.smat.gates, ``flush_grad``), with the
+        deferred tasks' ∇α from the same pass and their backward into ``alpha_params``."""
         gates = self.gates
         row_stack = self._stacked_rows()  # (B, G) or (B, N)
         alphas = torch.stack([self._alphas[slot] for slot in range(len(self._alphas))]).to(row_stack.dtype)  # (B, M)
         if delta.shape[0] > 1:  # independent experts: expert m sees θδ_m ⊙ G_t; unchunked is fine
             row_stack = self.layout.reduce((alphas.t() @ row_stack).mul_(delta))  # (M, G)
             alphas = torch.eye(delta.shape[0], dtype=row_stack.dtype, device=row_stack.device)
-        grad_phi = gates.flush_grad(self.keys, alphas, row_stack, self._density_grad)
+        param_grads = None
+        if self._deferred:
+            grad_phi, alpha_grads = gates.flush_grad(self.keys, alphas, row_stack, self._density_grad,
+                                                     with_alpha_grad=True)
+            param_grads = self._alpha_backward(alpha_grads, alpha_params)
+        else:
+            grad_phi = gates.flush_grad(self.keys, alphas, row_stack, self._density_grad)
         self._flushed = True
         self._alphas.clear()
         self._rows.clear()
         self._row_block = None
         self._density_grad = None
-        return grad_phi
+        self._deferred.clear()
+        self._selection_grads.clear()
+        return grad_phi, param_grads
+
+    def _alpha_backward(self, alpha_grads: torch.Tensor, params: Sequence[torch.Tensor]) -> list:
+        """The deferred tasks' backward from (α_t, selection logits_t) into ``params``, one task at a
+        time in slot order and summed in that order: the same arithmetic as when each task's own
+        backward accumulated its share into the parameters' .grad."""
+        if not params:
+            raise RuntimeError("merge: tasks deferred their ∇α to the flush, but the flushing merge was given "
+                               "no alpha_params to return their gradient through")
+        total: list = [None] * len(params)
+        for slot in sorted(self._deferred):
+            alpha, selection = self._deferred[slot]
+            roots, grads = [alpha], [alpha_grads[slot].to(alpha.dtype)]
+            selection_grad = self._selection_grads.get(slot)
+            if selection is not None and selection_grad is not None:
+                roots.append(selection)
+                grads.append(selection_grad.to(selection.dtype))
+            parts = torch.autograd.grad(roots, params, grads, allow_unused=True)
+            for i, part in enumerate(parts):
+                if part is not None:
+                    total[i] = part if total[i] is None else total[i] + part
+        return total
 
 
 def _compute_dtype(delta: torch.Tensor) -> torch.dtype:
@@ -208,13 +259,16 @@ def _compute_dtype(delta: torch.Tensor) -> torch.dtype:
 
 class _Merge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, delta, logits, alpha, pre, plan: MergePlan, slot: int, linked: bool, with_density: bool):
+    def forward(ctx, delta, logits, alpha, pre, selection, plan: MergePlan, slot: int, linked: bool,
+                with_density: bool, *alpha_params):
         ctx.plan, ctx.slot, ctx.linked = plan, slot, linked
+        ctx.with_density, ctx.passes_selection = with_density, selection is not None
+        ctx.alpha_params = alpha_params
         z, keys = plan.z, plan.keys
         density = None
         if delta.shape[0] == 1:  # interpolated experts share θδ
             if keys is not None:  # a training draw: z recomputed inside the fused merge pass
-                per_group, density = plan.gates.merge_mask(keys, alpha, with_density=with_density)
+                per_group, density = plan.gates.merge_mask(plan.draw, alpha, with_density=with_density)
                 mask = plan.layout.expand(per_group.to(delta.dtype))
             elif z is None:
                 mask = alpha.sum().expand(pre.shape[0])
@@ -230,33 +284,47 @@ class _Merge(torch.autograd.Function):
             weights = delta if z is None else delta * plan.layout.expand(z.to(delta.dtype))
             theta = pre + alpha.to(weights.dtype) @ weights
             ctx.save_for_backward(delta, alpha, None)
+        outputs = (theta,)
         if with_density:
             plan.density = density
-            return theta, density.clone()
-        return theta
+            outputs += (density.clone(),)
+        if selection is not None:  # passed through: its gradient reaches this node's backward
+            outputs += (selection.clone(),)
+        return outputs if len(outputs) > 1 else theta
 
     @staticmethod
-    def backward(ctx, grad, grad_density=None):
+    def backward(ctx, grad, *more):
+        more = list(more)
+        grad_density = more.pop(0) if ctx.with_density else None
+        grad_selection = more.pop(0) if ctx.passes_selection else None
         with full_precision(grad.device):
-            return _Merge._backward(ctx, grad.to(_compute_dtype(ctx.saved_tensors[0])), grad_density)
+            grads = _Merge._backward(ctx, grad.to(_compute_dtype(ctx.saved_tensors[0])), grad_density, grad_selection)
+        return grads
 
     @staticmethod
-    def _backward(ctx, grad, grad_density):
+    def _backward(ctx, grad, grad_density, grad_selection):
         delta, alpha, mask = ctx.saved_tensors
         plan: MergePlan = ctx.plan
         plan.require_draw()
         z, keys = plan.z, plan.keys
         need_delta, need_logits, need_alpha = ctx.needs_input_grad[:3]
         grad_delta = grad_logits = grad_alpha = None
+        param_grads = None
         if delta.shape[0] == 1:
             if need_delta:
                 grad_delta = (mask * grad).unsqueeze(0)
             scaled = delta[0] * grad  # θδ ⊙ G_t
             if keys is not None:
                 per_group = plan.layout.reduce(scaled)
-                grad_alpha = plan.gates.alpha_grad(keys, per_group).to(alpha.dtype)
-                grad_logits = plan.gate_grad(ctx.slot, alpha.detach(), per_group, linked=ctx.linked,
-                                             delta=delta, density_grad=grad_density)
+                deferred = plan.defers(ctx.slot)
+                if deferred:
+                    plan.record_selection_grad(ctx.slot, grad_selection)
+                elif need_alpha:
+                    grad_alpha = plan.gates.alpha_grad(keys, per_group).to(alpha.dtype)
+                flushed = plan.gate_grad(ctx.slot, alpha.detach(), per_group, linked=ctx.linked, delta=delta,
+                                         density_grad=grad_density, alpha_params=ctx.alpha_params)
+                if flushed is not None:
+                    grad_logits, param_grads = flushed
             elif z is None:
                 grad_alpha = scaled.sum().expand(alpha.shape[0]).to(alpha.dtype)
             else:
@@ -272,13 +340,16 @@ class _Merge(torch.autograd.Function):
             weights = delta if expanded_z is None else delta * expanded_z
             grad_alpha = (weights @ grad).to(alpha.dtype)
             if keys is not None:
-                grad_logits = plan.gate_grad(ctx.slot, alpha.detach(), grad, linked=ctx.linked,
-                                             delta=delta, density_grad=grad_density)
+                flushed = plan.gate_grad(ctx.slot, alpha.detach(), grad, linked=ctx.linked,
+                                         delta=delta, density_grad=grad_density)
+                grad_logits = None if flushed is None else flushed[0]
         if not need_alpha:
             grad_alpha = None
         if not need_logits:
             grad_logits = None
-        return grad_delta, grad_logits, grad_alpha, None, None, None, None, None
+        if param_grads is None:
+            param_grads = [None] * len(ctx.alpha_params)
+        return (grad_delta, grad_logits, grad_alpha, None, None, None, None, None, None, *param_grads)
 
 
 def merge(
@@ -290,12 +361,21 @@ def merge(
     *,
     flush: bool = True,
     with_density: bool = False,
+    selection: Optional[torch.Tensor] = None,
+    alpha_params: Sequence[torch.Tensor] = (),
 ):
     """Flat task weights θ_t (fp32; fp64 for an fp64 θδ); with ``with_density`` also the experts' expected density E (M,).
 
     ``flush`` marks the last task merged against a training ``plan`` (set it False for the
     others); a single-task or test-time plan keeps the default. A loss term built from the
     returned E has its gradient folded into the flush's ∇φ.
+
+    ``alpha_params``: the parameters α is computed from (the hypernetwork's). Given, and the plan
+    folds ∇α into its flush (``fold_alpha``), this task's ∇α is formed in the flush pass instead of a
+    pass of its own, and α's backward into ``alpha_params`` runs there (returned through the linked
+    merge, so their gradient hooks run once per step). ``selection`` (M,): the hypernetwork's other
+    output, whose loss terms must then also reach the flush: it is passed through this node.
+    With ``selection`` the return value is (θ_t, E or None, selection).
     """
     if with_density and (not plan.stochastic or not flush):
         raise ValueError("with_density needs a training gate draw and the flushing task")
@@ -303,6 +383,8 @@ def merge(
     if logits is None:
         logits = torch.zeros((), device=device)  # placeholder input, never gets a gradient
     slot, linked = -1, False
+    given_selection = selection
+    params: tuple = ()
     if plan.stochastic:
         records = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (delta, logits, alpha))
         slot = plan.open_slot(flush=flush, records=records)
@@ -311,5 +393,19 @@ def merge(
             # Deferred tasks leave φ out of the graph: hooks on φ (ZeRO-2's gradient reduction)
             # must see one gradient per step, not a None per task.
             logits = logits.detach()
+        folds = plan.fold_alpha and plan.keys is not None and delta.shape[0] == 1 and len(alpha_params) > 0
+        if folds and linked:
+            params = tuple(alpha_params)
+        if folds and records and alpha.requires_grad:
+            plan.defer_alpha(slot, alpha, selection)
+            alpha = alpha.detach()
+            selection = None if selection is None else selection.detach()
+        else:
+            selection = None  # not deferred: the selection logits keep their own graph
     with full_precision(device):
-        return _Merge.apply(delta, logits, alpha.to(_compute_dtype(delta)), pre, plan, slot, linked, with_density)
+        out = _Merge.apply(delta, logits, alpha.to(_compute_dtype(delta)), pre, selection, plan, slot, linked,
+                           with_density, *params)
+    if given_selection is None:
+        return out
+    theta, density = (out[0], out[1]) if with_density else ((out[0] if selection is not None else out), None)
+    return theta, density, (out[-1] if selection is not None else given_selection)

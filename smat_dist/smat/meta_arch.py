@@ -23,8 +23,9 @@ for a ProtoNet step; the reference runs ≈ 8·(S+Q).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -56,19 +57,48 @@ def _generator(device: torch.device, *keys: int | str) -> torch.Generator:
     return generator
 
 
+class Constraint(NamedTuple):
+    """The sparsity constraint's state for one meta-step (all (M,), constants)."""
+
+    sparsity: torch.Tensor  # measured on this step's training gates
+    violation: torch.Tensor  # sparsity - tau
+    multiplier: torch.Tensor  # the λ the gate-logit penalty uses this step
+
+
 @dataclass
 class StepContext:
-    """What the tasks of one meta-step on one worker share."""
+    """What the tasks of one meta-step on one worker share.
+
+    The constraint's state (``sparsity``, ``violation``, ``multiplier``) is settled on first read:
+    by then the step's first merge has counted the draw in its own pass (no separate count over the
+    gates); read before any merge, it is counted on its own.
+    """
 
     step: int
     seed: int
     plan: MergePlan
-    sparsity: Optional[torch.Tensor] = None  # (M,) measured on this step's training gates
-    violation: Optional[torch.Tensor] = None  # sparsity - tau
-    multiplier: Optional[torch.Tensor] = None  # (M,) the λ the gate-logit penalty uses this step (constant)
     alpha_sum: Optional[torch.Tensor] = None  # Σ_t stopgrad(α_t) over this worker's tasks so far
     tasks: int = 0
     timer: Optional[StepTimer] = None  # the meta-step's phase clock (the dense teacher's time)
+    settle: Optional[Callable[[], Constraint]] = field(default=None, repr=False)  # None without gates
+    _constraint: Optional[Constraint] = field(default=None, repr=False)
+
+    def constraint(self) -> Optional[Constraint]:
+        if self._constraint is None and self.settle is not None:
+            self._constraint = self.settle()
+        return self._constraint
+
+    @property
+    def sparsity(self) -> Optional[torch.Tensor]:
+        return None if self.constraint() is None else self._constraint.sparsity
+
+    @property
+    def violation(self) -> Optional[torch.Tensor]:
+        return None if self.constraint() is None else self._constraint.violation
+
+    @property
+    def multiplier(self) -> Optional[torch.Tensor]:
+        return None if self.constraint() is None else self._constraint.multiplier
 
 
 @dataclass
@@ -143,7 +173,8 @@ class SMAT(nn.Module):
 
     # ------------------------------------------------------------------ meta-step
     def begin_step(self, step: int, seed: int, *, tasks: int = 0, joint_backward: bool = False) -> StepContext:
-        """Clamp φ, draw this step's gates, measure sparsity, reset satisfied λ, power-iterate.
+        """Clamp φ, draw this step's gates, power-iterate; the draw's sparsity (and with it the reset of
+        satisfied λ and the step's multiplier) is settled by the first merge (:class:`StepContext`).
 
         ``tasks`` (this worker's tasks in the step) lets the merge keep their gate-gradient
         vectors in one preallocated block. ``joint_backward`` allows any backward order of the
@@ -151,24 +182,29 @@ class SMAT(nn.Module):
         task last (:mod:`smat_dist.smat.merge` explains the difference).
         """
         sample: Optional[GateDraw] = None
-        sparsity = violation = multiplier = None
+        settle = None
         if self.gates is not None:
             self.gates.clamp_()
-            sample = self.gates.sample(stream_seed("gates", seed, step))
-            sparsity = sample.sparsity
-            violation = sparsity - self.cfg.gates.target_sparsity
-            if self.cfg.lagrangian.reset_when_satisfied:
-                with torch.no_grad():
-                    self.lagrange.masked_fill_(violation > 0, 0.0)
-            multiplier = self.penalty_multiplier(violation)
-            if self.cfg.gates.noise_scope == "task":
-                sample = None  # each task draws its own gates
+            draw = self.gates.sample(stream_seed("gates", seed, step), measure=False)
+            settle = functools.partial(self._settle_constraint, draw)
+            # each task draws its own gates with noise_scope="task": the step's draw is then only measured
+            sample = draw if self.cfg.gates.noise_scope == "step" else None
         if self.hypernet is not None:
             self.hypernet.power_iteration_()
-        plan = MergePlan(self.layout, sample, gates=self.gates, capacity=tasks, joint_backward=joint_backward)
+        plan = MergePlan(self.layout, sample, gates=self.gates, capacity=tasks, joint_backward=joint_backward,
+                         fold_alpha=self._folds_alpha)
         alpha_sum = torch.zeros(self.num_experts, device=self.device)
-        return StepContext(step=step, seed=seed, plan=plan, sparsity=sparsity, violation=violation,
-                           multiplier=multiplier, alpha_sum=alpha_sum)
+        return StepContext(step=step, seed=seed, plan=plan, alpha_sum=alpha_sum, settle=settle)
+
+    def _settle_constraint(self, draw: GateDraw) -> Constraint:
+        """The step's measured sparsity, its violation of τ, the reset of satisfied λ (before anything
+        reads λ in this step) and the penalty's multiplier."""
+        sparsity = self.gates.measure(draw)
+        violation = sparsity - self.cfg.gates.target_sparsity
+        if self.cfg.lagrangian.reset_when_satisfied:
+            with torch.no_grad():
+                self.lagrange.masked_fill_(violation > 0, 0.0)
+        return Constraint(sparsity, violation, self.penalty_multiplier(violation))
 
     def penalty_multiplier(self, violation: torch.Tensor) -> torch.Tensor:
         """(M,) multiplier of the gate-logit penalty for a step whose sparsity misses τ by ``violation``
@@ -190,7 +226,12 @@ class SMAT(nn.Module):
         if self.gates is None or self.cfg.gates.noise_scope == "step":
             return ctx.plan
         draw = GateDraw(self.gates.keys(stream_seed("gates-task", ctx.seed, task_index)))  # its noise only
-        return MergePlan(self.layout, draw, gates=self.gates)
+        return MergePlan(self.layout, draw, gates=self.gates, fold_alpha=self._folds_alpha)
+
+    @property
+    def _folds_alpha(self) -> bool:
+        """Every task's ∇α in the flush pass (gates.alpha_grad="flush"): with a hypernetwork to defer to."""
+        return self.gates is not None and self.hypernet is not None and self.cfg.gates.alpha_grad == "flush"
 
     def _alpha(self, proto_pre: Optional[torch.Tensor], temperature: float, *, stochastic: bool,
                generator: Optional[torch.Generator] = None):
@@ -248,12 +289,16 @@ class SMAT(nn.Module):
         plan = self._task_plan(ctx, task_index)
         flush = last or plan is not ctx.plan  # a task's own draw (noise_scope="task") flushes with it
         logits_param = self.gates.logits if self.gates is not None else None
-        density = None
-        if self.gates is not None and last:  # the L0 term rides on the step's last merge
-            theta, density = merge(self.theta_pre, self.delta, logits_param, alpha, plan,
-                                   flush=flush, with_density=True)
+        # the L0 term rides on the step's last merge; the selection logits pass through the merge so that,
+        # with ∇α formed in the flush, the hypernetwork's backward of every task runs there (merge.merge)
+        alpha_params = [p for p in self.hypernet.parameters() if p.requires_grad] if self.hypernet is not None else ()
+        with_density = self.gates is not None and last
+        merged = merge(self.theta_pre, self.delta, logits_param, alpha, plan, flush=flush,
+                       with_density=with_density, selection=selection_logits, alpha_params=alpha_params)
+        if selection_logits is not None:
+            theta, density, selection_logits = merged
         else:
-            theta = merge(self.theta_pre, self.delta, logits_param, alpha, plan, flush=flush)
+            theta, density = merged if with_density else (merged, None)
 
         # Support pass under θ_i: prototype head (with graph) and inner-loop gradient.
         support_features = self._features(self.space.views(theta), episode.support_x)

@@ -140,6 +140,7 @@ def meta_step(model: SMAT, episodes: Iterator[Episode], *, local_tasks: int, glo
         sources.append(ep.source)
         indices.append(ep.index)
         outputs.append(out.metrics)
+    step_ctx.constraint()  # settled by the first merge; a rank without tasks counts the draw here, before λ steps
     t3 = timer.mark()
     engine.complete_backward()  # same collectives on every rank before the check's own
     if stop_on_nonfinite:

@@ -254,3 +254,70 @@ def test_all_gates_zero_gives_theta_pre_exactly_and_ones_with_one_hot_alpha_give
     for m in range(M):
         onehot = torch.nn.functional.one_hot(torch.tensor(m), M).float()
         assert torch.equal(merge(pre, delta, None, onehot, ones), pre + delta[0])
+
+
+def _run_selected_tasks(order, fold, layout, gates, pre, delta, hyper, inputs, weights, prior=0.1):
+    """Like :func:`_run_tasks`, with each task's α = softmax(a_t) from selection logits a_t = W x_t (a
+    stand-in hypernetwork with parameters ``hyper`` = W) and a prior on a_t in the task's loss; ``fold``:
+    ∇α formed in the flush, α's backward into W deferred there."""
+    joint = order in ("summed", "reversed")
+    shared = MergePlan(layout, gates.sample(5), gates=gates, capacity=3, joint_backward=joint, fold_alpha=fold)
+    losses = []
+    for t, (x, w) in enumerate(zip(inputs, weights)):
+        last = t == len(inputs) - 1
+        plan = MergePlan(layout, GateDraw(gates.keys(5)), gates=gates, fold_alpha=fold) if order == "own_draw" else shared
+        selection = hyper @ x
+        alpha = torch.softmax(selection, 0)
+        theta, density, selection = merge(pre, delta, gates.logits, alpha, plan, flush=last or order == "own_draw",
+                                          with_density=last, selection=selection, alpha_params=[hyper])
+        loss = (theta * w).sum() + prior * selection.pow(2).sum()
+        if last:
+            loss = loss + density.sum()
+        if order in ("one_at_a_time", "own_draw"):
+            loss.backward()
+        else:
+            losses.append(loss)
+    if order == "summed":
+        sum(losses).backward()
+    elif order == "reversed":
+        for loss in reversed(losses):
+            loss.backward()
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_alpha_grad_in_the_flush_gives_each_tasks_own_gradients(order, monkeypatch):
+    """With every task's ∇α formed by the flush pass (``fold_alpha``) and α's backward into its parameters
+    run there, task by task: the same gradients as a ∇α pass per task in every backward order, and no ∇α
+    pass runs. One task at a time they are bit-identical (the same arithmetic, summed in task order); a
+    joint backward sums W's per-task shares in the engine's order without folding, in task order with it."""
+    layout, gates, pre, delta, _, weights = _three_tasks(seed=2, structured=False, interpolated=True)
+    hyper = torch.randn(M, 5, requires_grad=True)
+    inputs = [torch.randn(5) for _ in weights]
+    passes = []
+    run = HardConcreteGates._run
+    monkeypatch.setattr(HardConcreteGates, "_run", lambda self, name, *a, **k: passes.append(name) or run(self, name, *a, **k))
+    grads = {}
+    for fold in (False, True):
+        for p in (delta, gates.logits, hyper):
+            p.grad = None
+        passes.clear()
+        _run_selected_tasks(order, fold, layout, gates, pre, delta, hyper, inputs, weights)
+        grads[fold] = [p.grad.clone() for p in (delta, gates.logits, hyper)]
+        assert ("alpha_grad" in passes) != fold, passes
+    assert float(grads[True][2].abs().sum()) > 0
+    for got, want in zip(grads[True], grads[False]):
+        if order in ("one_at_a_time", "own_draw"):
+            assert torch.equal(got, want), order
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_deferred_alpha_needs_the_flushing_merge_to_carry_the_parameters():
+    layout, gates, pre, delta, _, weights = _three_tasks(seed=2, structured=False, interpolated=True)
+    hyper = torch.randn(M, 5, requires_grad=True)
+    plan = MergePlan(layout, gates.sample(5), gates=gates, fold_alpha=True)
+    merge(pre, delta, gates.logits, torch.softmax(hyper @ torch.randn(5), 0), plan, flush=False,
+          alpha_params=[hyper]).sum().backward()
+    last = merge(pre, delta, gates.logits, torch.full((M,), 1 / M), plan, flush=True)
+    with pytest.raises(RuntimeError, match="no alpha_params to return their gradient through"):
+        last.sum().backward()

@@ -27,7 +27,8 @@ def test_gradients_reach_delta_gates_hypernet_and_lambda_but_not_theta_pre(tiny_
         model.delta.normal_(0, 1e-2)
         model.lagrange.fill_(0.5)
     ctx = model.begin_step(0, seed=0)
-    model.lagrange.data.fill_(0.5)  # begin_step may reset satisfied experts; keep all active
+    ctx.constraint()  # settles the step's constraint, which may reset satisfied experts' λ
+    model.lagrange.data.fill_(0.5)  # keep all active
     out = model(toy.episode(0), ctx, task_index=0, last=True)
     out.loss.backward()
     hn = dict(model.hypernet.named_parameters())
@@ -224,3 +225,71 @@ def test_bf16_model_feeds_the_merge_fp32_and_gets_fp32_back(tiny_cfg, toy, monke
                               MergePlan(model.layout, meta_arch.GateSample(z, stochastic=False)))
     # the training merge recomputes z inside its fused pass; the given-z merge is a matmul
     torch.testing.assert_close(theta.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+def _counting_passes(monkeypatch):
+    from smat_dist.smat.gates import HardConcreteGates
+
+    passes = []
+    run = HardConcreteGates._run
+    monkeypatch.setattr(HardConcreteGates, "_run",
+                        lambda self, name, *a, **k: passes.append((name, k.get("with_count", False))) or run(self, name, *a, **k))
+    return passes
+
+
+def test_the_steps_first_merge_counts_its_draw(tiny_cfg, toy, monkeypatch):
+    """No count pass of its own: the first task's merge measures the draw (the count pass's exact
+    numbers), and satisfied experts' λ is reset before the step's first loss reads it."""
+    from smat_dist.smat.meta_arch import stream_seed
+
+    model = SMAT(_with(tiny_cfg, gates=dict(num_experts=2, target_sparsity=0.3)))
+    with torch.no_grad():
+        model.gates.logits[0].fill_(-3.0)  # expert 0 sparse (satisfied), expert 1 dense
+        model.gates.logits[1].fill_(3.0)
+        model.lagrange.fill_(0.7)
+    want = model.gates.sample(stream_seed("gates", 0, 4)).sparsity
+    passes = _counting_passes(monkeypatch)
+    ctx = model.begin_step(4, seed=0, tasks=2)
+    assert passes == [] and torch.equal(model.lagrange.detach(), torch.full((2,), 0.7))  # nothing measured yet
+    out = model(toy.episode(0), ctx, task_index=0, last=False)
+    assert passes[0] == ("merge", True) and ("count", False) not in passes
+    assert torch.equal(ctx.sparsity, want) and want[0] > 0.3 > want[1]
+    assert torch.equal(model.lagrange.detach(), torch.tensor([0.0, 0.7]))
+    assert torch.equal(out.metrics["lagrangian_term"], (ctx.violation * model.lagrange).sum().detach())
+
+
+def test_a_step_without_tasks_counts_its_draw_on_first_read(tiny_cfg, monkeypatch):
+    """(A rank with no task in a step: recipe.meta_step reads the constraint before λ steps.)"""
+    from smat_dist.smat.meta_arch import stream_seed
+
+    model = SMAT(tiny_cfg)
+    want = model.gates.sample(stream_seed("gates", 3, 0)).sparsity
+    passes = _counting_passes(monkeypatch)
+    ctx = model.begin_step(0, seed=3)
+    assert torch.equal(ctx.sparsity, want) and passes == [("count", False)]
+    assert torch.equal(ctx.violation, want - tiny_cfg.gates.target_sparsity)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_alpha_grad_in_the_flush_trains_bit_for_bit_as_a_pass_per_task(tiny_cfg, toy, monkeypatch, kernel):
+    """gates.alpha_grad=flush (every task's ∇α from the flush pass, the hypernetwork's backward deferred
+    there) against =task (a ∇α pass in each task's backward): identical parameters after three meta-steps
+    of three tasks, and no ∇α pass at all."""
+    states = {}
+    for where in ("task", "flush"):
+        torch.manual_seed(0)
+        model = SMAT(_with(tiny_cfg, gates=dict(alpha_grad=where, kernel=kernel),
+                           optim=dataclasses.replace(tiny_cfg.optim, warmup_epochs=0)))
+        with torch.no_grad():
+            model.delta.normal_(0, 1e-2)  # θδ = 0 would make every ∇α zero
+        init = model.hypernet.keys.detach().clone()
+        trainer = Trainer(model, TrainConfig(tasks_per_step=3, tasks_per_epoch=1000, max_steps=3))
+        passes = _counting_passes(monkeypatch)
+        for s in range(3):
+            trainer.train_step(list(toy.iterate(range(3 * s, 3 * s + 3))))
+        assert any(name == "alpha_grad" for name, _ in passes) == (where == "task")
+        states[where] = {k: v.clone() for k, v in model.state_dict().items()}
+        monkeypatch.undo()
+    assert not torch.equal(states["flush"]["hypernet.keys"], init)  # the hypernetwork did learn
+    for key, value in states["task"].items():
+        assert torch.equal(states["flush"][key], value), key
