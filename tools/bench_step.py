@@ -61,7 +61,7 @@ def _episode(ways: int, shots: int, queries: int, size: int, device):
 
 
 def smat_trainer(backbone: str, experts: int, *, image_size: int, tasks: int, device=None, precision: str = "fp32",
-                 gate_kernel: str = "auto"):
+                 gate_kernel: str = "auto", alpha_grad: str = "flush"):
     """The benchmarks' SMAT :class:`~smat_dist.train.launch.Trainer`: a random-init ``backbone`` (a key of
     :data:`BACKBONES`) at ``image_size``, ``experts`` experts, ``tasks`` tasks per meta-step, no step logged
     (as most are: the test-gate sparsity is measured at logging steps only)."""
@@ -71,8 +71,8 @@ def smat_trainer(backbone: str, experts: int, *, image_size: int, tasks: int, de
     from smat_dist.train.launch import Trainer
 
     spec = dict(BACKBONES[backbone], img_size=image_size)
-    cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=GateConfig(num_experts=experts, kernel=gate_kernel),
-                      precision=precision)
+    gates = GateConfig(num_experts=experts, kernel=gate_kernel, alpha_grad=alpha_grad)
+    cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=gates, precision=precision)
     model = SMAT(cfg) if device is None else SMAT(cfg).to(device)
     return Trainer(model, TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9, log_every=10**9))
 
@@ -108,7 +108,7 @@ def run_one(kind: str, backbone: str, experts: int, args) -> dict:
     else:
         tasks = args.tasks_per_step
         trainer = smat_trainer(backbone, experts, image_size=args.image_size, tasks=tasks, device=device,
-                               precision=args.precision, gate_kernel=args.gate_kernel)
+                               precision=args.precision, gate_kernel=args.gate_kernel, alpha_grad=args.alpha_grad)
 
         def step(i):
             trainer.train_step([make(i * tasks + j) for j in range(tasks)])
@@ -295,6 +295,8 @@ def main() -> None:
                     help="instead of the table: alternate M=1 and M=8 SMAT this many times per backbone")
     ap.add_argument("--gate-kernel", default="auto", choices=["auto", "compiled", "eager"],
                     help="model.gates.kernel: how the gate passes run")
+    ap.add_argument("--alpha-grad", default="flush", choices=["flush", "task"],
+                    help="model.gates.alpha_grad: every ∇α inside the flush, or a pass per task")
     ap.add_argument("--no-gate-profile", action="store_true", help="skip the profiled gate-pass step")
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 8], help="SMAT expert counts (M) to measure")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -313,7 +315,7 @@ def main() -> None:
     failed = []
     passthrough = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--tasks-per-step",
                    str(args.tasks_per_step), "--device", args.device, "--precision", args.precision, "--image-size",
-                   str(args.image_size), "--episode", args.episode, "--gate-kernel", args.gate_kernel] + (["--no-gate-profile"] if args.no_gate_profile else [])
+                   str(args.image_size), "--episode", args.episode, "--gate-kernel", args.gate_kernel, "--alpha-grad", args.alpha_grad] + (["--no-gate-profile"] if args.no_gate_profile else [])
     if args.rounds:
         interleaved_rounds(args, env, passthrough)
         return
