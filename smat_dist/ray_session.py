@@ -31,7 +31,7 @@ def worker_env(*, use_gpu: bool = False, include_pythonpath: bool = True) -> Dic
     env = {
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # see smat_dist/__init__.py
+        **{key: os.environ.get(key, value) for key, value in smat_dist.PROCESS_ENV.items()},  # smat_dist/__init__.py
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         # Ray Train V2 re-routes print() in workers through its logger, which then shows every

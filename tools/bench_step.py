@@ -246,24 +246,35 @@ def interleaved_rounds(args, env, passthrough) -> None:
     """``--rounds N``: M=1 and M=8 SMAT children alternate N times per backbone, the order reversed every
     other round; per-round ratios and their spread (the shared box's load drifts, so only side-by-side
     rounds are comparable)."""
+    thps = ["off", "on"] if args.thp == "both" else [args.thp]
+    arms = [(thp, experts) for thp in thps for experts in (1, 8)]
     for backbone in args.backbones:
-        per = {1: [], 8: []}
+        per = {arm: [] for arm in arms}
         for r in range(args.rounds):
-            for experts in ((1, 8) if r % 2 == 0 else (8, 1)):
+            for thp, experts in (arms if r % 2 == 0 else arms[::-1]):
                 cmd = [sys.executable, __file__, "--child", f"smat:{backbone}:{experts}", *passthrough,
                        "--rounds", str(args.rounds)]
-                res, err = run_child(cmd, env)
+                res, err = run_child(cmd, dict(env, THP_MEM_ALLOC_ENABLE="1" if thp == "on" else "0"))
+                label = f"round {r + 1} {backbone} M={experts}" + (f" thp {thp}" if len(thps) > 1 else "")
                 if res is None:
-                    print(f"  FAILED   round {r + 1} {backbone} M={experts} {err}", file=sys.stderr, flush=True)
-                    per[experts].append(None)
+                    print(f"  FAILED   {label} {err}", file=sys.stderr, flush=True)
+                    per[(thp, experts)].append(None)
                     continue
-                per[experts].append(res["sec_per_task"])
-                print(f"  round {r + 1} {backbone} M={experts}: {res['sec_per_task']:.3f} s/task, "
-                      f"{res['page_faults_per_step']:,.0f} page faults/step, peak RSS {res['peak_rss_gb']:.2f} GB",
-                      flush=True)
-        ratios = [x / y for x, y in zip(per[8], per[1]) if x is not None and y is not None]
-        if ratios:
-            print(f"{backbone}: " + _spread("M8/M1", ratios))
+                per[(thp, experts)].append(res["sec_per_task"])
+                print(f"  {label}: {res['sec_per_task']:.3f} s/task, {res['page_faults_per_step']:,.0f} page "
+                      f"faults/step, peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
+
+        def ratios(a, b):
+            return [x / y for x, y in zip(per[a], per[b]) if x is not None and y is not None]
+
+        for thp in thps:
+            if ratios((thp, 8), (thp, 1)):
+                print(f"{backbone}" + (f" thp {thp}" if len(thps) > 1 else "") + ": "
+                      + _spread("M8/M1", ratios((thp, 8), (thp, 1))))
+        if len(thps) > 1:
+            for experts in (1, 8):
+                if ratios(("on", experts), ("off", experts)):
+                    print(f"{backbone} M={experts}: " + _spread("thp on/off", ratios(("on", experts), ("off", experts))))
 
 
 def run_child(cmd, env):
@@ -297,6 +308,9 @@ def main() -> None:
                     help="model.gates.kernel: how the gate passes run")
     ap.add_argument("--alpha-grad", default="flush", choices=["flush", "task"],
                     help="model.gates.alpha_grad: every ∇α inside the flush, or a pass per task")
+    ap.add_argument("--thp", default="on", choices=["on", "off", "both"],
+                    help="THP_MEM_ALLOC_ENABLE of the children (on, as training sets it); with --rounds, "
+                         "both alternates on and off")
     ap.add_argument("--no-gate-profile", action="store_true", help="skip the profiled gate-pass step")
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 8], help="SMAT expert counts (M) to measure")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -310,7 +324,11 @@ def main() -> None:
             enable_kernel_ranges()
         print(json.dumps(run_one(kind, backbone, int(experts), args)))
         return
+    import smat_dist  # the environment a training process runs with (PROCESS_ENV), for the children too
+
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if args.thp != "both":
+        env["THP_MEM_ALLOC_ENABLE"] = "1" if args.thp == "on" else "0"
     rows = {}
     failed = []
     passthrough = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--tasks-per-step",

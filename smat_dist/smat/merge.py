@@ -6,9 +6,12 @@ Why a custom node: with ``G_t = ∂L_t/∂θ_t`` the gradients are closed-form,
 
 so a task never needs autograd's per-expert (M, |θ|) intermediates. Gates are drawn once per
 meta-step (``GateConfig.noise_scope = "step"``), so the gate-logit gradient
-∇φ = dz/dφ ⊙ (Aᵀ P) + ∇(L0 term) is formed once per step ("the flush"), in one chunked pass that
-also adds the expected-L0 gradient: a task costs two passes over the (M, G) gates (the merge and
-∇α) and the step one more, instead of the ~10 per task a generic autograd graph takes.
+∇φ = dz/dφ ⊙ (Aᵀ P) + ∇(L0 term) is formed once per step ("the flush"), in one fused pass that
+also adds the expected-L0 gradient and (``GateConfig.alpha_grad = "flush"``, :class:`MergePlan`'s
+``fold_alpha``) forms every task's ∇α: a task costs one pass over the (M, G) gates (its merge) and the
+step one more, instead of the ~10 per task a generic autograd graph takes. The ∇α of a task whose
+merge was given ``alpha_params`` waits for the flush, and so does its α's backward into those
+parameters (the hypernetwork), run there task by task (docs/algorithm.md#alpha-grad-in-the-flush).
 
 Memory: the step's gate draw is never stored (:class:`~smat_dist.smat.gates.GateDraw` holds the
 keys of its counter noise; the merge, ∇α and the flush each recompute z in their fused pass), so the

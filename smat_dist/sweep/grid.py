@@ -34,6 +34,7 @@ PLACEMENT_KEYS = (
 # the identity while they hold it, so a sweep run before the key existed still finds its finished cells.
 LATER_KEYS = (
     (("model", "lagrangian", "kp"), 0.0),
+    (("model", "gates", "alpha_grad"), "flush"),  # the default; "task" gives the same numbers too
 )
 
 

@@ -64,15 +64,18 @@ def test_tiny_grid_expands_to_validated_stable_cells():
     assert len(only) == 2 and all(c.assignment["model.gates.target_sparsity"] == 0.8 for c in only)
 
 
-def test_a_key_added_later_is_identity_only_away_from_its_neutral_value(monkeypatch):
-    """model.lagrangian.kp came after published cells: at 0 (the code before it) it is left out of the
-    identity, so those cells are still found; any other value makes new cells."""
+@pytest.mark.parametrize("override", ["model.lagrangian.kp=0.5", "model.gates.alpha_grad=task"])
+def test_a_key_added_later_is_identity_only_away_from_its_neutral_value(monkeypatch, override):
+    """model.lagrangian.kp and model.gates.alpha_grad came after published cells: at their neutral values
+    (kp = 0, alpha_grad = flush) they are left out of the identity, so those cells are still found; any
+    other value makes new cells."""
     import smat_dist.sweep.grid as grid
 
     keys = [c.key for c in expand(load_sweep_config(TINY), TINY)]
-    gained = load_sweep_config(TINY, ["overrides=[model.lagrangian.kp=0.5]"])
+    gained = load_sweep_config(TINY, [f"overrides=[{override}]"])
     assert not {c.key for c in expand(gained, TINY)} & set(keys)
-    monkeypatch.setattr(grid, "LATER_KEYS", ())
+    path = tuple(override.split("=")[0].split("."))
+    monkeypatch.setattr(grid, "LATER_KEYS", tuple(k for k in grid.LATER_KEYS if k[0] != path))
     assert not {c.key for c in expand(load_sweep_config(TINY), TINY)} & set(keys)  # it was left out
 
 
