@@ -308,9 +308,9 @@ def main() -> None:
                     help="model.gates.kernel: how the gate passes run")
     ap.add_argument("--alpha-grad", default="flush", choices=["flush", "task"],
                     help="model.gates.alpha_grad: every ∇α inside the flush, or a pass per task")
-    ap.add_argument("--thp", default="on", choices=["on", "off", "both"],
-                    help="THP_MEM_ALLOC_ENABLE of the children (on, as training sets it); with --rounds, "
-                         "both alternates on and off")
+    ap.add_argument("--thp", default="off", choices=["on", "off", "both"],
+                    help="THP_MEM_ALLOC_ENABLE of the children (torch's large CPU blocks on transparent huge "
+                         "pages; off, as in training); with --rounds, both alternates on and off")
     ap.add_argument("--no-gate-profile", action="store_true", help="skip the profiled gate-pass step")
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 8], help="SMAT expert counts (M) to measure")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -328,7 +328,7 @@ def main() -> None:
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if args.thp != "both":
-        env["THP_MEM_ALLOC_ENABLE"] = "1" if args.thp == "on" else "0"
+        env["THP_MEM_ALLOC_ENABLE"] = "1" if args.thp == "on" else "0"  # torch's default: off
     rows = {}
     failed = []
     passthrough = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--tasks-per-step",

@@ -500,7 +500,7 @@ def test_readme_submit_with_the_shipped_runtime_env_trains_on_s3_and_evaluates_f
     from smat_dist.data.transfer import upload
 
     shipped = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
-    assert {"PYTHONUNBUFFERED", "RAY_USAGE_STATS_ENABLED", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE"} <= set(shipped["env_vars"])
+    assert {"PYTHONUNBUFFERED", "RAY_USAGE_STATS_ENABLED", "OMP_WAIT_POLICY"} <= set(shipped["env_vars"])
     tag = tmp_path.name[-8:].replace("_", "-")
     data, runs = f"s3://data/submit-{tag}", f"s3://runs/submit-{tag}"
     s3 = s3_server.env()
