@@ -29,17 +29,12 @@ REPO = HERE.parent
 
 
 def child(args) -> None:
-    import torch
-
     sys.path.insert(0, str(HERE))
-    from bench_step import EPISODES, _episode, smat_trainer
+    from bench_step import training_setup
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    ways, shots, queries = EPISODES[args.episode]
-    make = _episode(ways, shots, queries, args.image_size, torch.device("cpu"))
     tasks = args.tasks_per_step
-    trainer = smat_trainer(args.backbone, args.experts, image_size=args.image_size, tasks=tasks)
+    trainer, make = training_setup(args.backbone, args.experts, threads=args.threads, tasks=tasks,
+                                   image_size=args.image_size, episode=args.episode)
 
     def rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

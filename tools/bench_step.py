@@ -60,6 +60,22 @@ def _episode(ways: int, shots: int, queries: int, size: int, device):
     return lambda i: dataclasses.replace(base, index=i)
 
 
+GATE_DEFAULTS = dict(kernel="auto", alpha_grad="flush")  # GateConfig's defaults for the keys smat_trainer sets
+
+
+def training_setup(backbone: str, experts: int, *, threads: int, tasks: int, image_size: int = 84,
+                   episode: str = "10w5s10q"):
+    """(trainer, make) of the benchmarks' children on CPU: ``threads`` torch threads, seed 0, the
+    :func:`smat_trainer` and ``make(i)``, the fixed episode with index ``i``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    ways, shots, queries = EPISODES[episode]
+    make = _episode(ways, shots, queries, image_size, torch.device("cpu"))
+    return smat_trainer(backbone, experts, image_size=image_size, tasks=tasks), make
+
+
 def smat_trainer(backbone: str, experts: int, *, image_size: int, tasks: int, device=None, precision: str = "fp32",
                  gate_kernel: str = "auto", alpha_grad: str = "flush"):
     """The benchmarks' SMAT :class:`~smat_dist.train.launch.Trainer`: a random-init ``backbone`` (a key of
@@ -71,7 +87,10 @@ def smat_trainer(backbone: str, experts: int, *, image_size: int, tasks: int, de
     from smat_dist.train.launch import Trainer
 
     spec = dict(BACKBONES[backbone], img_size=image_size)
-    gates = GateConfig(num_experts=experts, kernel=gate_kernel, alpha_grad=alpha_grad)
+    # keys at their defaults are left unset, so tools/bench_memory.py and tools/bench_trees.py can build
+    # this trainer in an older tree whose GateConfig lacks them
+    gate_keys = dict(kernel=gate_kernel, alpha_grad=alpha_grad)
+    gates = GateConfig(num_experts=experts, **{k: v for k, v in gate_keys.items() if v != GATE_DEFAULTS[k]})
     cfg = ModelConfig(backbone=BackboneConfig(**spec), gates=gates, precision=precision)
     model = SMAT(cfg) if device is None else SMAT(cfg).to(device)
     return Trainer(model, TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9, log_every=10**9))

@@ -9,7 +9,8 @@ tree × M) alternate within a round, in reversed order every other round, and ev
 a round. Each child is a fresh process with its tree's ``smat_dist`` first on ``PYTHONPATH`` (the revision
 is checked out into a temporary worktree, removed afterwards), the model and episodes of
 ``tools/bench_step.py`` (random-init backbone, 10-way 5-shot 10-query, 84 px, fp32), one warm-up
-meta-step and then the best of ``--repeats`` meta-steps. Only configuration keys both trees know are set.
+meta-step and then the best of ``--repeats`` meta-steps. Only configuration keys away from their defaults
+are set, so an older tree builds the same model.
 """
 
 from __future__ import annotations
@@ -30,24 +31,11 @@ REPO = HERE.parent
 
 
 def child(args) -> None:
-    import torch
-
     sys.path.insert(0, str(HERE))
-    from bench_step import BACKBONES, EPISODES, _episode
+    from bench_step import training_setup
 
-    from smat_dist.smat import SMAT, ModelConfig
-    from smat_dist.smat.config import BackboneConfig, GateConfig
-    from smat_dist.train.config import TrainConfig
-    from smat_dist.train.launch import Trainer
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    ways, shots, queries = EPISODES["10w5s10q"]
-    make = _episode(ways, shots, queries, 84, torch.device("cpu"))
-    cfg = ModelConfig(backbone=BackboneConfig(**dict(BACKBONES[args.backbone], img_size=84)),
-                      gates=GateConfig(num_experts=args.child))
     tasks = args.tasks_per_step
-    trainer = Trainer(SMAT(cfg), TrainConfig(tasks_per_step=tasks, tasks_per_epoch=1, max_steps=10**9, log_every=10**9))
+    trainer, make = training_setup(args.backbone, args.child, threads=args.threads, tasks=tasks)
     times = []
     for i in range(args.repeats + 1):  # the first is the warm-up (compilation, allocator)
         t0 = time.perf_counter()

@@ -67,16 +67,22 @@ def _run_tasks(order, layout, gates, pre, delta, alphas, weights, density_w, sam
         else:
             theta = merge(pre, delta, gates.logits, a, plan, flush=flush)
             loss = (theta * w).sum()
-        if order in ("one_at_a_time", "own_draw"):
-            loss.backward()
-        else:
-            losses.append(loss)
-    if order == "summed":
-        sum(losses).backward()
-    elif order == "reversed":
-        for loss in reversed(losses):
-            loss.backward()
+        _backpropagate(order, loss, losses, last=last)
     return density
+
+
+def _backpropagate(order, loss, losses, *, last):
+    """A task's loss: backpropagated now (``one_at_a_time``, ``own_draw``) or kept in ``losses``, which
+    after the last task are backpropagated as ``order`` says."""
+    if order in ("one_at_a_time", "own_draw"):
+        loss.backward()
+        return
+    losses.append(loss)
+    if last and order == "summed":
+        sum(losses).backward()
+    elif last and order == "reversed":
+        for kept in reversed(losses):
+            kept.backward()
 
 
 def _three_tasks(*, seed, structured, interpolated, dtype=torch.float32, kernel="eager"):
@@ -273,15 +279,7 @@ def _run_selected_tasks(order, fold, layout, gates, pre, delta, hyper, inputs, w
         loss = (theta * w).sum() + prior * selection.pow(2).sum()
         if last:
             loss = loss + density.sum()
-        if order in ("one_at_a_time", "own_draw"):
-            loss.backward()
-        else:
-            losses.append(loss)
-    if order == "summed":
-        sum(losses).backward()
-    elif order == "reversed":
-        for loss in reversed(losses):
-            loss.backward()
+        _backpropagate(order, loss, losses, last=last)
 
 
 @pytest.mark.parametrize("order", ORDERS)
