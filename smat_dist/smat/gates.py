@@ -134,6 +134,7 @@ class GateDraw:
     _: KW_ONLY
     sparsity: Optional[torch.Tensor] = None  # (M,) fraction of parameters whose gate is exactly 0
     stochastic: bool = True
+    count_in_merge: bool = False  # still to be measured: the first (eager) merge counts it in its own pass
 
 
 class _Consts(NamedTuple):
@@ -340,7 +341,7 @@ class HardConcreteGates(nn.Module):
         z = clamp(sigmoid((φ + l)/β)(ζ-γ) + γ, 0, 1) with logistic noise l = log(u/(1-u)), u uniform in
         [lo, hi] from the counter noise of (seed, expert, group).
         """
-        draw = GateDraw(self.keys(seed))
+        draw = GateDraw(self.keys(seed), count_in_merge=not measure)
         if measure:
             self.measure(draw)
         return draw
@@ -362,12 +363,12 @@ class HardConcreteGates(nn.Module):
     def merge_mask(self, draw: GateDraw, alpha: torch.Tensor, *, with_density: bool = False):
         """Σ_m α_m z_m per group (G,) of a draw; with ``with_density`` also E_m (M,) in the same pass.
 
-        A draw whose sparsity is not yet known (``sample(..., measure=False)``) is counted in the same
-        pass too when the passes run eagerly: the step's first merge measures it, and the count pass
+        A draw still to be measured (``sample(..., measure=False)``) is counted in the same pass too
+        when the passes run eagerly: the step's first merge measures it, and the count pass
         never runs. Compiled, the count keeps its own pass: Inductor does not fuse the per-expert counts
         into the merge's kernel, and together they took longer than apart (docs/performance.md#gate-passes).
         """
-        with_count = draw.sparsity is None and not self.compiled
+        with_count = draw.count_in_merge and draw.sparsity is None and not self.compiled
         outs = ("cols",) + (("sum",) if with_density else ()) + (("sum",) if with_count else ())
         res = self._run("merge", ((alpha.to(self.logits.dtype), False), (self._sizes(self.logits.dtype), True)),
                         outs, keys=draw.keys, with_density=with_density, with_count=with_count)

@@ -293,3 +293,14 @@ def test_alpha_grad_in_the_flush_trains_bit_for_bit_as_a_pass_per_task(tiny_cfg,
     assert not torch.equal(states["flush"]["hypernet.keys"], init)  # the hypernetwork did learn
     for key, value in states["task"].items():
         assert torch.equal(states["flush"][key], value), key
+
+
+def test_own_task_draws_are_not_counted(tiny_cfg, toy, monkeypatch):
+    """noise_scope=task: the step's draw (the one the constraint reads) is counted once on its own; the
+    tasks' own draws are merged without a count nobody reads."""
+    model = SMAT(_with(tiny_cfg, gates=dict(noise_scope="task")))
+    passes = _counting_passes(monkeypatch)
+    ctx = model.begin_step(0, seed=1, tasks=2)
+    for j in range(2):
+        model(toy.episode(j), ctx, task_index=j, last=j == 1).loss.backward()
+    assert [p for p in passes if p[0] in ("count", "merge")] == [("merge", False), ("count", False), ("merge", False)]
